@@ -1,0 +1,148 @@
+import { z } from 'zod';
+
+/**
+ * The configuration file's schema. The TypeScript types are derived from it, so the validator and
+ * the code that reads the config cannot drift apart.
+ */
+
+const secretRef = z.union(
+  [z.object({ env: z.string().min(1) }).strict(), z.object({ file: z.string().min(1) }).strict()],
+  { error: 'must be a reference, {env: VARIABLE} or {file: /path/to/file}; literal secrets are not accepted in the config file' },
+);
+
+const sslMode = z.enum(['disable', 'allow', 'prefer', 'require', 'verify-ca', 'verify-full']);
+
+export const postgresSchema = z
+  .object({
+    host: z.string().min(1).default('localhost'),
+    port: z.number().int().min(1).max(65535).default(5432),
+    user: z.string().min(1),
+    password: secretRef.optional(),
+    sslmode: sslMode.default('prefer'),
+    /** CA certificate file, required for verify-ca and verify-full. */
+    sslrootcert: z.string().optional(),
+    /** Seconds to wait for a connection before giving up. */
+    connectTimeoutSeconds: z.number().int().positive().default(10),
+    /** Directory holding pg_dump / pg_restore; default: the newest /usr/lib/postgresql/N/bin, else PATH. */
+    binDir: z.string().optional(),
+  })
+  .strict()
+  .superRefine((pg, ctx) => {
+    if ((pg.sslmode === 'verify-full' || pg.sslmode === 'verify-ca') && !pg.sslrootcert) {
+      ctx.addIssue({ code: 'custom', path: ['sslrootcert'], message: `sslmode ${pg.sslmode} needs sslrootcert: the CA certificate file that signed the server's certificate` });
+    }
+  });
+
+export const objectStoreSchema = z
+  .object({
+    /** `s3://bucket[/prefix]` or `file:///absolute/path`, like pachd.storage.storageURL. */
+    url: z.string().min(1),
+    endpoint: z.url({ error: 'must be a URL such as https://s3.eu-west-1.amazonaws.com or http://127.0.0.1:9000' }).optional(),
+    region: z.string().default('us-east-1'),
+    forcePathStyle: z.boolean().default(true),
+    accessKeyId: secretRef.optional(),
+    secretAccessKey: secretRef.optional(),
+    /**
+     * `when_required` sends checksums only where S3 demands them. Many S3-compatible stores
+     * (Ceph RGW, older MinIO) reject the SDK's default streaming trailer checksums.
+     */
+    checksums: z.enum(['when_supported', 'when_required']).default('when_required'),
+    /** Per-request timeout in seconds. */
+    requestTimeoutSeconds: z.number().positive().default(120),
+  })
+  .strict();
+
+export const databasesSchema = z
+  .object({
+    pachyderm: z.string().min(1).default('pachyderm'),
+    dex: z.string().min(1).nullable().default('dex'),
+  })
+  .strict();
+
+const commandSpec = z.union([z.string().min(1), z.array(z.string().min(1)).min(1)]);
+
+export const pauseSchema = z
+  .object({
+    strategy: z.enum(['none', 'command', 'kubernetes', 'pachctl']).default('none'),
+    command: z
+      .object({
+        pause: commandSpec,
+        resume: commandSpec,
+        /** Optional: exits 0 once the cluster is paused; polled until then. */
+        status: commandSpec.optional(),
+        timeoutSeconds: z.number().positive().default(300),
+      })
+      .strict()
+      .optional(),
+    kubernetes: z
+      .object({
+        kubeconfig: z.string().optional(),
+        context: z.string().optional(),
+        namespace: z.string().default('default'),
+        deployments: z.array(z.string()).default(['pachd', 'pachw']),
+        workerSelector: z.string().default('suite=pachyderm,component=worker'),
+        timeoutSeconds: z.number().positive().default(300),
+      })
+      .strict()
+      .optional(),
+    pachctl: z
+      .object({
+        path: z.string().default('pachctl'),
+        context: z.string().optional(),
+        timeoutSeconds: z.number().positive().default(300),
+      })
+      .strict()
+      .optional(),
+    /** Refuse to pause unless the Kubernetes/pachctl context is exactly this. */
+    expectedContext: z.string().optional(),
+    /** Abort the backup and resume if the cluster would stay paused longer than this. */
+    maxDowntimeSeconds: z.number().positive().optional(),
+  })
+  .strict()
+  .superRefine((p, ctx) => {
+    if (p.strategy === 'command' && !p.command) {
+      ctx.addIssue({ code: 'custom', path: ['command'], message: 'strategy "command" needs pause.command with pause and resume commands' });
+    }
+  });
+
+export const configSchema = z
+  .object({
+    cluster: z
+      .object({
+        postgres: postgresSchema,
+        databases: databasesSchema.prefault({}),
+        objectStore: objectStoreSchema,
+        /** Helm values file used to deploy the cluster, kept with every backup. */
+        helmValues: z.string().optional(),
+      })
+      .strict(),
+    repository: objectStoreSchema,
+    pause: pauseSchema.prefault({}),
+    backup: z
+      .object({
+        concurrency: z.number().int().min(1).max(512).default(16),
+        mode: z.enum(['paused', 'online']).default('paused'),
+        /** Copy objects while the cluster runs, before pausing, so the pause covers only the delta. */
+        precopy: z.boolean().default(true),
+      })
+      .strict()
+      .prefault({}),
+    restore: z
+      .object({
+        postgres: postgresSchema.optional(),
+        databases: databasesSchema.optional(),
+        objectStore: objectStoreSchema.optional(),
+        helmValuesOut: z.string().optional(),
+        /** Pass --no-owner --no-acl to pg_restore, so the restoring user owns everything. */
+        noOwner: z.boolean().default(true),
+      })
+      .strict()
+      .optional(),
+  })
+  .strict();
+
+export type Config = z.infer<typeof configSchema>;
+export type PostgresConfig = z.infer<typeof postgresSchema>;
+export type ObjectStoreConfig = z.infer<typeof objectStoreSchema>;
+export type DatabasesConfig = z.infer<typeof databasesSchema>;
+export type PauseConfig = z.infer<typeof pauseSchema>;

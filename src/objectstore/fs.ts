@@ -1,0 +1,134 @@
+import { createReadStream, createWriteStream } from 'node:fs';
+import { mkdir, open, readdir, rename, rm, stat, unlink } from 'node:fs/promises';
+import { dirname, join, sep } from 'node:path';
+import { Readable } from 'node:stream';
+import { pipeline } from 'node:stream/promises';
+import { randomBytes } from 'node:crypto';
+import { NotFoundError, PreconditionFailedError, StoreError, type ObjectInfo, type ObjectStore, type PutOptions } from './store.js';
+
+const TEMP_MARK = '.pbtmp-';
+
+/**
+ * An object store in a local directory. A put writes a temporary file, fsyncs it and renames it
+ * into place, so a crash never leaves a partial object under its final name.
+ */
+export class FsObjectStore implements ObjectStore {
+  readonly description: string;
+
+  constructor(readonly root: string) {
+    this.description = `file://${root}`;
+  }
+
+  async check(): Promise<void> {
+    let info;
+    try {
+      info = await stat(this.root);
+    } catch {
+      throw new StoreError(`${this.description} does not exist; create the directory first`, false);
+    }
+    if (!info.isDirectory()) throw new StoreError(`${this.description} is not a directory`, false);
+  }
+
+  async *list(prefix = ''): AsyncIterable<ObjectInfo> {
+    const entries: ObjectInfo[] = [];
+    await this.walk('', prefix, entries);
+    entries.sort((a, b) => Buffer.compare(Buffer.from(a.key), Buffer.from(b.key)));
+    yield* entries;
+  }
+
+  private async walk(relDir: string, prefix: string, out: ObjectInfo[]): Promise<void> {
+    // Only descend into directories that can hold keys with the prefix.
+    if (relDir !== '' && !prefix.startsWith(relDir) && !relDir.startsWith(prefix)) return;
+    let names;
+    try {
+      names = await readdir(join(this.root, relDir), { withFileTypes: true });
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code === 'ENOENT') return;
+      throw wrapFsError(err, `listing ${this.description}`);
+    }
+    for (const entry of names) {
+      const rel = relDir === '' ? entry.name : `${relDir}${entry.name}`;
+      if (entry.isDirectory()) {
+        await this.walk(`${rel}/`, prefix, out);
+      } else if (entry.isFile() && !entry.name.includes(TEMP_MARK) && rel.startsWith(prefix)) {
+        const info = await stat(join(this.root, rel));
+        out.push({ key: rel, size: info.size, etag: `${info.mtimeMs}-${info.size}` });
+      }
+    }
+  }
+
+  async stat(key: string): Promise<ObjectInfo | undefined> {
+    try {
+      const info = await stat(this.pathOf(key));
+      return info.isFile() ? { key, size: info.size, etag: `${info.mtimeMs}-${info.size}` } : undefined;
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code === 'ENOENT') return undefined;
+      throw wrapFsError(err, `stat ${key}`);
+    }
+  }
+
+  async get(key: string): Promise<Readable> {
+    const path = this.pathOf(key);
+    const handle = await open(path, 'r').catch((err: NodeJS.ErrnoException) => {
+      if (err.code === 'ENOENT') throw new NotFoundError(`${key} not found in ${this.description}`);
+      throw wrapFsError(err, `reading ${key}`);
+    });
+    return createReadStream('', { fd: handle.fd, autoClose: true });
+  }
+
+  async put(key: string, body: Readable | Buffer, options: PutOptions = {}, signal?: AbortSignal): Promise<void> {
+    const path = this.pathOf(key);
+    await mkdir(dirname(path), { recursive: true }).catch((err: unknown) => {
+      throw wrapFsError(err, `creating the directory for ${key}`);
+    });
+    const temp = `${path}${TEMP_MARK}${randomBytes(6).toString('hex')}`;
+    try {
+      const handle = await open(temp, 'wx');
+      try {
+        const out = createWriteStream('', { fd: handle.fd, autoClose: false });
+        await pipeline(Buffer.isBuffer(body) ? Readable.from([body]) : body, out, signal ? { signal } : {});
+        await handle.sync();
+      } finally {
+        await handle.close();
+      }
+      if (options.ifNoneMatch) {
+        // link() fails if the target exists: an atomic create-if-absent on POSIX filesystems.
+        const { link } = await import('node:fs/promises');
+        try {
+          await link(temp, path);
+        } catch (err) {
+          if ((err as NodeJS.ErrnoException).code === 'EEXIST') throw new PreconditionFailedError(`${key} already exists in ${this.description}`);
+          throw err;
+        }
+        await unlink(temp);
+      } else {
+        await rename(temp, path);
+      }
+    } catch (err) {
+      await rm(temp, { force: true });
+      if (err instanceof StoreError) throw err;
+      throw wrapFsError(err, `writing ${key}`);
+    }
+  }
+
+  async remove(keys: string[]): Promise<void> {
+    for (const key of keys) await rm(this.pathOf(key), { force: true });
+  }
+
+  private pathOf(key: string): string {
+    if (key === '' || key.startsWith('/') || key.split('/').some((part) => part === '..' || part === '.' || part === '')) {
+      throw new StoreError(`refusing key "${key}": empty, absolute or with "." / ".." segments`, false);
+    }
+    return join(this.root, key.split('/').join(sep));
+  }
+}
+
+function wrapFsError(err: unknown, doing: string): StoreError {
+  const e = err as NodeJS.ErrnoException;
+  const hint =
+    e.code === 'ENOSPC' ? ': no space left on the device'
+    : e.code === 'EACCES' || e.code === 'EPERM' ? ': permission denied'
+    : e.code === 'EROFS' ? ': read-only filesystem'
+    : `: ${e.code ?? e.message}`;
+  return new StoreError(`${doing}${hint}`, false, { cause: err });
+}

@@ -1,0 +1,39 @@
+import type { ObjectStoreConfig } from '../config/schema.js';
+import { resolveSecret } from '../config/secret.js';
+import { FsObjectStore } from './fs.js';
+import { RetryStore, defaultRetryPolicy, type RetryPolicy } from './retry.js';
+import { S3ObjectStore } from './s3.js';
+import type { ObjectStore } from './store.js';
+import { parseStoreUrl, type StoreLocation } from './url.js';
+
+export interface OpenedStore {
+  store: ObjectStore;
+  location: StoreLocation;
+  /** The unwrapped S3 store, for server-side copies; undefined for other kinds. */
+  s3?: S3ObjectStore;
+}
+
+/** Builds the store a config section describes, wrapped in the retry policy. `keyPath` names it in errors. */
+export function openStore(config: ObjectStoreConfig, keyPath: string, options: { retry?: RetryPolicy; maxSockets?: number } = {}): OpenedStore {
+  const location = parseStoreUrl(config.url, `${keyPath}.url`);
+  const retry = options.retry ?? defaultRetryPolicy;
+  if (location.kind === 'file') {
+    return { store: new RetryStore(new FsObjectStore(location.path), retry), location };
+  }
+  if (Boolean(config.accessKeyId) !== Boolean(config.secretAccessKey)) {
+    throw new Error(`${keyPath}: set both accessKeyId and secretAccessKey, or neither to use the default AWS credential chain`);
+  }
+  const s3 = new S3ObjectStore({
+    bucket: location.bucket,
+    prefix: location.prefix,
+    ...(config.endpoint ? { endpoint: config.endpoint } : {}),
+    region: config.region,
+    forcePathStyle: config.forcePathStyle,
+    ...(config.accessKeyId ? { accessKeyId: resolveSecret(config.accessKeyId, `${keyPath}.accessKeyId`) } : {}),
+    ...(config.secretAccessKey ? { secretAccessKey: resolveSecret(config.secretAccessKey, `${keyPath}.secretAccessKey`) } : {}),
+    checksums: config.checksums,
+    requestTimeoutSeconds: config.requestTimeoutSeconds,
+    ...(options.maxSockets ? { maxSockets: options.maxSockets } : {}),
+  });
+  return { store: new RetryStore(s3, retry), location, s3 };
+}

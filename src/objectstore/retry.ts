@@ -1,0 +1,81 @@
+import type { Readable } from 'node:stream';
+import { StoreError, type ObjectInfo, type ObjectStore, type PutOptions } from './store.js';
+
+export interface RetryPolicy {
+  /** Attempts in all, the first included. */
+  attempts: number;
+  baseDelayMs: number;
+  maxDelayMs: number;
+  /** Called before each retry, e.g. to count retries or report throttling. */
+  onRetry?: (err: StoreError, attempt: number, delayMs: number) => void;
+}
+
+export const defaultRetryPolicy: RetryPolicy = { attempts: 8, baseDelayMs: 100, maxDelayMs: 10_000 };
+
+export function isRetryable(err: unknown): boolean {
+  return err instanceof StoreError && err.retryable;
+}
+
+/**
+ * Runs `operation` until it succeeds, fails permanently, or runs out of attempts. The delay grows
+ * exponentially with full jitter, so many workers throttled at once do not retry in lockstep.
+ */
+export async function withRetry<T>(operation: () => Promise<T>, policy: RetryPolicy, signal?: AbortSignal): Promise<T> {
+  for (let attempt = 1; ; attempt++) {
+    try {
+      return await operation();
+    } catch (err) {
+      if (!isRetryable(err) || attempt >= policy.attempts || signal?.aborted) throw err;
+      const cap = Math.min(policy.maxDelayMs, policy.baseDelayMs * 2 ** (attempt - 1));
+      const delay = Math.round(Math.random() * cap);
+      policy.onRetry?.(err as StoreError, attempt, delay);
+      await new Promise((resolve) => setTimeout(resolve, delay));
+    }
+  }
+}
+
+/**
+ * Retries every idempotent call of a store. A put whose body is a stream cannot be replayed, so it
+ * is tried once here; callers that can reopen the source retry the whole copy with `withRetry`.
+ */
+export class RetryStore implements ObjectStore {
+  readonly description: string;
+  constructor(readonly inner: ObjectStore, readonly policy: RetryPolicy = defaultRetryPolicy) {
+    this.description = inner.description;
+  }
+  check(): Promise<void> {
+    return withRetry(() => this.inner.check(), { ...this.policy, attempts: Math.min(this.policy.attempts, 3) });
+  }
+  async *list(prefix?: string): AsyncIterable<ObjectInfo> {
+    // Resume a failed listing after the last key yielded, so no key is yielded twice.
+    let last: string | undefined;
+    for (let attempt = 1; ; attempt++) {
+      try {
+        for await (const info of this.inner.list(prefix)) {
+          if (last !== undefined && Buffer.compare(Buffer.from(info.key), Buffer.from(last)) <= 0) continue;
+          last = info.key;
+          yield info;
+        }
+        return;
+      } catch (err) {
+        if (!isRetryable(err) || attempt >= this.policy.attempts) throw err;
+        const delay = Math.round(Math.random() * Math.min(this.policy.maxDelayMs, this.policy.baseDelayMs * 2 ** (attempt - 1)));
+        this.policy.onRetry?.(err as StoreError, attempt, delay);
+        await new Promise((resolve) => setTimeout(resolve, delay));
+      }
+    }
+  }
+  stat(key: string): Promise<ObjectInfo | undefined> {
+    return withRetry(() => this.inner.stat(key), this.policy);
+  }
+  get(key: string, signal?: AbortSignal): Promise<Readable> {
+    return withRetry(() => this.inner.get(key, signal), this.policy, signal);
+  }
+  put(key: string, body: Readable | Buffer, options?: PutOptions, signal?: AbortSignal): Promise<void> {
+    if (Buffer.isBuffer(body)) return withRetry(() => this.inner.put(key, body, options, signal), this.policy, signal);
+    return this.inner.put(key, body, options, signal);
+  }
+  remove(keys: string[]): Promise<void> {
+    return withRetry(() => this.inner.remove(keys), this.policy);
+  }
+}

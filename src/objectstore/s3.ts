@@ -1,0 +1,195 @@
+import { Agent as HttpAgent } from 'node:http';
+import { Agent as HttpsAgent } from 'node:https';
+import { Readable } from 'node:stream';
+import {
+  DeleteObjectsCommand,
+  GetObjectCommand,
+  HeadBucketCommand,
+  HeadObjectCommand,
+  ListObjectsV2Command,
+  PutObjectCommand,
+  S3Client,
+  S3ServiceException,
+  type S3ClientConfig,
+} from '@aws-sdk/client-s3';
+import { Upload } from '@aws-sdk/lib-storage';
+import type { Secret } from '../config/secret.js';
+import { NotFoundError, PreconditionFailedError, StoreError, type ObjectInfo, type ObjectStore, type PutOptions } from './store.js';
+
+export interface S3StoreOptions {
+  bucket: string;
+  prefix: string;
+  endpoint?: string;
+  region: string;
+  forcePathStyle: boolean;
+  accessKeyId?: Secret;
+  secretAccessKey?: Secret;
+  checksums: 'when_supported' | 'when_required';
+  requestTimeoutSeconds: number;
+  /** Sockets kept per store; the copy concurrency should not exceed it. */
+  maxSockets?: number;
+}
+
+/** Parts of a streamed upload; memory per upload is partSize × queueSize. */
+const PART_SIZE = 8 * 1024 * 1024;
+const SINGLE_PUT_LIMIT = 16 * 1024 * 1024;
+
+export class S3ObjectStore implements ObjectStore {
+  readonly description: string;
+  readonly client: S3Client;
+  readonly bucket: string;
+  readonly prefix: string;
+
+  constructor(readonly options: S3StoreOptions) {
+    this.bucket = options.bucket;
+    this.prefix = options.prefix === '' ? '' : `${options.prefix}/`;
+    this.description = `s3://${options.bucket}${options.prefix ? `/${options.prefix}` : ''}${options.endpoint ? ` at ${options.endpoint}` : ''}`;
+    const agentOptions = { keepAlive: true, maxSockets: options.maxSockets ?? 128 };
+    const config: S3ClientConfig = {
+      region: options.region,
+      forcePathStyle: options.forcePathStyle,
+      // Retries belong to the RetryStore decorator, where they are visible and uniform for every store.
+      maxAttempts: 1,
+      requestChecksumCalculation: options.checksums === 'when_required' ? 'WHEN_REQUIRED' : 'WHEN_SUPPORTED',
+      responseChecksumValidation: options.checksums === 'when_required' ? 'WHEN_REQUIRED' : 'WHEN_SUPPORTED',
+      requestHandler: {
+        connectionTimeout: 10_000,
+        requestTimeout: options.requestTimeoutSeconds * 1000,
+        httpAgent: new HttpAgent(agentOptions),
+        httpsAgent: new HttpsAgent(agentOptions),
+      },
+    };
+    if (options.endpoint) config.endpoint = options.endpoint;
+    if (options.accessKeyId && options.secretAccessKey) {
+      config.credentials = { accessKeyId: options.accessKeyId.reveal(), secretAccessKey: options.secretAccessKey.reveal() };
+    }
+    this.client = new S3Client(config);
+  }
+
+  async check(): Promise<void> {
+    try {
+      await this.client.send(new HeadBucketCommand({ Bucket: this.bucket }));
+    } catch (err) {
+      const status = statusOf(err);
+      if (status === 404) throw new StoreError(`bucket ${this.bucket} does not exist at ${this.options.endpoint ?? 'AWS'}; create it or fix the URL`, false);
+      if (status === 403) throw new StoreError(`access to bucket ${this.bucket} denied; check the access key and its permissions`, false);
+      throw this.classify(err, `reaching bucket ${this.bucket}`);
+    }
+  }
+
+  async *list(prefix = ''): AsyncIterable<ObjectInfo> {
+    let token: string | undefined;
+    do {
+      let page;
+      try {
+        page = await this.client.send(
+          new ListObjectsV2Command({ Bucket: this.bucket, Prefix: this.prefix + prefix, ContinuationToken: token, MaxKeys: 1000 }),
+        );
+      } catch (err) {
+        throw this.classify(err, `listing ${this.description}`);
+      }
+      for (const item of page.Contents ?? []) {
+        if (item.Key === undefined) continue;
+        yield { key: item.Key.slice(this.prefix.length), size: item.Size ?? 0, ...(item.ETag ? { etag: item.ETag } : {}) };
+      }
+      token = page.IsTruncated ? page.NextContinuationToken : undefined;
+    } while (token);
+  }
+
+  async stat(key: string): Promise<ObjectInfo | undefined> {
+    try {
+      const head = await this.client.send(new HeadObjectCommand({ Bucket: this.bucket, Key: this.prefix + key }));
+      return { key, size: head.ContentLength ?? 0, ...(head.ETag ? { etag: head.ETag } : {}) };
+    } catch (err) {
+      if (statusOf(err) === 404) return undefined;
+      throw this.classify(err, `stat ${key}`);
+    }
+  }
+
+  async get(key: string, signal?: AbortSignal): Promise<Readable> {
+    try {
+      const out = await this.client.send(new GetObjectCommand({ Bucket: this.bucket, Key: this.prefix + key }), signal ? { abortSignal: signal } : {});
+      if (!(out.Body instanceof Readable)) throw new StoreError(`reading ${key}: the response had no body`, true);
+      return out.Body;
+    } catch (err) {
+      if (statusOf(err) === 404) throw new NotFoundError(`${key} not found in ${this.description}`);
+      throw this.classify(err, `reading ${key}`);
+    }
+  }
+
+  async put(key: string, body: Readable | Buffer, options: PutOptions = {}, signal?: AbortSignal): Promise<void> {
+    const Key = this.prefix + key;
+    try {
+      if (Buffer.isBuffer(body) || (options.size !== undefined && options.size <= SINGLE_PUT_LIMIT)) {
+        await this.client.send(
+          new PutObjectCommand({
+            Bucket: this.bucket,
+            Key,
+            Body: body,
+            ContentLength: Buffer.isBuffer(body) ? body.length : options.size,
+            ...(options.ifNoneMatch ? { IfNoneMatch: '*' } : {}),
+            ...(options.contentType ? { ContentType: options.contentType } : {}),
+          }),
+          signal ? { abortSignal: signal } : {},
+        );
+        return;
+      }
+      if (options.ifNoneMatch) throw new StoreError(`conditional put of ${key} needs a buffer or a known size`, false);
+      // Multipart: an aborted or failed upload is aborted server-side, so no partial object appears.
+      const upload = new Upload({
+        client: this.client,
+        params: { Bucket: this.bucket, Key, Body: body, ...(options.contentType ? { ContentType: options.contentType } : {}) },
+        partSize: PART_SIZE,
+        queueSize: 2,
+        leavePartsOnError: false,
+      });
+      const onAbort = (): void => void upload.abort();
+      signal?.addEventListener('abort', onAbort, { once: true });
+      try {
+        await upload.done();
+      } finally {
+        signal?.removeEventListener('abort', onAbort);
+      }
+    } catch (err) {
+      if (statusOf(err) === 412) throw new PreconditionFailedError(`${key} already exists in ${this.description}`);
+      if (err instanceof StoreError) throw err;
+      throw this.classify(err, `writing ${key}`);
+    }
+  }
+
+  async remove(keys: string[]): Promise<void> {
+    for (let i = 0; i < keys.length; i += 1000) {
+      const batch = keys.slice(i, i + 1000);
+      try {
+        const out = await this.client.send(
+          new DeleteObjectsCommand({ Bucket: this.bucket, Delete: { Objects: batch.map((k) => ({ Key: this.prefix + k })), Quiet: true } }),
+        );
+        const failed = out.Errors?.filter((e) => e.Code !== 'NoSuchKey') ?? [];
+        if (failed.length > 0) throw new StoreError(`removing ${failed.length} objects failed: ${failed[0]?.Code} ${failed[0]?.Key}`, true);
+      } catch (err) {
+        if (err instanceof StoreError) throw err;
+        throw this.classify(err, `removing objects from ${this.description}`);
+      }
+    }
+  }
+
+  private classify(err: unknown, doing: string): StoreError {
+    const status = statusOf(err);
+    const name = (err as { name?: string }).name ?? 'Error';
+    const code = (err as { code?: string }).code;
+    const message = (err as Error).message ?? String(err);
+    if (code === 'ECONNREFUSED' || code === 'ENOTFOUND' || code === 'EHOSTUNREACH') {
+      return new StoreError(`${doing}: cannot reach ${this.options.endpoint ?? 'S3'} (${code}); check the endpoint`, true, { cause: err });
+    }
+    if (status === 403) return new StoreError(`${doing}: access denied (${name}); check the credentials and the bucket policy`, false, { cause: err });
+    if (status === 404) return new StoreError(`${doing}: not found (${name})`, false, { cause: err });
+    const retryable = status === undefined || status === 408 || status === 429 || status >= 500 || name === 'TimeoutError' || name === 'RequestTimeout';
+    return new StoreError(`${doing}: ${name}${status ? ` (HTTP ${status})` : ''}: ${message}`, retryable, { cause: err });
+  }
+}
+
+function statusOf(err: unknown): number | undefined {
+  if (err instanceof S3ServiceException) return err.$metadata.httpStatusCode;
+  const meta = (err as { $metadata?: { httpStatusCode?: number } }).$metadata;
+  return meta?.httpStatusCode;
+}
