@@ -1,0 +1,75 @@
+import type pg from 'pg';
+import type { TableCount } from '../repository/manifest.js';
+import { connect, explainPgError, quoteIdent, type PgServer } from './connection.js';
+
+/** Every chunk key the metadata references (pachyderm-facts.md, "Object keys"). */
+export const REFERENCED_KEYS_SQL = `SELECT 'chunk/' || encode(chunk_id, 'hex') || '.' || lpad(to_hex(gen), 16, '0') AS key
+  FROM storage.chunk_objects WHERE uploaded AND NOT tombstone ORDER BY 1`;
+
+const USER_TABLES_SQL = `SELECT n.nspname AS schema, c.relname AS table
+  FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+  WHERE c.relkind IN ('r', 'p') AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg_toast%'
+  ORDER BY 1, 2`;
+
+/**
+ * A read-only REPEATABLE READ transaction whose snapshot is exported, so pg_dump (`--snapshot`),
+ * the row counts and the referenced-key list all see exactly the same state of the database.
+ * The snapshot lives as long as this transaction: close it only after pg_dump has finished.
+ */
+export class DatabaseSnapshot {
+  private constructor(
+    readonly server: PgServer,
+    readonly database: string,
+    private readonly client: pg.Client,
+    readonly snapshotId: string,
+    readonly serverVersion: string,
+    readonly serverMajor: number,
+  ) {}
+
+  static async open(server: PgServer, database: string): Promise<DatabaseSnapshot> {
+    const client = await connect(server, database);
+    try {
+      await client.query('BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY');
+      const { rows } = await client.query<{ id: string; version: string; num: string }>(
+        `SELECT pg_export_snapshot() AS id, current_setting('server_version') AS version, current_setting('server_version_num') AS num`,
+      );
+      const row = rows[0]!;
+      return new DatabaseSnapshot(server, database, client, row.id, row.version, Math.floor(Number(row.num) / 10000));
+    } catch (err) {
+      await client.end().catch(() => undefined);
+      throw explainPgError(err, server, database);
+    }
+  }
+
+  async tableCounts(): Promise<TableCount[]> {
+    return countTables(this.client, this.server, this.database);
+  }
+
+  /** Referenced chunk keys, or an empty list when this is not a Pachyderm metadata database. */
+  async referencedKeys(): Promise<string[]> {
+    const { rows: exists } = await this.client.query(`SELECT to_regclass('storage.chunk_objects') IS NOT NULL AS present`);
+    if (!exists[0]?.present) return [];
+    const { rows } = await this.client.query<{ key: string }>(REFERENCED_KEYS_SQL);
+    return rows.map((r) => r.key);
+  }
+
+  async close(): Promise<void> {
+    await this.client.query('COMMIT').catch(() => undefined);
+    await this.client.end().catch(() => undefined);
+  }
+}
+
+/** Exact row count of every user table, in a stable order, as seen by `client`'s transaction. */
+export async function countTables(client: pg.Client, server: PgServer, database: string): Promise<TableCount[]> {
+  try {
+    const { rows } = await client.query<{ schema: string; table: string }>(USER_TABLES_SQL);
+    const out: TableCount[] = [];
+    for (const { schema, table } of rows) {
+      const { rows: count } = await client.query<{ n: string }>(`SELECT count(*) AS n FROM ${quoteIdent(schema)}.${quoteIdent(table)}`);
+      out.push({ schema, table, rows: Number(count[0]?.n ?? 0) });
+    }
+    return out;
+  } catch (err) {
+    throw explainPgError(err, server, database);
+  }
+}

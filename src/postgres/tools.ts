@@ -1,0 +1,80 @@
+import { spawn, type ChildProcessWithoutNullStreams } from 'node:child_process';
+import { accessSync, constants, readdirSync } from 'node:fs';
+import { delimiter, join } from 'node:path';
+import { scrubSecrets } from '../config/secret.js';
+
+export class ToolError extends Error {
+  override name = 'ToolError';
+}
+
+/**
+ * Finds a PostgreSQL client program: in `binDir` when given, else the newest Debian-style
+ * /usr/lib/postgresql/N/bin, else PATH. Debian's /usr/bin/pg_dump wrapper is skipped in favour of
+ * the versioned binaries, whose version we can check.
+ */
+export function findPgTool(name: 'pg_dump' | 'pg_restore' | 'psql', binDir?: string): string {
+  const candidates: string[] = [];
+  if (binDir) {
+    candidates.push(join(binDir, name));
+  } else {
+    try {
+      const versions = readdirSync('/usr/lib/postgresql').filter((v) => /^\d+$/.test(v)).sort((a, b) => Number(b) - Number(a));
+      for (const v of versions) candidates.push(join('/usr/lib/postgresql', v, 'bin', name));
+    } catch {
+      // Not a Debian layout.
+    }
+    for (const dir of (process.env.PATH ?? '').split(delimiter)) if (dir) candidates.push(join(dir, name));
+  }
+  for (const path of candidates) {
+    try {
+      accessSync(path, constants.X_OK);
+      return path;
+    } catch {
+      // try the next
+    }
+  }
+  const where = binDir ? `in ${binDir} (cluster.postgres.binDir)` : 'in /usr/lib/postgresql/*/bin or on PATH';
+  throw new ToolError(`${name} not found ${where}; install the PostgreSQL client of the server's major version or newer (apt-get install postgresql-client-15) or set cluster.postgres.binDir`);
+}
+
+/** Major version of a PostgreSQL program, from `--version` ("pg_dump (PostgreSQL) 15.18 ..."). */
+export async function toolVersion(path: string): Promise<{ major: number; full: string }> {
+  const { stdout } = await runTool(path, ['--version'], process.env);
+  const match = /\(PostgreSQL\)\s+(\d+)(?:\.(\d+))?/.exec(stdout);
+  if (!match) throw new ToolError(`${path} --version printed "${stdout.trim()}", not a PostgreSQL version`);
+  return { major: Number(match[1]), full: match[2] ? `${match[1]}.${match[2]}` : match[1]! };
+}
+
+/** Runs a program to completion with an argument array (never a shell), capturing its output. */
+export function runTool(path: string, args: string[], env: NodeJS.ProcessEnv, options: { timeoutMs?: number } = {}): Promise<{ stdout: string; stderr: string }> {
+  return new Promise((resolve, reject) => {
+    const child = spawn(path, args, { env, stdio: ['ignore', 'pipe', 'pipe'], timeout: options.timeoutMs ?? 60_000 });
+    let stdout = '';
+    let stderr = '';
+    child.stdout.on('data', (d: Buffer) => (stdout += d.toString()));
+    child.stderr.on('data', (d: Buffer) => (stderr = (stderr + d.toString()).slice(-16_384)));
+    child.on('error', (err) => reject(new ToolError(`cannot run ${path}: ${err.message}`)));
+    child.on('close', (code, signal) => {
+      if (code === 0) resolve({ stdout, stderr });
+      else reject(new ToolError(`${path} ${args[0] ?? ''} failed (${signal ?? `exit ${code}`}): ${scrubSecrets(stderr.trim()) || 'no error output'}`));
+    });
+  });
+}
+
+/** Starts a long-running program whose stdin/stdout the caller streams; `done` settles when it exits. */
+export function startTool(path: string, args: string[], env: NodeJS.ProcessEnv): { child: ChildProcessWithoutNullStreams; done: Promise<void> } {
+  const child = spawn(path, args, { env, stdio: ['pipe', 'pipe', 'pipe'] });
+  let stderr = '';
+  child.stderr.on('data', (d: Buffer) => (stderr = (stderr + d.toString()).slice(-16_384)));
+  const name = path.split('/').pop();
+  const done = new Promise<void>((resolve, reject) => {
+    child.on('error', (err) => reject(new ToolError(`cannot run ${path}: ${err.message}`)));
+    child.on('close', (code, signal) => {
+      if (code === 0) resolve();
+      else reject(new ToolError(`${name} failed (${signal ?? `exit ${code}`}): ${scrubSecrets(stderr.trim()) || 'no error output'}`));
+    });
+  });
+  // The caller may stop reading after an error; the close handler above still reports the exit.
+  done.catch(() => undefined);
+  return { child, done };
+}
