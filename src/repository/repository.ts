@@ -1,10 +1,9 @@
 import { randomBytes } from 'node:crypto';
 import { Readable } from 'node:stream';
-import { pipeline } from 'node:stream/promises';
 import { gunzipSync, gzipSync } from 'node:zlib';
 import { z } from 'zod';
 import { NotFoundError, PreconditionFailedError, type ObjectStore } from '../objectstore/store.js';
-import { DigestStream, sha256Hex } from './digest.js';
+import { pipeWithDigest, sha256Hex } from './digest.js';
 import { ManifestError, parseManifest, type FileRef, type Manifest } from './manifest.js';
 
 /** Layout of a repository; docs/repository-format.md is the specification of these names. */
@@ -115,15 +114,8 @@ export class Repository {
 
   /** Streams `body` to `path`, returning its size and SHA-256 computed on the way. */
   async writeStream(path: string, body: Readable, signal?: AbortSignal): Promise<FileRef> {
-    const digest = new DigestStream();
-    const put = this.store.put(path, digest, {}, signal).catch((err: unknown) => {
-      // Stop the producer (e.g. pg_dump's stdout), or it would wait forever for a reader.
-      body.destroy(err as Error);
-      digest.destroy(err as Error);
-      throw err;
-    });
-    await Promise.all([pipeline(body, digest, signal ? { signal } : {}), put]);
-    return { file: path, size: digest.bytes, sha256: digest.sha256 };
+    const { bytes, sha256 } = await pipeWithDigest(body, (digest) => this.store.put(path, digest, {}, signal), signal);
+    return { file: path, size: bytes, sha256 };
   }
 
   async writeBuffer(path: string, data: Buffer, options: { ifNoneMatch?: boolean } = {}): Promise<FileRef> {

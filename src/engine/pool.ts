@@ -1,0 +1,28 @@
+/**
+ * Calls `work` for every item with at most `concurrency` calls in flight. Stops starting new items
+ * at the first failure or when `signal` aborts, waits for those in flight, then throws the failure.
+ */
+export async function forEachConcurrently<T>(
+  items: Iterable<T>,
+  concurrency: number,
+  work: (item: T) => Promise<void>,
+  signal?: AbortSignal,
+): Promise<void> {
+  const iterator = items[Symbol.iterator]();
+  let failure: { error: unknown } | undefined;
+  const worker = async (): Promise<void> => {
+    for (;;) {
+      if (failure || signal?.aborted) return;
+      const next = iterator.next();
+      if (next.done) return;
+      try {
+        await work(next.value);
+      } catch (error) {
+        failure ??= { error };
+      }
+    }
+  };
+  await Promise.all(Array.from({ length: Math.max(1, concurrency) }, worker));
+  if (failure) throw failure.error;
+  signal?.throwIfAborted();
+}
