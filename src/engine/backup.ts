@@ -1,0 +1,289 @@
+import { readFile } from 'node:fs/promises';
+import { hostname } from 'node:os';
+import type { Config } from '../config/schema.js';
+import { childEnv, describeServer } from '../postgres/connection.js';
+import { DatabaseSnapshot } from '../postgres/snapshot.js';
+import { findPgTool, startTool, toolVersion } from '../postgres/tools.js';
+import { PauseLedger } from '../quiesce/ledger.js';
+import type { PauseRecord, QuiesceStrategy } from '../quiesce/strategy.js';
+import { MANIFEST_FORMAT_VERSION, sealManifest, type FileRef, type Manifest, type TableCount } from '../repository/manifest.js';
+import { layout, newBackupId, type IndexEntry } from '../repository/repository.js';
+import { TOOL_VERSION } from '../version.js';
+import { assertSeparateStores, openCluster, openRepository, PreflightError } from './context.js';
+import { PhaseRunner, type EventSink } from './events.js';
+import { copyMissingObjects, CopyJournal, listSource, loadHeldObjects } from './objects.js';
+
+export interface BackupOptions {
+  config: Config;
+  strategy: QuiesceStrategy;
+  emit: EventSink;
+  /** Aborted on SIGINT/SIGTERM: the backup stops, the cluster is resumed, nothing is sealed. */
+  signal?: AbortSignal;
+  /** Asked before pausing when the strategy needs it; false stops the backup before any change. */
+  confirm?: (target: string) => Promise<boolean>;
+}
+
+export interface BackupSummary {
+  id: string;
+  mode: 'paused' | 'online';
+  repository: string;
+  databases: Array<{ name: string; role: string; bytes: number; tables: number; rows: number }>;
+  objects: { count: number; bytes: number; newCount: number; newBytes: number; heldCount: number; heldBytes: number };
+  referencedKeys: number;
+  phases: Array<{ name: string; ms: number }>;
+  downtimeMs: number | null;
+  totalMs: number;
+}
+
+export class BackupError extends Error {
+  override name = 'BackupError';
+}
+
+interface DumpedDatabase {
+  role: 'pachyderm' | 'dex';
+  name: string;
+  ref: FileRef;
+  tables: TableCount[];
+  serverVersion: string;
+}
+
+export async function runBackup(options: BackupOptions): Promise<BackupSummary> {
+  const { config, strategy, emit, signal } = options;
+  const startedAt = new Date();
+  const started = performance.now();
+  const phases = new PhaseRunner(emit);
+  const mode = config.backup.mode;
+  const concurrency = config.backup.concurrency;
+  const id = newBackupId(startedAt);
+  const events = { info: (message: string) => emit({ type: 'info', message }), warn: (message: string) => emit({ type: 'warning', message }) };
+
+  // ---- preflight: everything that can fail is checked before the cluster is touched.
+  const pre = await phases.run('preflight', async () => {
+    assertSeparateStores(config.cluster.objectStore, 'cluster.objectStore', config.repository);
+    const cluster = openCluster(config, concurrency * 2);
+    const repo = openRepository(config, concurrency * 2);
+    await cluster.source.store.check();
+    await repo.store.check();
+    await repo.open(true);
+    await repo.checkWritable();
+    const pgDump = findPgTool('pg_dump', config.cluster.postgres.binDir);
+    const dumpVersion = await toolVersion(pgDump);
+    for (const db of cluster.databases) {
+      const probe = await DatabaseSnapshot.open(cluster.postgres, db.name);
+      await probe.close();
+      if (dumpVersion.major < probe.serverMajor) {
+        throw new PreflightError(
+          `pg_dump ${dumpVersion.full} (${pgDump}) is older than the server ${describeServer(cluster.postgres)} (PostgreSQL ${probe.serverVersion}); install postgresql-client-${probe.serverMajor} or newer, or set cluster.postgres.binDir`,
+        );
+      }
+    }
+    let helmValues: Buffer | undefined;
+    if (config.cluster.helmValues) {
+      try {
+        helmValues = await readFile(config.cluster.helmValues);
+      } catch (err) {
+        throw new PreflightError(`cluster.helmValues: cannot read ${config.cluster.helmValues} (${(err as NodeJS.ErrnoException).code}); fix the path or remove the key`);
+      }
+    }
+    if (mode === 'online' && helmValues && /storage(Chunk)?GCPeriod:\s*["']?[1-9]/.test(helmValues.toString('utf8'))) {
+      events.warn('the Helm values enable Pachyderm garbage collection; online mode still proves every referenced object is held, but a chunk deleted mid-backup fails the backup');
+    }
+    const held = await loadHeldObjects(repo);
+    const target = mode === 'paused' ? await strategy.describeTarget() : 'nothing (online mode)';
+    emit({ type: 'info', message: `backup ${id}: ${mode} mode; source ${describeServer(cluster.postgres)} and ${cluster.source.store.description}; repository ${repo.description}; pause ${target}` });
+    return { cluster, repo, pgDump, dumpVersion, helmValues, held };
+  });
+  const { cluster, repo, pgDump, dumpVersion, held } = pre;
+  const journal = new CopyJournal(repo, id);
+
+  if (mode === 'paused' && strategy.needsConfirmation && options.confirm) {
+    const ok = await options.confirm(await strategy.describeTarget());
+    if (!ok) throw new BackupError('not confirmed: nothing was paused and nothing was written');
+  }
+
+  // ---- precopy: objects are write-once, so most of them can be copied while the cluster runs.
+  if (config.backup.precopy || mode === 'online') {
+    await phases.run('precopy', async () => {
+      const listing = await listSource(cluster.source.store);
+      await copyMissingObjects({ source: cluster.source.store, repo, objects: listing.objects, held, concurrency, journal, emit, phase: 'precopy', ...(signal ? { signal } : {}) });
+    });
+  }
+
+  let pauseRecord: PauseRecord | undefined;
+  let pausedAt: Date | undefined;
+  let resumedAt: Date | undefined;
+  const ledger = new PauseLedger(repo.store, repo.id);
+  let dumps: DumpedDatabase[] = [];
+  let referenced: string[] = [];
+  let entries: IndexEntry[] = [];
+  let newCount = 0;
+  let newBytes = 0;
+
+  const captureState = async (stateSignal: AbortSignal | undefined): Promise<void> => {
+    await phases.run('snapshot', async () => {
+      const result = await dumpDatabases(cluster, repo, pgDump, id, stateSignal);
+      dumps = result.dumps;
+      referenced = result.referenced;
+    });
+    await phases.run('copy', async () => {
+      const listing = await listSource(cluster.source.store);
+      const copied = await copyMissingObjects({ source: cluster.source.store, repo, objects: listing.objects, held, concurrency, journal, emit, phase: 'copy', ...(stateSignal ? { signal: stateSignal } : {}) });
+      entries = copied.entries;
+      newCount = copied.newCount;
+      newBytes = copied.newBytes;
+      // Referenced keys listed after the snapshot but absent from the listing: fetch them directly.
+      const listed = new Set(entries.map((e) => e.key));
+      const unlisted = referenced.filter((k) => !listed.has(k));
+      if (unlisted.length > 0) {
+        const extra = [];
+        for (const key of unlisted) {
+          const info = await cluster.source.store.stat(key);
+          if (info) extra.push(info);
+        }
+        const more = await copyMissingObjects({ source: cluster.source.store, repo, objects: extra, held, concurrency, journal, emit, phase: 'copy', ...(stateSignal ? { signal: stateSignal } : {}) });
+        entries.push(...more.entries);
+        newCount += more.newCount;
+        newBytes += more.newBytes;
+      }
+    });
+  };
+
+  if (mode === 'paused') {
+    pauseRecord = await strategy.plan();
+    await ledger.write({ record: pauseRecord, backupId: id, host: hostname(), pid: process.pid, phase: 'pausing', writtenAt: new Date().toISOString() });
+    let failure: unknown;
+    try {
+      await phases.run('pause', async () => {
+        pausedAt = new Date();
+        pauseRecord = await strategy.pause(pauseRecord!, events, signal);
+        await ledger.write({ record: pauseRecord, backupId: id, host: hostname(), pid: process.pid, phase: 'paused', writtenAt: new Date().toISOString() });
+      });
+      const budget = config.pause.maxDowntimeSeconds;
+      const budgetSignal = budget ? AbortSignal.timeout(Math.max(0, budget * 1000 - (Date.now() - pausedAt!.getTime()))) : undefined;
+      const stateSignal = combineSignals(signal, budgetSignal);
+      try {
+        await captureState(stateSignal);
+      } catch (err) {
+        if (budgetSignal?.aborted && !signal?.aborted) {
+          throw new BackupError(`the pause would exceed the downtime budget of ${budget}s (pause.maxDowntimeSeconds / --max-downtime); the backup was stopped, the cluster resumed, nothing sealed`);
+        }
+        throw err;
+      }
+    } catch (err) {
+      failure = err;
+    } finally {
+      // Resume always runs once a pause began: on success, on error and on SIGINT/SIGTERM.
+      await phases.run('resume', async () => {
+        try {
+          await strategy.resume(pauseRecord!, events);
+          resumedAt = new Date();
+          await ledger.clear();
+        } catch (err) {
+          const msg = `RESUME FAILED, the cluster may still be paused: ${(err as Error).message}. Run "pachbackup resume" to retry from the pause ledger (${ledger.localFile}).`;
+          if (failure) emit({ type: 'warning', message: msg });
+          else failure = new BackupError(msg);
+        }
+      });
+    }
+    if (failure) throw failure;
+  } else {
+    await captureState(signal);
+  }
+
+  // ---- seal: every referenced key must be held; the manifest is written last.
+  return phases.run('seal', async () => {
+    signal?.throwIfAborted();
+    const byKey = new Map(entries.map((e) => [e.key, e]));
+    const missing = referenced.filter((k) => !byKey.has(k));
+    if (missing.length > 0) {
+      const shown = missing.slice(0, 10).join(', ');
+      throw new BackupError(
+        `${missing.length} object(s) the pachyderm database references are not in the bucket, so the backup would not restore: ${shown}${missing.length > 10 ? ', …' : ''}. Nothing was sealed. If Pachyderm garbage collection is on, back up in paused mode or turn it off.`,
+      );
+    }
+    const indexRef = await repo.writeIndex(layout.index(id), entries);
+    const referencedRef = await repo.writeReferenced(id, referenced);
+    let helmRef: (FileRef & { redacted: boolean }) | null = null;
+    if (pre.helmValues) helmRef = { ...(await repo.writeBuffer(layout.helmValues(id), pre.helmValues)), redacted: false };
+    const bytes = entries.reduce((n, e) => n + e.size, 0);
+    const downtimeMs = pausedAt && resumedAt ? resumedAt.getTime() - pausedAt.getTime() : null;
+    const manifest: Manifest = sealManifest({
+      format: 'pachbackup-manifest',
+      formatVersion: MANIFEST_FORMAT_VERSION,
+      id,
+      repositoryId: repo.id,
+      toolVersion: TOOL_VERSION,
+      mode,
+      startedAt: startedAt.toISOString(),
+      finishedAt: new Date().toISOString(),
+      source: {
+        postgres: { host: config.cluster.postgres.host, port: config.cluster.postgres.port, user: config.cluster.postgres.user, sslmode: config.cluster.postgres.sslmode },
+        objectStore: cluster.source.store.description,
+      },
+      databases: dumps.map((d) => ({ ...d.ref, role: d.role, name: d.name, serverVersion: d.serverVersion, pgDumpVersion: dumpVersion.full, tables: d.tables })),
+      objects: { index: indexRef, count: entries.length, bytes, newCount, newBytes, copyPath: newCount === 0 ? 'none' : 'stream' },
+      referenced: referencedRef,
+      helmValues: helmRef,
+      pause: pauseRecord && pausedAt && resumedAt ? { strategy: pauseRecord.strategy, target: pauseRecord.target, pausedAt: pausedAt.toISOString(), resumedAt: resumedAt.toISOString(), downtimeMs: downtimeMs ?? 0 } : null,
+      phases: phases.timings.map((t) => ({ ...t })),
+    });
+    await repo.seal(manifest);
+    return {
+      id,
+      mode,
+      repository: repo.description,
+      databases: dumps.map((d) => ({ name: d.name, role: d.role, bytes: d.ref.size, tables: d.tables.length, rows: d.tables.reduce((n, t) => n + t.rows, 0) })),
+      objects: { count: entries.length, bytes, newCount, newBytes, heldCount: entries.length - newCount, heldBytes: bytes - newBytes },
+      referencedKeys: referenced.length,
+      phases: phases.timings.map((t) => ({ ...t })),
+      downtimeMs,
+      totalMs: Math.round(performance.now() - started),
+    };
+  });
+}
+
+/**
+ * Dumps each database from an exported snapshot. The pachyderm database's row counts and
+ * referenced chunk keys are read in the same snapshot as its dump, so they describe exactly it.
+ */
+async function dumpDatabases(
+  cluster: ReturnType<typeof openCluster>,
+  repo: ReturnType<typeof openRepository>,
+  pgDump: string,
+  id: string,
+  signal: AbortSignal | undefined,
+): Promise<{ dumps: DumpedDatabase[]; referenced: string[] }> {
+  const dumps: DumpedDatabase[] = [];
+  let referenced: string[] = [];
+  for (const db of cluster.databases) {
+    signal?.throwIfAborted();
+    const snapshot = await DatabaseSnapshot.open(cluster.postgres, db.name);
+    try {
+      const tables = await snapshot.tableCounts();
+      if (db.role === 'pachyderm') referenced = await snapshot.referencedKeys();
+      const tool = startTool(pgDump, ['--format=custom', '--no-password', `--snapshot=${snapshot.snapshotId}`, `--dbname=${db.name}`], childEnv(cluster.postgres));
+      const onAbort = (): void => void tool.child.kill('SIGTERM');
+      signal?.addEventListener('abort', onAbort, { once: true });
+      try {
+        const [ref] = await Promise.all([repo.writeStream(layout.dump(id, db.name), tool.child.stdout, signal), tool.done]);
+        dumps.push({ role: db.role, name: db.name, ref, tables, serverVersion: snapshot.serverVersion });
+      } catch (err) {
+        tool.child.kill('SIGKILL');
+        // pg_dump's own message says more than a broken pipe does.
+        const exit = await tool.done.then(() => undefined, (e: unknown) => e);
+        throw exit instanceof Error && !signal?.aborted ? exit : err;
+      } finally {
+        signal?.removeEventListener('abort', onAbort);
+      }
+    } finally {
+      await snapshot.close();
+    }
+  }
+  return { dumps, referenced };
+}
+
+function combineSignals(...signals: Array<AbortSignal | undefined>): AbortSignal | undefined {
+  const present = signals.filter((s): s is AbortSignal => s !== undefined);
+  if (present.length === 0) return undefined;
+  return present.length === 1 ? present[0] : AbortSignal.any(present);
+}

@@ -1,0 +1,40 @@
+import type { Config, ObjectStoreConfig } from '../config/schema.js';
+import { openStore, type OpenedStore } from '../objectstore/open.js';
+import { locationsOverlap } from '../objectstore/url.js';
+import { pgServer, type PgServer } from '../postgres/connection.js';
+import { Repository } from '../repository/repository.js';
+
+export class PreflightError extends Error {
+  override name = 'PreflightError';
+}
+
+export function openRepository(config: Config, maxSockets?: number): Repository {
+  return new Repository(openStore(config.repository, 'repository', maxSockets ? { maxSockets } : {}).store);
+}
+
+/** Refuses a repository that can see the cluster's own objects, or vice versa. */
+export function assertSeparateStores(cluster: ObjectStoreConfig, clusterKey: string, repository: ObjectStoreConfig): void {
+  const a = openStore(cluster, clusterKey).location;
+  const b = openStore(repository, 'repository').location;
+  if (locationsOverlap(a, cluster.endpoint, b, repository.endpoint)) {
+    throw new PreflightError(
+      `repository.url (${repository.url}) overlaps ${clusterKey}.url (${cluster.url}): the backup would live inside the bucket it backs up; use a separate bucket or directory for the repository`,
+    );
+  }
+}
+
+export interface ClusterHandles {
+  postgres: PgServer;
+  source: OpenedStore;
+  databases: Array<{ role: 'pachyderm' | 'dex'; name: string }>;
+}
+
+export function openCluster(config: Config, maxSockets?: number): ClusterHandles {
+  const databases: ClusterHandles['databases'] = [{ role: 'pachyderm', name: config.cluster.databases.pachyderm }];
+  if (config.cluster.databases.dex) databases.push({ role: 'dex', name: config.cluster.databases.dex });
+  return {
+    postgres: pgServer(config.cluster.postgres, 'cluster.postgres'),
+    source: openStore(config.cluster.objectStore, 'cluster.objectStore', maxSockets ? { maxSockets } : {}),
+    databases,
+  };
+}
