@@ -1,3 +1,4 @@
+import { setMaxListeners } from 'node:events';
 import { readFile } from 'node:fs/promises';
 import { hostname } from 'node:os';
 import type { Config } from '../config/schema.js';
@@ -285,5 +286,8 @@ async function dumpDatabases(
 function combineSignals(...signals: Array<AbortSignal | undefined>): AbortSignal | undefined {
   const present = signals.filter((s): s is AbortSignal => s !== undefined);
   if (present.length === 0) return undefined;
-  return present.length === 1 ? present[0] : AbortSignal.any(present);
+  if (present.length === 1) return present[0];
+  const combined = AbortSignal.any(present);
+  setMaxListeners(0, combined);
+  return combined;
 }

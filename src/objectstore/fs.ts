@@ -1,4 +1,4 @@
-import { createReadStream, createWriteStream } from 'node:fs';
+import { createWriteStream } from 'node:fs';
 import { mkdir, open, readdir, rename, rm, stat, unlink } from 'node:fs/promises';
 import { dirname, join, sep } from 'node:path';
 import { Readable } from 'node:stream';
@@ -73,7 +73,7 @@ export class FsObjectStore implements ObjectStore {
       if (err.code === 'ENOENT') throw new NotFoundError(`${key} not found in ${this.description}`);
       throw wrapFsError(err, `reading ${key}`);
     });
-    return createReadStream('', { fd: handle.fd, autoClose: true });
+    return handle.createReadStream({ autoClose: true });
   }
 
   async put(key: string, body: Readable | Buffer, options: PutOptions = {}, signal?: AbortSignal): Promise<void> {
@@ -83,14 +83,9 @@ export class FsObjectStore implements ObjectStore {
     });
     const temp = `${path}${TEMP_MARK}${randomBytes(6).toString('hex')}`;
     try {
-      const handle = await open(temp, 'wx');
-      try {
-        const out = createWriteStream('', { fd: handle.fd, autoClose: false });
-        await pipeline(Buffer.isBuffer(body) ? Readable.from([body]) : body, out, signal ? { signal } : {});
-        await handle.sync();
-      } finally {
-        await handle.close();
-      }
+      // flush: fsync before close, so the rename below never exposes unwritten data after a crash.
+      const out = createWriteStream(temp, { flags: 'wx', flush: true });
+      await pipeline(Buffer.isBuffer(body) ? Readable.from([body]) : body, out, signal ? { signal } : {});
       if (options.ifNoneMatch) {
         // link() fails if the target exists: an atomic create-if-absent on POSIX filesystems.
         const { link } = await import('node:fs/promises');

@@ -43,3 +43,8 @@ export async function pipeWithDigest(
   await Promise.all([pipeline(body, digest, signal ? { signal } : {}), consumer]);
   return { bytes: digest.bytes, sha256: digest.sha256 };
 }
+
+/** Reads a stream to its end, returning its length and SHA-256. */
+export async function digestOf(body: NodeJS.ReadableStream & { destroy(error?: Error): unknown }, signal?: AbortSignal): Promise<{ bytes: number; sha256: string }> {
+  return pipeWithDigest(body, (digest) => new Promise((resolve, reject) => digest.on('data', () => undefined).on('end', resolve).on('error', reject)), signal);
+}

@@ -1,0 +1,255 @@
+#!/usr/bin/env node
+import { setMaxListeners } from 'node:events';
+import { Command, InvalidArgumentError, Option } from 'commander';
+import { ConfigError, loadConfig, type ConfigOverride } from '../config/load.js';
+import type { Config } from '../config/schema.js';
+import { runBackup } from '../engine/backup.js';
+import { openRepository } from '../engine/context.js';
+import { restoreTargetsFromConfig, runRestore } from '../engine/restore.js';
+import { verifyBackup } from '../engine/verify.js';
+import { PauseLedger } from '../quiesce/ledger.js';
+import { createStrategy } from '../quiesce/factory.js';
+import { TOOL_VERSION } from '../version.js';
+import { backupSummaryText, confirmPause, listingText, manifestText, restoreSummaryText, verifyReportText } from './commands.js';
+import { outputMode, Renderer } from './render.js';
+
+/** Exit codes: 0 success, 1 the operation failed, 2 bad usage or configuration, 130 interrupted. */
+const EXIT_FAILED = 1;
+const EXIT_USAGE = 2;
+const EXIT_INTERRUPTED = 130;
+
+interface GlobalOptions {
+  config: string;
+  json: boolean;
+  yes: boolean;
+}
+
+function positiveInt(value: string): number {
+  const n = Number(value);
+  if (!Number.isInteger(n) || n < 1) throw new InvalidArgumentError('must be a positive integer');
+  return n;
+}
+
+function positiveNumber(value: string): number {
+  const n = Number(value);
+  if (!Number.isFinite(n) || n <= 0) throw new InvalidArgumentError('must be a positive number of seconds');
+  return n;
+}
+
+function parseDbMap(value: string): Record<string, string> {
+  const out: Record<string, string> = {};
+  for (const pair of value.split(',')) {
+    const [role, name] = pair.split('=');
+    if ((role !== 'pachyderm' && role !== 'dex') || !name) throw new InvalidArgumentError('expected pachyderm=NAME[,dex=NAME]');
+    out[role] = name;
+  }
+  return out;
+}
+
+/**
+ * Runs one command with a renderer and an abort signal wired to SIGINT/SIGTERM. The first signal
+ * stops the work (the engine then resumes the cluster); later ones are refused with a reason.
+ */
+async function run(globals: GlobalOptions, work: (ctx: { renderer: Renderer; signal: AbortSignal }) => Promise<number | void>): Promise<void> {
+  const renderer = new Renderer(outputMode(globals.json));
+  const controller = new AbortController();
+  // Every concurrent copy listens on this signal; the default limit of 10 would warn spuriously.
+  setMaxListeners(0, controller.signal);
+  const onSignal = (sig: NodeJS.Signals): void => {
+    if (!controller.signal.aborted) {
+      renderer.line(`! ${sig} received: stopping; the cluster is resumed before exiting`);
+      controller.abort(new Error(`interrupted by ${sig}`));
+    } else {
+      renderer.line(`! ${sig} again: still cleaning up (resuming the cluster); kill -9 would leave it paused until "pachbackup resume"`);
+    }
+  };
+  process.on('SIGINT', onSignal);
+  process.on('SIGTERM', onSignal);
+  try {
+    const code = await work({ renderer, signal: controller.signal });
+    process.exitCode = code ?? 0;
+  } catch (err) {
+    const message = err instanceof Error ? err.message : String(err);
+    if (controller.signal.aborted) {
+      renderer.error(`interrupted: ${message}`);
+      process.exitCode = EXIT_INTERRUPTED;
+    } else {
+      renderer.error(message);
+      process.exitCode = err instanceof ConfigError || (err as Error).name === 'InvalidArgumentError' ? EXIT_USAGE : EXIT_FAILED;
+    }
+    if (process.env.PACHBACKUP_DEBUG && err instanceof Error && err.stack) process.stderr.write(`${err.stack}\n`);
+  } finally {
+    process.off('SIGINT', onSignal);
+    process.off('SIGTERM', onSignal);
+  }
+}
+
+function load(globals: GlobalOptions, overrides: ConfigOverride[]): Config {
+  return loadConfig(globals.config, overrides);
+}
+
+export function buildProgram(): Command {
+  const program = new Command();
+  program
+    .name('pachbackup')
+    .description('Back up and restore a Pachyderm cluster: its PostgreSQL databases and its object store, as one consistent point in time.')
+    .version(TOOL_VERSION)
+    .option('-c, --config <file>', 'configuration file', './pachbackup.yaml')
+    .option('--json', 'print one JSON event per line on stdout', false)
+    .option('-y, --yes', 'confirm pausing the cluster without asking (for automation)', false)
+    .showHelpAfterError();
+
+  const globals = (): GlobalOptions => program.opts<GlobalOptions>();
+
+  program
+    .command('backup')
+    .description('back up the cluster: preflight, pre-copy, pause, dump, copy, resume, seal')
+    .option('--concurrency <n>', 'objects copied at once', positiveInt)
+    .addOption(new Option('--mode <mode>', 'paused: pause the cluster; online: no pause, completeness proven').choices(['paused', 'online']))
+    .option('--no-precopy', 'do not copy objects before pausing')
+    .addOption(new Option('--pause-strategy <name>', 'override pause.strategy').choices(['none', 'command', 'kubernetes', 'pachctl']))
+    .option('--max-downtime <seconds>', 'abort and resume if the pause would last longer', positiveNumber)
+    .action(async (opts: { concurrency?: number; mode?: string; precopy: boolean; pauseStrategy?: string; maxDowntime?: number }) => {
+      await run(globals(), async ({ renderer, signal }) => {
+        const overrides: ConfigOverride[] = [];
+        if (opts.concurrency) overrides.push(['backup.concurrency', opts.concurrency]);
+        if (opts.mode) overrides.push(['backup.mode', opts.mode]);
+        if (!opts.precopy) overrides.push(['backup.precopy', false]);
+        if (opts.pauseStrategy) overrides.push(['pause.strategy', opts.pauseStrategy]);
+        if (opts.maxDowntime) overrides.push(['pause.maxDowntimeSeconds', opts.maxDowntime]);
+        const config = load(globals(), overrides);
+        const strategy = await createStrategy(config.pause);
+        const summary = await runBackup({
+          config,
+          strategy,
+          emit: renderer.sink,
+          signal,
+          confirm: (target) => confirmPause(target, globals().yes, config),
+        });
+        renderer.result('backup', summary, () => backupSummaryText(summary));
+      });
+    });
+
+  program
+    .command('restore <backup>')
+    .description('restore a backup (an id or "latest") into new databases and a new bucket')
+    .option('--db-map <map>', 'target database names, e.g. pachyderm=pach2,dex=dex2', parseDbMap)
+    .option('--target-url <url>', 'override restore.objectStore.url')
+    .option('--helm-values-out <file>', 'write the kept Helm values, rewritten for the targets, here')
+    .option('--force', 'restore into non-empty targets (non-empty databases are dropped and recreated)', false)
+    .option('--dry-run', 'print the plan and change nothing', false)
+    .option('--concurrency <n>', 'objects copied at once', positiveInt)
+    .action(async (backup: string, opts: { dbMap?: Record<string, string>; targetUrl?: string; helmValuesOut?: string; force: boolean; dryRun: boolean; concurrency?: number }) => {
+      await run(globals(), async ({ renderer, signal }) => {
+        const overrides: ConfigOverride[] = [];
+        if (opts.targetUrl) overrides.push(['restore.objectStore.url', opts.targetUrl]);
+        if (opts.helmValuesOut) overrides.push(['restore.helmValuesOut', opts.helmValuesOut]);
+        for (const [role, name] of Object.entries(opts.dbMap ?? {})) overrides.push([`restore.databases.${role}`, name]);
+        const config = load(globals(), overrides);
+        const summary = await runRestore({
+          config,
+          backup,
+          targets: restoreTargetsFromConfig(config),
+          force: opts.force,
+          dryRun: opts.dryRun,
+          noOwner: config.restore?.noOwner ?? true,
+          concurrency: opts.concurrency ?? config.backup.concurrency,
+          emit: renderer.sink,
+          signal,
+        });
+        renderer.result('restore', summary, () => restoreSummaryText(summary));
+      });
+    });
+
+  program
+    .command('verify <backup>')
+    .description('re-read every file of a backup and check sizes and checksums')
+    .option('--concurrency <n>', 'objects read at once', positiveInt)
+    .action(async (backup: string, opts: { concurrency?: number }) => {
+      await run(globals(), async ({ renderer, signal }) => {
+        const config = load(globals(), []);
+        const repo = openRepository(config);
+        await repo.open(false);
+        const manifest = await repo.resolve(backup);
+        const report = await verifyBackup({ repo, manifest, emit: renderer.sink, concurrency: opts.concurrency ?? config.backup.concurrency, signal });
+        renderer.result('verify', report, () => verifyReportText(report));
+        return report.ok ? 0 : EXIT_FAILED;
+      });
+    });
+
+  program
+    .command('list')
+    .description('list the backups in the repository')
+    .action(async () => {
+      await run(globals(), async ({ renderer }) => {
+        const repo = openRepository(load(globals(), []));
+        await repo.open(false);
+        const listing = await repo.listBackups();
+        renderer.result('list', { backups: listing.sealed, incomplete: listing.incomplete, damaged: listing.damaged }, () => listingText(listing));
+      });
+    });
+
+  program
+    .command('show <backup>')
+    .description('show one backup (an id or "latest")')
+    .action(async (backup: string) => {
+      await run(globals(), async ({ renderer }) => {
+        const repo = openRepository(load(globals(), []));
+        await repo.open(false);
+        const manifest = await repo.resolve(backup);
+        renderer.result('show', { manifest }, () => manifestText(manifest));
+      });
+    });
+
+  program
+    .command('resume')
+    .description('resume a cluster left paused by an interrupted backup, from the pause ledger')
+    .action(async () => {
+      await run(globals(), async ({ renderer }) => {
+        const config = load(globals(), []);
+        const repo = openRepository(config);
+        await repo.open(false);
+        const ledger = new PauseLedger(repo.store, repo.id);
+        const entry = await ledger.read();
+        if (!entry) {
+          renderer.result('resume', { resumed: false }, () => 'no pause ledger: pachbackup has not left the cluster paused');
+          return;
+        }
+        const strategy = await createStrategy({ ...config.pause, strategy: entry.record.strategy as Config['pause']['strategy'] });
+        await strategy.resume(entry.record, { info: (m) => renderer.line(`  ${m}`), warn: (m) => renderer.line(`! warning: ${m}`) });
+        await ledger.clear();
+        renderer.result('resume', { resumed: true, record: entry.record, backupId: entry.backupId }, () => `resumed ${entry.record.target}, paused since ${entry.record.startedAt} by backup ${entry.backupId} (pid ${entry.pid} on ${entry.host})`);
+      });
+    });
+
+  program
+    .command('status')
+    .description('say whether pachbackup has the cluster paused, and since when')
+    .action(async () => {
+      await run(globals(), async ({ renderer }) => {
+        const config = load(globals(), []);
+        const repo = openRepository(config);
+        await repo.open(false);
+        const entry = await new PauseLedger(repo.store, repo.id).read();
+        renderer.result('status', { paused: Boolean(entry), ledger: entry ?? null }, () =>
+          entry ? `PAUSED by pachbackup (${entry.phase}): ${entry.record.target} since ${entry.record.startedAt}, backup ${entry.backupId}, pid ${entry.pid} on ${entry.host}` : 'not paused by pachbackup',
+        );
+      });
+    });
+
+  program
+    .command('demo')
+    .description('run the whole cycle on a local demo cluster: back up, wipe, restore, prove equal')
+    .option('--chunks <n>', 'chunk objects in the demo bucket', positiveInt, 200)
+    .action(async (opts: { chunks: number }) => {
+      await run(globals(), async ({ renderer, signal }) => {
+        const { runDemo } = await import('../demo/demo.js');
+        const ok = await runDemo({ chunks: opts.chunks, renderer, signal });
+        return ok ? 0 : EXIT_FAILED;
+      });
+    });
+
+  return program;
+}
+
+await buildProgram().parseAsync(process.argv);

@@ -1,0 +1,301 @@
+import { writeFile } from 'node:fs/promises';
+import type { Config, ObjectStoreConfig, PostgresConfig } from '../config/schema.js';
+import { openStore } from '../objectstore/open.js';
+import { withRetry, defaultRetryPolicy } from '../objectstore/retry.js';
+import { StoreError, type ObjectStore } from '../objectstore/store.js';
+import { locationsOverlap } from '../objectstore/url.js';
+import { rewriteHelmValues } from '../pachyderm/helmValues.js';
+import { childEnv, connect, describeServer, pgServer, type PgServer } from '../postgres/connection.js';
+import { createDatabase, databaseState, dropDatabase } from '../postgres/restore.js';
+import { countTables } from '../postgres/snapshot.js';
+import { findPgTool, startTool, toolVersion } from '../postgres/tools.js';
+import { pipeWithDigest } from '../repository/digest.js';
+import type { Manifest } from '../repository/manifest.js';
+import { layout, type IndexEntry, type Repository } from '../repository/repository.js';
+import { PreflightError, openRepository } from './context.js';
+import { PhaseRunner, ProgressReporter, type EventSink } from './events.js';
+import { asRetryable } from './objects.js';
+import { forEachConcurrently } from './pool.js';
+import { checkStoredFile } from './verify.js';
+
+export interface RestoreTargets {
+  postgres: PostgresConfig;
+  /** Database name to restore each role into. */
+  databases: { pachyderm: string; dex: string | null };
+  objectStore: ObjectStoreConfig;
+  helmValuesOut?: string;
+}
+
+export interface RestoreOptions {
+  config: Config;
+  backup: string;
+  targets: RestoreTargets;
+  /** Restore into non-empty databases (dropped and recreated) and a non-empty bucket. */
+  force: boolean;
+  dryRun: boolean;
+  noOwner: boolean;
+  concurrency: number;
+  emit: EventSink;
+  signal?: AbortSignal;
+}
+
+export interface RestoreSummary {
+  id: string;
+  dryRun: boolean;
+  plan: string[];
+  databases: Array<{ name: string; from: string; tables: number; rows: number }>;
+  objects: { count: number; bytes: number };
+  helmValuesOut: string | null;
+  checks: string[];
+  phases: Array<{ name: string; ms: number }>;
+  totalMs: number;
+}
+
+export class RestoreError extends Error {
+  override name = 'RestoreError';
+}
+
+/** Resolves restore targets from the config's `restore` section. */
+export function restoreTargetsFromConfig(config: Config): RestoreTargets {
+  const r = config.restore;
+  if (!r?.postgres) throw new PreflightError('restore.postgres is required: the PostgreSQL server to restore into (host, port, user, password)');
+  if (!r.objectStore) throw new PreflightError('restore.objectStore is required: the new, empty bucket or directory to restore the objects into');
+  return {
+    postgres: r.postgres,
+    databases: r.databases ?? { pachyderm: config.cluster.databases.pachyderm, dex: config.cluster.databases.dex },
+    objectStore: r.objectStore,
+    ...(r.helmValuesOut ? { helmValuesOut: r.helmValuesOut } : {}),
+  };
+}
+
+export async function runRestore(options: RestoreOptions): Promise<RestoreSummary> {
+  const { config, targets, emit, signal } = options;
+  const started = performance.now();
+  const phases = new PhaseRunner(emit);
+  const plan: string[] = [];
+
+  const pre = await phases.run('preflight', async () => {
+    const repo = openRepository(config, options.concurrency * 2);
+    await repo.open(false);
+    const manifest = await repo.resolve(options.backup);
+    const entries = await repo.readIndex(manifest.objects.index);
+    const referenced = await repo.readReferenced(manifest.referenced);
+    const indexed = new Set(entries.map((e) => e.key));
+    const unheld = referenced.filter((k) => !indexed.has(k));
+    if (unheld.length > 0) throw new RestoreError(`backup ${manifest.id} is incomplete: ${unheld.length} referenced object(s) are not in its index, e.g. ${unheld[0]}; it cannot be restored`);
+    for (const db of manifest.databases) {
+      const problem = await checkStoredFile(repo, db.file, db, signal);
+      if (problem) throw new RestoreError(`backup ${manifest.id}: the dump of database ${db.name} (${db.file}) is ${problem}; restore refused, nothing was changed. Run pachbackup verify ${manifest.id}`);
+    }
+    await assertObjectsPresent(repo, entries, manifest.id);
+
+    const target = pgServer(targets.postgres, 'restore.postgres');
+    const pgRestore = findPgTool('pg_restore', targets.postgres.binDir);
+    const restoreVersion = await toolVersion(pgRestore);
+    for (const db of manifest.databases) {
+      const dumpMajor = Number(db.pgDumpVersion.split('.')[0]);
+      if (restoreVersion.major < dumpMajor) {
+        throw new PreflightError(`pg_restore ${restoreVersion.full} cannot read a dump made by pg_dump ${db.pgDumpVersion}; install postgresql-client-${dumpMajor} or newer`);
+      }
+    }
+    const mapping = manifest.databases.map((db) => {
+      const name = db.role === 'pachyderm' ? targets.databases.pachyderm : targets.databases.dex;
+      if (!name) throw new PreflightError(`the backup holds database ${db.name} (${db.role}) but restore.databases.${db.role} is null; name a target database`);
+      return { db, target: name };
+    });
+    const existing: string[] = [];
+    for (const { target: name } of mapping) {
+      const state = await databaseState(target, name);
+      if (state.exists && state.userTables > 0) {
+        if (!options.force) {
+          throw new RestoreError(`target database "${name}" on ${describeServer(target)} is not empty (${state.userTables} tables); restore into a new database (restore.databases or --db-map) or pass --force to drop and recreate it`);
+        }
+        plan.push(`drop and recreate non-empty database "${name}" (--force)`);
+      }
+      if (state.exists) existing.push(name);
+    }
+    const out = openStore(targets.objectStore, 'restore.objectStore', { maxSockets: options.concurrency * 2 });
+    const repoLocation = openStore(config.repository, 'repository').location;
+    if (locationsOverlap(out.location, targets.objectStore.endpoint, repoLocation, config.repository.endpoint)) {
+      throw new PreflightError('restore.objectStore overlaps the repository; restore into a separate bucket or directory');
+    }
+    await out.store.check();
+    let targetObjects = 0;
+    for await (const _ of out.store.list()) {
+      targetObjects++;
+      break;
+    }
+    if (targetObjects > 0 && !options.force) {
+      throw new RestoreError(`target store ${out.store.description} is not empty; restore into a new bucket or prefix, or pass --force to write into it`);
+    }
+    // The rewrite is computed now, so a values file that cannot be rewritten stops the restore before it changes anything.
+    let helmValues: ReturnType<typeof rewriteHelmValues> | undefined;
+    if (manifest.helmValues && targets.helmValuesOut) {
+      const kept = (await repo.readVerified(manifest.helmValues)).toString('utf8');
+      try {
+        helmValues = rewriteHelmValues(kept, {
+          postgres: { host: targets.postgres.host, port: targets.postgres.port, database: targets.databases.pachyderm, identityDatabase: targets.databases.dex ?? 'dex' },
+          objectStore: {
+            url: targets.objectStore.url,
+            ...(targets.objectStore.endpoint ? { endpoint: targets.objectStore.endpoint } : {}),
+            region: targets.objectStore.region,
+          },
+        });
+      } catch (err) {
+        throw new PreflightError(`the kept Helm values cannot be rewritten for the targets: ${(err as Error).message}`);
+      }
+    } else if (targets.helmValuesOut) {
+      emit({ type: 'warning', message: `backup ${manifest.id} kept no Helm values, so ${targets.helmValuesOut} will not be written` });
+    }
+    for (const { db, target: name } of mapping) plan.push(`restore database ${db.name} (${db.size} bytes dump, ${db.tables.length} tables) into "${name}" on ${describeServer(target)}`);
+    plan.push(`copy ${entries.length} objects (${entries.reduce((n, e) => n + e.size, 0)} bytes) into ${out.store.description}, checking each SHA-256`);
+    if (helmValues !== undefined && targets.helmValuesOut) plan.push(`write Helm values rewritten for the targets to ${targets.helmValuesOut}`);
+    return { repo, manifest, entries, target, pgRestore, mapping, existing, out: out.store, helmValues };
+  });
+  const { repo, manifest, entries, target, pgRestore, mapping, out } = pre;
+  const base = { id: manifest.id, plan, phases: phases.timings, helmValuesOut: null, checks: [] as string[] };
+  if (options.dryRun) {
+    return { ...base, dryRun: true, databases: [], objects: { count: entries.length, bytes: entries.reduce((n, e) => n + e.size, 0) }, totalMs: Math.round(performance.now() - started) };
+  }
+
+  // Everything this restore creates, so a failure can take it back and leave no half-restored target.
+  const createdDatabases: string[] = [];
+  const writtenKeys: string[] = [];
+  try {
+    await phases.run('restore-objects', () => restoreObjects(repo, out, entries, writtenKeys, options.concurrency, emit, signal));
+    const databases = await phases.run('restore-databases', async () => {
+      const done: RestoreSummary['databases'] = [];
+      for (const { db, target: name } of mapping) {
+        signal?.throwIfAborted();
+        if (pre.existing.includes(name)) await dropDatabase(target, name);
+        await createDatabase(target, name);
+        createdDatabases.push(name);
+        await pgRestoreFromRepository(repo, db, target, name, pgRestore, options.noOwner, signal);
+        done.push({ name, from: db.name, tables: db.tables.length, rows: db.tables.reduce((n, t) => n + t.rows, 0) });
+      }
+      return done;
+    });
+    let helmValuesOut: string | null = null;
+    if (pre.helmValues !== undefined && targets.helmValuesOut) {
+      helmValuesOut = targets.helmValuesOut;
+      await phases.run('helm-values', async () => {
+        const rewrite = pre.helmValues!;
+        for (const w of rewrite.warnings) emit({ type: 'warning', message: w });
+        await writeFile(targets.helmValuesOut!, rewrite.yaml, { mode: 0o600 });
+        emit({ type: 'info', message: `wrote ${targets.helmValuesOut} (${rewrite.changes.map((c) => c.path).join(', ')})` });
+      });
+    }
+    const checks = await phases.run('check', () => checkRestored(entries, target, mapping, out));
+    return { ...base, dryRun: false, databases, objects: { count: entries.length, bytes: entries.reduce((n, e) => n + e.size, 0) }, helmValuesOut, checks, totalMs: Math.round(performance.now() - started) };
+  } catch (err) {
+    emit({ type: 'warning', message: `restore failed; removing what it created (${createdDatabases.length} database(s), ${writtenKeys.length} object(s))` });
+    for (const name of createdDatabases) await dropDatabase(target, name).catch(() => undefined);
+    await out.remove(writtenKeys).catch(() => undefined);
+    throw err;
+  }
+}
+
+async function assertObjectsPresent(repo: Repository, entries: IndexEntry[], id: string): Promise<void> {
+  const sizes = new Map<string, number>();
+  for await (const info of repo.store.list(layout.objectsPrefix)) sizes.set(info.key.slice(layout.objectsPrefix.length), info.size);
+  const absent = entries.filter((e) => sizes.get(e.key) === undefined);
+  const wrong = entries.filter((e) => sizes.get(e.key) !== undefined && sizes.get(e.key) !== e.size);
+  if (absent.length > 0 || wrong.length > 0) {
+    const first = absent[0] ? `missing ${absent[0].key}` : `wrong size ${wrong[0]!.key}`;
+    throw new RestoreError(`backup ${id} cannot be restored: ${absent.length} object(s) missing and ${wrong.length} of the wrong size in the repository (${first}); restore refused, nothing was changed. Run pachbackup verify ${id}`);
+  }
+}
+
+async function restoreObjects(repo: Repository, out: ObjectStore, entries: IndexEntry[], written: string[], concurrency: number, emit: EventSink, signal?: AbortSignal): Promise<void> {
+  const progress = new ProgressReporter(emit, 'restore-objects', entries.length, entries.reduce((n, e) => n + e.size, 0));
+  await forEachConcurrently(
+    entries,
+    concurrency,
+    async (entry) => {
+      await withRetry(
+        async () => {
+          const body = await repo.store.get(layout.object(entry.key), signal);
+          written.push(entry.key);
+          const { bytes, sha256 } = await pipeWithDigest(body, (digest) => out.put(entry.key, digest, { size: entry.size }, signal), signal).catch((err: unknown) => {
+            throw asRetryable(err, `restoring ${entry.key}`, signal);
+          });
+          if (bytes !== entry.size || sha256 !== entry.sha256) {
+            throw new StoreError(`object ${entry.key} in the repository does not match its recorded checksum: the backup is damaged (run pachbackup verify)`, false);
+          }
+        },
+        defaultRetryPolicy,
+        signal,
+      );
+      progress.add(1, entry.size);
+    },
+    signal,
+  );
+  progress.flush();
+}
+
+async function pgRestoreFromRepository(
+  repo: Repository,
+  db: Manifest['databases'][number],
+  server: PgServer,
+  name: string,
+  pgRestore: string,
+  noOwner: boolean,
+  signal?: AbortSignal,
+): Promise<void> {
+  const args = ['--no-password', '--exit-on-error', '--single-transaction', `--dbname=${name}`];
+  if (noOwner) args.push('--no-owner', '--no-acl');
+  const tool = startTool(pgRestore, args, childEnv(server));
+  const body = await repo.store.get(db.file, signal);
+  try {
+    const [digest] = await Promise.all([
+      pipeWithDigest(body, (stream) => new Promise<void>((resolve, reject) => stream.pipe(tool.child.stdin).on('finish', resolve).on('error', reject)), signal),
+      tool.done,
+    ]);
+    if (digest.sha256 !== db.sha256) throw new RestoreError(`the dump of ${db.name} changed while it was restored (checksum mismatch); the restore is not trustworthy`);
+  } catch (err) {
+    tool.child.kill('SIGKILL');
+    const exit = await tool.done.then(() => undefined, (e: unknown) => e);
+    throw exit instanceof Error ? new RestoreError(`restoring database ${name} on ${describeServer(server)}: ${exit.message}`) : err;
+  }
+}
+
+/** Compares the restored result with the manifest: rows per table and objects (count and bytes). */
+async function checkRestored(
+  entries: IndexEntry[],
+  server: PgServer,
+  mapping: Array<{ db: Manifest['databases'][number]; target: string }>,
+  out: ObjectStore,
+): Promise<string[]> {
+  const checks: string[] = [];
+  for (const { db, target: name } of mapping) {
+    const client = await connect(server, name);
+    let counts;
+    try {
+      counts = await countTables(client, server, name);
+    } finally {
+      await client.end();
+    }
+    const got = new Map(counts.map((t) => [`${t.schema}.${t.table}`, t.rows]));
+    const wrong = db.tables.filter((t) => got.get(`${t.schema}.${t.table}`) !== t.rows);
+    if (wrong.length > 0) {
+      const w = wrong[0]!;
+      throw new RestoreError(`database "${name}": ${wrong.length} table(s) differ from the backup, e.g. ${w.schema}.${w.table} has ${got.get(`${w.schema}.${w.table}`) ?? 'no'} rows, expected ${w.rows}`);
+    }
+    checks.push(`database "${name}": ${db.tables.length} tables, ${db.tables.reduce((n, t) => n + t.rows, 0)} rows, all counts equal the backup`);
+  }
+  const expected = new Map(entries.map((e) => [e.key, e.size]));
+  let count = 0;
+  let bytes = 0;
+  for await (const info of out.list()) {
+    if (expected.get(info.key) === info.size) {
+      count++;
+      bytes += info.size;
+    }
+  }
+  const wantBytes = entries.reduce((n, e) => n + e.size, 0);
+  if (count !== entries.length || bytes !== wantBytes) {
+    throw new RestoreError(`the target store holds ${count} of the backup's ${entries.length} objects (${bytes} of ${wantBytes} bytes)`);
+  }
+  checks.push(`objects: ${count} objects, ${bytes} bytes, all present with the backup's sizes (contents checked by SHA-256 while copied)`);
+  return checks;
+}
