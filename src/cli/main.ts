@@ -1,7 +1,6 @@
 #!/usr/bin/env node
-import { setMaxListeners } from 'node:events';
-import { Command, InvalidArgumentError, Option } from 'commander';
-import { ConfigError, loadConfig, type ConfigOverride } from '../config/load.js';
+import { Command, Option } from 'commander';
+import type { ConfigOverride } from '../config/load.js';
 import type { Config } from '../config/schema.js';
 import { runBackup } from '../engine/backup.js';
 import { openRepository } from '../engine/context.js';
@@ -11,82 +10,7 @@ import { PauseLedger } from '../quiesce/ledger.js';
 import { createStrategy } from '../quiesce/factory.js';
 import { TOOL_VERSION } from '../version.js';
 import { backupSummaryText, confirmPause, listingText, manifestText, restoreSummaryText, verifyReportText } from './commands.js';
-import { outputMode, Renderer } from './render.js';
-
-/** Exit codes: 0 success, 1 the operation failed, 2 bad usage or configuration, 130 interrupted. */
-const EXIT_FAILED = 1;
-const EXIT_USAGE = 2;
-const EXIT_INTERRUPTED = 130;
-
-interface GlobalOptions {
-  config: string;
-  json: boolean;
-  yes: boolean;
-}
-
-function positiveInt(value: string): number {
-  const n = Number(value);
-  if (!Number.isInteger(n) || n < 1) throw new InvalidArgumentError('must be a positive integer');
-  return n;
-}
-
-function positiveNumber(value: string): number {
-  const n = Number(value);
-  if (!Number.isFinite(n) || n <= 0) throw new InvalidArgumentError('must be a positive number of seconds');
-  return n;
-}
-
-function parseDbMap(value: string): Record<string, string> {
-  const out: Record<string, string> = {};
-  for (const pair of value.split(',')) {
-    const [role, name] = pair.split('=');
-    if ((role !== 'pachyderm' && role !== 'dex') || !name) throw new InvalidArgumentError('expected pachyderm=NAME[,dex=NAME]');
-    out[role] = name;
-  }
-  return out;
-}
-
-/**
- * Runs one command with a renderer and an abort signal wired to SIGINT/SIGTERM. The first signal
- * stops the work (the engine then resumes the cluster); later ones are refused with a reason.
- */
-async function run(globals: GlobalOptions, work: (ctx: { renderer: Renderer; signal: AbortSignal }) => Promise<number | void>): Promise<void> {
-  const renderer = new Renderer(outputMode(globals.json));
-  const controller = new AbortController();
-  // Every concurrent copy listens on this signal; the default limit of 10 would warn spuriously.
-  setMaxListeners(0, controller.signal);
-  const onSignal = (sig: NodeJS.Signals): void => {
-    if (!controller.signal.aborted) {
-      renderer.line(`! ${sig} received: stopping; the cluster is resumed before exiting`);
-      controller.abort(new Error(`interrupted by ${sig}`));
-    } else {
-      renderer.line(`! ${sig} again: still cleaning up (resuming the cluster); kill -9 would leave it paused until "pachbackup resume"`);
-    }
-  };
-  process.on('SIGINT', onSignal);
-  process.on('SIGTERM', onSignal);
-  try {
-    const code = await work({ renderer, signal: controller.signal });
-    process.exitCode = code ?? 0;
-  } catch (err) {
-    const message = err instanceof Error ? err.message : String(err);
-    if (controller.signal.aborted) {
-      renderer.error(`interrupted: ${message}`);
-      process.exitCode = EXIT_INTERRUPTED;
-    } else {
-      renderer.error(message);
-      process.exitCode = err instanceof ConfigError || (err as Error).name === 'InvalidArgumentError' ? EXIT_USAGE : EXIT_FAILED;
-    }
-    if (process.env.PACHBACKUP_DEBUG && err instanceof Error && err.stack) process.stderr.write(`${err.stack}\n`);
-  } finally {
-    process.off('SIGINT', onSignal);
-    process.off('SIGTERM', onSignal);
-  }
-}
-
-function load(globals: GlobalOptions, overrides: ConfigOverride[]): Config {
-  return loadConfig(globals.config, overrides);
-}
+import { EXIT_FAILED, load, parseDbMap, positiveInt, positiveNumber, run, type GlobalOptions } from './runner.js';
 
 export function buildProgram(): Command {
   const program = new Command();
@@ -97,7 +21,11 @@ export function buildProgram(): Command {
     .option('-c, --config <file>', 'configuration file', './pachbackup.yaml')
     .option('--json', 'print one JSON event per line on stdout', false)
     .option('-y, --yes', 'confirm pausing the cluster without asking (for automation)', false)
-    .showHelpAfterError();
+    .showHelpAfterError()
+    // Usage errors exit 2, like configuration errors; help and version exit 0.
+    .exitOverride((err) => {
+      process.exit(err.code === 'commander.helpDisplayed' || err.code === 'commander.version' || err.code === 'commander.help' ? 0 : 2);
+    });
 
   const globals = (): GlobalOptions => program.opts<GlobalOptions>();
 

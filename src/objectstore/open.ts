@@ -1,5 +1,6 @@
 import type { ObjectStoreConfig } from '../config/schema.js';
 import { resolveSecret } from '../config/secret.js';
+import { FaultStore, faultsFromEnv } from './faults.js';
 import { FsObjectStore } from './fs.js';
 import { RetryStore, defaultRetryPolicy, type RetryPolicy } from './retry.js';
 import { S3ObjectStore } from './s3.js';
@@ -17,8 +18,11 @@ export interface OpenedStore {
 export function openStore(config: ObjectStoreConfig, keyPath: string, options: { retry?: RetryPolicy; maxSockets?: number } = {}): OpenedStore {
   const location = parseStoreUrl(config.url, `${keyPath}.url`);
   const retry = options.retry ?? defaultRetryPolicy;
+  // Faults sit under the retry decorator, so injected transient faults exercise the retry policy.
+  const faults = faultsFromEnv().filter((rule) => rule.store === keyPath);
+  const inject = (store: ObjectStore): ObjectStore => (faults.length > 0 ? new FaultStore(store, faults) : store);
   if (location.kind === 'file') {
-    return { store: new RetryStore(new FsObjectStore(location.path), retry), location };
+    return { store: new RetryStore(inject(new FsObjectStore(location.path)), retry), location };
   }
   if (Boolean(config.accessKeyId) !== Boolean(config.secretAccessKey)) {
     throw new Error(`${keyPath}: set both accessKeyId and secretAccessKey, or neither to use the default AWS credential chain`);
@@ -35,5 +39,5 @@ export function openStore(config: ObjectStoreConfig, keyPath: string, options: {
     requestTimeoutSeconds: config.requestTimeoutSeconds,
     ...(options.maxSockets ? { maxSockets: options.maxSockets } : {}),
   });
-  return { store: new RetryStore(s3, retry), location, s3 };
+  return { store: new RetryStore(inject(s3), retry), location, s3 };
 }
