@@ -1,6 +1,6 @@
 import { createInterface } from 'node:readline/promises';
 import type { Config } from '../config/schema.js';
-import type { BackupSummary } from '../engine/backup.js';
+import type { BackupSummary, runPlan } from '../engine/backup.js';
 import type { RestoreSummary } from '../engine/restore.js';
 import type { VerifyReport } from '../engine/verify.js';
 import type { Manifest } from '../repository/manifest.js';
@@ -48,7 +48,7 @@ export function listingText(listing: BackupListing): string {
     m.id,
     m.finishedAt.replace('T', ' ').replace(/\.\d+Z$/, 'Z'),
     m.mode,
-    m.pause ? formatMs(m.pause.downtimeMs) : '-',
+    m.pause ? `${formatMs(m.pause.downtimeMs)}${m.prediction ? ` (pred. ${formatMs(m.prediction.downtimeMs)})` : ''}` : '-',
     formatBytes(m.databases.reduce((n, d) => n + d.size, 0)),
     String(m.objects.count),
     formatBytes(m.objects.bytes),
@@ -94,4 +94,26 @@ export async function confirmPause(target: string, yes: boolean, config: Config)
   } finally {
     rl.close();
   }
+}
+
+export function planText(plan: Awaited<ReturnType<typeof runPlan>>): string {
+  const { prediction: p, inputs: i } = plan;
+  const lines = [
+    `next backup (${i.mode} mode${i.mode === 'paused' ? (i.precopy ? ', with pre-copy' : ', without pre-copy') : ''}):`,
+    `  databases ${formatBytes(i.databaseBytes)}; ${i.objects} objects, ${i.missingObjects} not yet held (${formatBytes(i.missingBytes)})`,
+    `  predicted downtime ${formatMs(p.downtimeMs)}, total ${formatMs(p.totalMs)}`,
+    `  basis: ${p.basis}`,
+    `  rates: dump ${formatBytes(p.rates.dumpBytesPerSecond)}/s, copy ${p.rates.copyObjectsPerSecond} objects/s and ${formatBytes(p.rates.copyBytesPerSecond)}/s, listing ${p.rates.listObjectsPerSecond} objects/s`,
+  ];
+  const judged = plan.history.filter((h) => h.predictedTotalMs !== null);
+  if (judged.length > 0) {
+    lines.push('', 'earlier predictions against what happened:');
+    lines.push(
+      table(
+        ['backup', 'downtime predicted', 'actual', 'total predicted', 'actual'],
+        judged.slice(-10).map((h) => [h.id, h.predictedDowntimeMs === null ? '-' : formatMs(h.predictedDowntimeMs), h.downtimeMs === null ? '-' : formatMs(h.downtimeMs), formatMs(h.predictedTotalMs ?? 0), formatMs(h.totalMs)]),
+      ),
+    );
+  }
+  return lines.join('\n');
 }

@@ -2,14 +2,14 @@
 import { Command, Option } from 'commander';
 import type { ConfigOverride } from '../config/load.js';
 import type { Config } from '../config/schema.js';
-import { runBackup } from '../engine/backup.js';
+import { runBackup, runPlan } from '../engine/backup.js';
 import { openRepository } from '../engine/context.js';
 import { restoreTargetsFromConfig, runRestore } from '../engine/restore.js';
 import { verifyBackup } from '../engine/verify.js';
 import { PauseLedger } from '../quiesce/ledger.js';
 import { createStrategy } from '../quiesce/factory.js';
 import { TOOL_VERSION } from '../version.js';
-import { backupSummaryText, confirmPause, listingText, manifestText, restoreSummaryText, verifyReportText } from './commands.js';
+import { backupSummaryText, confirmPause, planText, listingText, manifestText, restoreSummaryText, verifyReportText } from './commands.js';
 import { EXIT_FAILED, load, parseDbMap, positiveInt, positiveNumber, run, type GlobalOptions } from './runner.js';
 
 export function buildProgram(): Command {
@@ -55,6 +55,21 @@ export function buildProgram(): Command {
           confirm: (target) => confirmPause(target, globals().yes, config),
         });
         renderer.result('backup', summary, () => backupSummaryText(summary));
+      });
+    });
+
+  program
+    .command('plan')
+    .description('predict the next backup\'s downtime and total time, from the repository\'s history, without pausing')
+    .addOption(new Option('--mode <mode>', 'predict for this mode').choices(['paused', 'online']))
+    .option('--no-precopy', 'predict without pre-copy')
+    .action(async (opts: { mode?: string; precopy: boolean }) => {
+      await run(globals(), async ({ renderer }) => {
+        const overrides: ConfigOverride[] = [];
+        if (opts.mode) overrides.push(['backup.mode', opts.mode]);
+        if (!opts.precopy) overrides.push(['backup.precopy', false]);
+        const plan = await runPlan(load(globals(), overrides));
+        renderer.result('plan', plan, () => planText(plan));
       });
     });
 

@@ -8,9 +8,11 @@ import { findPgTool, startTool, toolVersion } from '../postgres/tools.js';
 import { PauseLedger } from '../quiesce/ledger.js';
 import type { PauseRecord, QuiesceStrategy } from '../quiesce/strategy.js';
 import { MANIFEST_FORMAT_VERSION, sealManifest, type FileRef, type Manifest, type TableCount } from '../repository/manifest.js';
-import { layout, newBackupId, type IndexEntry } from '../repository/repository.js';
+import { layout, newBackupId, RepositoryError, type IndexEntry } from '../repository/repository.js';
 import { TOOL_VERSION } from '../version.js';
-import { assertSeparateStores, openCluster, openRepository, PreflightError } from './context.js';
+import type { ObjectInfo } from '../objectstore/store.js';
+import { assertSeparateStores, openCluster, openRepository, PreflightError, type ClusterHandles } from './context.js';
+import { predictBackup, type PlanInputs, type Prediction } from './plan.js';
 import { PhaseRunner, type EventSink } from './events.js';
 import { copyMissingObjects, CopyJournal, listSource, loadHeldObjects } from './objects.js';
 
@@ -69,15 +71,7 @@ export async function runBackup(options: BackupOptions): Promise<BackupSummary> 
     await repo.checkWritable();
     const pgDump = findPgTool('pg_dump', config.cluster.postgres.binDir);
     const dumpVersion = await toolVersion(pgDump);
-    for (const db of cluster.databases) {
-      const probe = await DatabaseSnapshot.open(cluster.postgres, db.name);
-      await probe.close();
-      if (dumpVersion.major < probe.serverMajor) {
-        throw new PreflightError(
-          `pg_dump ${dumpVersion.full} (${pgDump}) is older than the server ${describeServer(cluster.postgres)} (PostgreSQL ${probe.serverVersion}); install postgresql-client-${probe.serverMajor} or newer, or set cluster.postgres.binDir`,
-        );
-      }
-    }
+    const databaseBytes = await checkDatabases(cluster, pgDump, dumpVersion);
     let helmValues: Buffer | undefined;
     if (config.cluster.helmValues) {
       try {
@@ -89,10 +83,14 @@ export async function runBackup(options: BackupOptions): Promise<BackupSummary> 
     if (mode === 'online' && helmValues && /storage(Chunk)?GCPeriod:\s*["']?[1-9]/.test(helmValues.toString('utf8'))) {
       events.warn('the Helm values enable Pachyderm garbage collection; online mode still proves every referenced object is held, but a chunk deleted mid-backup fails the backup');
     }
-    const held = await loadHeldObjects(repo);
+    const backups = await repo.listBackups();
+    const held = await loadHeldObjects(repo, backups);
+    const listing = await listSource(cluster.source.store);
+    const prediction = predictBackup(backups.sealed, { mode, precopy: config.backup.precopy, databaseBytes, objects: listing.objects.length, ...missingObjects(listing.objects, held) });
     const target = mode === 'paused' ? await strategy.describeTarget() : 'nothing (online mode)';
     emit({ type: 'info', message: `backup ${id}: ${mode} mode; source ${describeServer(cluster.postgres)} and ${cluster.source.store.description}; repository ${repo.description}; pause ${target}` });
-    return { cluster, repo, pgDump, dumpVersion, helmValues, held };
+    emit({ type: 'info', message: `predicted downtime ${formatSeconds(prediction.downtimeMs)}, total ${formatSeconds(prediction.totalMs)} (${prediction.basis})` });
+    return { cluster, repo, pgDump, dumpVersion, helmValues, held, listing, databaseBytes, prediction };
   });
   const { cluster, repo, pgDump, dumpVersion, held } = pre;
   const journal = new CopyJournal(repo, id);
@@ -105,8 +103,7 @@ export async function runBackup(options: BackupOptions): Promise<BackupSummary> 
   // ---- precopy: objects are write-once, so most of them can be copied while the cluster runs.
   if (config.backup.precopy || mode === 'online') {
     await phases.run('precopy', async () => {
-      const listing = await listSource(cluster.source.store);
-      await copyMissingObjects({ source: cluster.source.store, repo, objects: listing.objects, held, concurrency, journal, emit, phase: 'precopy', ...(signal ? { signal } : {}) });
+      await copyMissingObjects({ source: cluster.source.store, repo, objects: pre.listing.objects, held, concurrency, journal, emit, phase: 'precopy', ...(signal ? { signal } : {}) });
     });
   }
 
@@ -227,6 +224,8 @@ export async function runBackup(options: BackupOptions): Promise<BackupSummary> 
       helmValues: helmRef,
       pause: pauseRecord && pausedAt && resumedAt ? { strategy: pauseRecord.strategy, target: pauseRecord.target, pausedAt: pausedAt.toISOString(), resumedAt: resumedAt.toISOString(), downtimeMs: downtimeMs ?? 0 } : null,
       phases: phases.timings.map((t) => ({ ...t })),
+      sourceStats: { databaseBytes: pre.databaseBytes, objects: pre.listing.objects.length },
+      prediction: { downtimeMs: pre.prediction.downtimeMs, totalMs: pre.prediction.totalMs, basis: pre.prediction.basis },
     });
     await repo.seal(manifest);
     return {
@@ -248,15 +247,15 @@ export async function runBackup(options: BackupOptions): Promise<BackupSummary> 
  * referenced chunk keys are read in the same snapshot as its dump, so they describe exactly it.
  */
 async function dumpDatabases(
-  cluster: ReturnType<typeof openCluster>,
+  cluster: ClusterHandles,
   repo: ReturnType<typeof openRepository>,
   pgDump: string,
   id: string,
   signal: AbortSignal | undefined,
 ): Promise<{ dumps: DumpedDatabase[]; referenced: string[] }> {
-  const dumps: DumpedDatabase[] = [];
   let referenced: string[] = [];
-  for (const db of cluster.databases) {
+  // The databases are dumped at the same time: the snapshot phase is most of the downtime.
+  const dumps = await Promise.all(cluster.databases.map(async (db): Promise<DumpedDatabase> => {
     signal?.throwIfAborted();
     const snapshot = await DatabaseSnapshot.open(cluster.postgres, db.name);
     try {
@@ -267,7 +266,7 @@ async function dumpDatabases(
       signal?.addEventListener('abort', onAbort, { once: true });
       try {
         const [ref] = await Promise.all([repo.writeStream(layout.dump(id, db.name), tool.child.stdout, signal), tool.done]);
-        dumps.push({ role: db.role, name: db.name, ref, tables, serverVersion: snapshot.serverVersion });
+        return { role: db.role, name: db.name, ref, tables, serverVersion: snapshot.serverVersion };
       } catch (err) {
         tool.child.kill('SIGKILL');
         // pg_dump's own message says more than a broken pipe does.
@@ -279,7 +278,7 @@ async function dumpDatabases(
     } finally {
       await snapshot.close();
     }
-  }
+  }));
   return { dumps, referenced };
 }
 
@@ -290,4 +289,74 @@ function combineSignals(...signals: Array<AbortSignal | undefined>): AbortSignal
   const combined = AbortSignal.any(present);
   setMaxListeners(0, combined);
   return combined;
+}
+
+/** Connects to every database and checks pg_dump can dump it; returns their total size. */
+async function checkDatabases(cluster: ClusterHandles, pgDump: string, dumpVersion: { major: number; full: string }): Promise<number> {
+  let bytes = 0;
+  for (const db of cluster.databases) {
+    const probe = await DatabaseSnapshot.open(cluster.postgres, db.name);
+    try {
+      bytes += await probe.databaseBytes();
+      if (dumpVersion.major < probe.serverMajor) {
+        throw new PreflightError(
+          `pg_dump ${dumpVersion.full} (${pgDump}) is older than the server ${describeServer(cluster.postgres)} (PostgreSQL ${probe.serverVersion}); install postgresql-client-${probe.serverMajor} or newer, or set cluster.postgres.binDir`,
+        );
+      }
+    } finally {
+      await probe.close();
+    }
+  }
+  return bytes;
+}
+
+function missingObjects(objects: ObjectInfo[], held: Map<string, IndexEntry>): { missingObjects: number; missingBytes: number } {
+  let missingObjects = 0;
+  let missingBytes = 0;
+  for (const o of objects) {
+    if (held.get(o.key)?.size === o.size) continue;
+    missingObjects++;
+    missingBytes += o.size;
+  }
+  return { missingObjects, missingBytes };
+}
+
+function formatSeconds(ms: number): string {
+  return `${(ms / 1000).toFixed(1)} s`;
+}
+
+/**
+ * `pachbackup plan`: measures what the next backup would do (database sizes, objects not yet
+ * held) and predicts its downtime and total time, without pausing or writing anything.
+ */
+export async function runPlan(config: Config): Promise<{ prediction: Prediction; inputs: PlanInputs; history: Array<{ id: string; predictedDowntimeMs: number | null; downtimeMs: number | null; predictedTotalMs: number | null; totalMs: number }> }> {
+  const cluster = openCluster(config);
+  const repo = openRepository(config);
+  await cluster.source.store.check();
+  await repo.store.check();
+  const pgDump = findPgTool('pg_dump', config.cluster.postgres.binDir);
+  const databaseBytes = await checkDatabases(cluster, pgDump, await toolVersion(pgDump));
+  let sealed: Manifest[] = [];
+  let held = new Map<string, IndexEntry>();
+  try {
+    await repo.open(false);
+    const backups = await repo.listBackups();
+    sealed = backups.sealed;
+    held = await loadHeldObjects(repo, backups);
+  } catch (err) {
+    if (!(err instanceof RepositoryError)) throw err;
+  }
+  const listing = await listSource(cluster.source.store);
+  const inputs: PlanInputs = { mode: config.backup.mode, precopy: config.backup.precopy, databaseBytes, objects: listing.objects.length, ...missingObjects(listing.objects, held) };
+  return {
+    prediction: predictBackup(sealed, inputs),
+    inputs,
+    history: sealed.map((m) => ({
+      id: m.id,
+      predictedDowntimeMs: m.prediction?.downtimeMs ?? null,
+      downtimeMs: m.pause?.downtimeMs ?? null,
+      predictedTotalMs: m.prediction?.totalMs ?? null,
+      totalMs: Date.parse(m.finishedAt) - Date.parse(m.startedAt),
+    })),
+  };
 }

@@ -2,7 +2,7 @@ import { gzipSync } from 'node:zlib';
 import { withRetry, defaultRetryPolicy, type RetryPolicy } from '../objectstore/retry.js';
 import { StoreError, type ObjectInfo, type ObjectStore } from '../objectstore/store.js';
 import { pipeWithDigest } from '../repository/digest.js';
-import { layout, type IndexEntry, type Repository } from '../repository/repository.js';
+import { layout, type BackupListing, type IndexEntry, type Repository } from '../repository/repository.js';
 import { ProgressReporter, type EventSink, type PhaseName } from './events.js';
 import { forEachConcurrently } from './pool.js';
 
@@ -12,8 +12,7 @@ import { forEachConcurrently } from './pool.js';
  * with the recorded size. An object held but in no index or journal is copied again: without its
  * checksum it cannot be trusted.
  */
-export async function loadHeldObjects(repo: Repository): Promise<Map<string, IndexEntry>> {
-  const listing = await repo.listBackups();
+export async function loadHeldObjects(repo: Repository, listing: BackupListing): Promise<Map<string, IndexEntry>> {
   const candidates = new Map<string, IndexEntry>();
   const latest = listing.sealed[listing.sealed.length - 1];
   if (latest) for (const e of await repo.readIndex(latest.objects.index)) candidates.set(e.key, e);

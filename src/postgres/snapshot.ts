@@ -41,6 +41,12 @@ export class DatabaseSnapshot {
     }
   }
 
+  /** On-disk size of the database, the input of the dump-time prediction. */
+  async databaseBytes(): Promise<number> {
+    const { rows } = await this.client.query<{ n: string }>('SELECT pg_database_size(current_database()) AS n');
+    return Number(rows[0]?.n ?? 0);
+  }
+
   async tableCounts(): Promise<TableCount[]> {
     return countTables(this.client, this.server, this.database);
   }

@@ -45,6 +45,10 @@ export const manifestSchema = z.object({
     .object({ strategy: z.string(), target: z.string(), pausedAt: z.string(), resumedAt: z.string(), downtimeMs: z.number().nonnegative() })
     .nullable(),
   phases: z.array(z.object({ name: z.string(), ms: z.number().nonnegative() })),
+  /** Sizes measured at preflight, the inputs of the next backup's prediction. */
+  sourceStats: z.object({ databaseBytes: z.number().nonnegative(), objects: z.number().int().nonnegative() }).optional(),
+  /** What `plan` predicted for this backup before it paused, kept to show the prediction's error. */
+  prediction: z.object({ downtimeMs: z.number().nonnegative(), totalMs: z.number().nonnegative(), basis: z.string() }).optional(),
   /** SHA-256 of the manifest's canonical JSON without this field: catches a damaged manifest. */
   checksum: z.string(),
 });
