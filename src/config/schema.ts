@@ -138,6 +138,16 @@ export const configSchema = z
       })
       .strict()
       .optional(),
+    /** Restore drills (`pachbackup drill`): scratch targets that every drill creates and removes again. */
+    drill: z
+      .object({
+        /** Server for the scratch databases; default restore.postgres. The user needs CREATEDB. */
+        postgres: postgresSchema.optional(),
+        /** Bucket or directory in which each drill creates, then deletes, its own `drill-<id>/` prefix. */
+        objectStore: objectStoreSchema.optional(),
+      })
+      .strict()
+      .prefault({}),
   })
   .strict();
 
