@@ -16,7 +16,7 @@ export function backupSummaryText(s: BackupSummary): string {
       s.databases.map((d) => [`${d.name} (${d.role})`, formatBytes(d.bytes), String(d.tables), String(d.rows)]),
     ),
     '',
-    `objects: ${s.objects.count} (${formatBytes(s.objects.bytes)}); new ${s.objects.newCount} (${formatBytes(s.objects.newBytes)}); already held ${s.objects.heldCount} (${formatBytes(s.objects.heldBytes)})`,
+    `objects: ${s.objects.count} (${formatBytes(s.objects.bytes)}); new ${s.objects.newCount} (${formatBytes(s.objects.newBytes)}); already held ${s.objects.heldCount} (${formatBytes(s.objects.heldBytes)}); copy path: ${s.copyPath}`,
     `referenced keys: ${s.referencedKeys}, all held`,
     `phases: ${s.phases.map((p) => `${p.name} ${formatMs(p.ms)}`).join(', ')}`,
     `downtime: ${s.downtimeMs === null ? 'none (cluster not paused)' : formatMs(s.downtimeMs)}; total ${formatMs(s.totalMs)}`,

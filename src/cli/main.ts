@@ -1,4 +1,7 @@
 #!/usr/bin/env node
+// The SDK version is pinned by package-lock.json and supports Node 20; its notice about future
+// releases needing Node 22 would only clutter every command's output.
+process.env.AWS_SDK_JS_NODE_VERSION_SUPPORT_WARNING_DISABLED ??= 'true';
 import { Command, Option } from 'commander';
 import type { ConfigOverride } from '../config/load.js';
 import type { Config } from '../config/schema.js';

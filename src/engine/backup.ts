@@ -14,7 +14,8 @@ import type { ObjectInfo } from '../objectstore/store.js';
 import { assertSeparateStores, openCluster, openRepository, PreflightError, type ClusterHandles } from './context.js';
 import { predictBackup, type PlanInputs, type Prediction } from './plan.js';
 import { PhaseRunner, type EventSink } from './events.js';
-import { copyMissingObjects, CopyJournal, listSource, loadHeldObjects } from './objects.js';
+import { copyMissingObjects, CopyJournal, listSource, loadHeldObjects, ServerSideCopier } from './objects.js';
+import { openStore } from '../objectstore/open.js';
 
 export interface BackupOptions {
   config: Config;
@@ -33,6 +34,8 @@ export interface BackupSummary {
   databases: Array<{ name: string; role: string; bytes: number; tables: number; rows: number }>;
   objects: { count: number; bytes: number; newCount: number; newBytes: number; heldCount: number; heldBytes: number };
   referencedKeys: number;
+  /** How new objects travelled: streamed through pachbackup, copied server-side, or both. */
+  copyPath: 'stream' | 'server-side' | 'mixed' | 'none';
   phases: Array<{ name: string; ms: number }>;
   downtimeMs: number | null;
   totalMs: number;
@@ -90,7 +93,9 @@ export async function runBackup(options: BackupOptions): Promise<BackupSummary> 
     const target = mode === 'paused' ? await strategy.describeTarget() : 'nothing (online mode)';
     emit({ type: 'info', message: `backup ${id}: ${mode} mode; source ${describeServer(cluster.postgres)} and ${cluster.source.store.description}; repository ${repo.description}; pause ${target}` });
     emit({ type: 'info', message: `predicted downtime ${formatSeconds(prediction.downtimeMs)}, total ${formatSeconds(prediction.totalMs)} (${prediction.basis})` });
-    return { cluster, repo, pgDump, dumpVersion, helmValues, held, listing, databaseBytes, prediction };
+    const serverSide = serverSideCopier(config, cluster, concurrency);
+    if (serverSide) events.info('the cluster bucket and the repository share an S3 service: objects are copied server-side where the credentials allow');
+    return { cluster, repo, pgDump, dumpVersion, helmValues, held, listing, databaseBytes, prediction, serverSide };
   });
   const { cluster, repo, pgDump, dumpVersion, held } = pre;
   const journal = new CopyJournal(repo, id);
@@ -101,9 +106,16 @@ export async function runBackup(options: BackupOptions): Promise<BackupSummary> 
   }
 
   // ---- precopy: objects are write-once, so most of them can be copied while the cluster runs.
+  let serverSideCount = 0;
+  let streamedCount = 0;
+  let precopied = { count: 0, bytes: 0 };
+  const copyOptions = (copySignal: AbortSignal | undefined) => ({ ...(copySignal ? { signal: copySignal } : {}), ...(pre.serverSide ? { serverSide: pre.serverSide } : {}) });
   if (config.backup.precopy || mode === 'online') {
     await phases.run('precopy', async () => {
-      await copyMissingObjects({ source: cluster.source.store, repo, objects: pre.listing.objects, held, concurrency, journal, emit, phase: 'precopy', ...(signal ? { signal } : {}) });
+      const copied = await copyMissingObjects({ source: cluster.source.store, repo, objects: pre.listing.objects, held, concurrency, journal, emit, phase: 'precopy', ...copyOptions(signal) });
+      serverSideCount += copied.serverSideCount;
+      streamedCount += copied.newCount - copied.serverSideCount;
+      precopied = { count: copied.newCount, bytes: copied.newBytes };
     });
   }
 
@@ -125,10 +137,12 @@ export async function runBackup(options: BackupOptions): Promise<BackupSummary> 
     });
     await phases.run('copy', async () => {
       const listing = await listSource(cluster.source.store);
-      const copied = await copyMissingObjects({ source: cluster.source.store, repo, objects: listing.objects, held, concurrency, journal, emit, phase: 'copy', ...(stateSignal ? { signal: stateSignal } : {}) });
+      const copied = await copyMissingObjects({ source: cluster.source.store, repo, objects: listing.objects, held, concurrency, journal, emit, phase: 'copy', ...copyOptions(stateSignal) });
+      serverSideCount += copied.serverSideCount;
+      streamedCount += copied.newCount - copied.serverSideCount;
       entries = copied.entries;
-      newCount = copied.newCount;
-      newBytes = copied.newBytes;
+      newCount = precopied.count + copied.newCount;
+      newBytes = precopied.bytes + copied.newBytes;
       // Referenced keys listed after the snapshot but absent from the listing: fetch them directly.
       const listed = new Set(entries.map((e) => e.key));
       const unlisted = referenced.filter((k) => !listed.has(k));
@@ -138,7 +152,9 @@ export async function runBackup(options: BackupOptions): Promise<BackupSummary> 
           const info = await cluster.source.store.stat(key);
           if (info) extra.push(info);
         }
-        const more = await copyMissingObjects({ source: cluster.source.store, repo, objects: extra, held, concurrency, journal, emit, phase: 'copy', ...(stateSignal ? { signal: stateSignal } : {}) });
+        const more = await copyMissingObjects({ source: cluster.source.store, repo, objects: extra, held, concurrency, journal, emit, phase: 'copy', ...copyOptions(stateSignal) });
+        serverSideCount += more.serverSideCount;
+        streamedCount += more.newCount - more.serverSideCount;
         entries.push(...more.entries);
         newCount += more.newCount;
         newBytes += more.newBytes;
@@ -204,6 +220,7 @@ export async function runBackup(options: BackupOptions): Promise<BackupSummary> 
     let helmRef: (FileRef & { redacted: boolean }) | null = null;
     if (pre.helmValues) helmRef = { ...(await repo.writeBuffer(layout.helmValues(id), pre.helmValues)), redacted: false };
     const bytes = entries.reduce((n, e) => n + e.size, 0);
+    if (pre.serverSide?.disabled) emit({ type: 'info', message: `server-side copy was not possible (${pre.serverSide.reason}); objects were streamed` });
     const downtimeMs = pausedAt && resumedAt ? resumedAt.getTime() - pausedAt.getTime() : null;
     const manifest: Manifest = sealManifest({
       format: 'pachbackup-manifest',
@@ -219,7 +236,7 @@ export async function runBackup(options: BackupOptions): Promise<BackupSummary> 
         objectStore: cluster.source.store.description,
       },
       databases: dumps.map((d) => ({ ...d.ref, role: d.role, name: d.name, serverVersion: d.serverVersion, pgDumpVersion: dumpVersion.full, tables: d.tables })),
-      objects: { index: indexRef, count: entries.length, bytes, newCount, newBytes, copyPath: newCount === 0 ? 'none' : 'stream' },
+      objects: { index: indexRef, count: entries.length, bytes, newCount, newBytes, copyPath: copyPathOf(serverSideCount, streamedCount) },
       referenced: referencedRef,
       helmValues: helmRef,
       pause: pauseRecord && pausedAt && resumedAt ? { strategy: pauseRecord.strategy, target: pauseRecord.target, pausedAt: pausedAt.toISOString(), resumedAt: resumedAt.toISOString(), downtimeMs: downtimeMs ?? 0 } : null,
@@ -235,6 +252,7 @@ export async function runBackup(options: BackupOptions): Promise<BackupSummary> 
       databases: dumps.map((d) => ({ name: d.name, role: d.role, bytes: d.ref.size, tables: d.tables.length, rows: d.tables.reduce((n, t) => n + t.rows, 0) })),
       objects: { count: entries.length, bytes, newCount, newBytes, heldCount: entries.length - newCount, heldBytes: bytes - newBytes },
       referencedKeys: referenced.length,
+      copyPath: manifest.objects.copyPath,
       phases: phases.timings.map((t) => ({ ...t })),
       downtimeMs,
       totalMs: Math.round(performance.now() - started),
@@ -359,4 +377,19 @@ export async function runPlan(config: Config): Promise<{ prediction: Prediction;
       totalMs: Date.parse(m.finishedAt) - Date.parse(m.startedAt),
     })),
   };
+}
+
+/** A server-side copier when the cluster bucket and an unencrypted repository share an S3 service. */
+function serverSideCopier(config: Config, cluster: ClusterHandles, concurrency: number): ServerSideCopier | undefined {
+  const source = cluster.source.s3;
+  if (!source || (config.repository as Record<string, unknown>).encryption) return undefined;
+  const target = openStore(config.repository, 'repository', { maxSockets: concurrency * 2 }).s3;
+  if (!target || !source.sameServiceAs(target)) return undefined;
+  return new ServerSideCopier((key, size, signal) => target.copyFrom(source, key, layout.object(key), size, signal));
+}
+
+function copyPathOf(serverSide: number, streamed: number): 'stream' | 'server-side' | 'mixed' | 'none' {
+  if (serverSide === 0 && streamed === 0) return 'none';
+  if (serverSide === 0) return 'stream';
+  return streamed === 0 ? 'server-side' : 'mixed';
 }

@@ -1,7 +1,7 @@
 import { gzipSync } from 'node:zlib';
 import { withRetry, defaultRetryPolicy, type RetryPolicy } from '../objectstore/retry.js';
 import { StoreError, type ObjectInfo, type ObjectStore } from '../objectstore/store.js';
-import { pipeWithDigest } from '../repository/digest.js';
+import { digestOf, pipeWithDigest } from '../repository/digest.js';
 import { layout, type BackupListing, type IndexEntry, type Repository } from '../repository/repository.js';
 import { ProgressReporter, type EventSink, type PhaseName } from './events.js';
 import { forEachConcurrently } from './pool.js';
@@ -74,6 +74,37 @@ export interface CopyResult {
   entries: IndexEntry[];
   newCount: number;
   newBytes: number;
+  /** Objects copied inside the S3 service rather than streamed through this process. */
+  serverSideCount: number;
+}
+
+/**
+ * Copies objects inside one S3 service (CopyObject), when the cluster bucket and the repository
+ * share it. The first refusal (permissions, an unsupported operation) switches it off for the rest
+ * of the run, and copies fall back to streaming.
+ */
+export class ServerSideCopier {
+  disabled = false;
+  reason: string | undefined;
+  constructor(private readonly copyInService: (key: string, size: number, signal?: AbortSignal) => Promise<{ sha256?: string }>) {}
+
+  /** Copies and returns the SHA-256 (computed by the service, or by reading the copy back); undefined when off. */
+  async copy(repo: Repository, info: ObjectInfo, signal?: AbortSignal): Promise<{ size: number; sha256: string } | undefined> {
+    if (this.disabled) return undefined;
+    let result: { sha256?: string };
+    try {
+      result = await this.copyInService(info.key, info.size, signal);
+    } catch (err) {
+      if (err instanceof StoreError && err.retryable) throw err;
+      this.disabled = true;
+      this.reason = (err as Error).message;
+      return undefined;
+    }
+    if (result.sha256) return { size: info.size, sha256: result.sha256 };
+    // The service gave no checksum: read the copy back, so the index still holds a verified SHA-256.
+    const { bytes, sha256 } = await digestOf(await repo.store.get(layout.object(info.key), signal), signal);
+    return { size: bytes, sha256 };
+  }
 }
 
 /**
@@ -91,17 +122,25 @@ export async function copyMissingObjects(options: {
   phase: PhaseName;
   signal?: AbortSignal;
   retry?: RetryPolicy;
+  serverSide?: ServerSideCopier;
 }): Promise<CopyResult> {
   const { source, repo, held, signal } = options;
   const missing = options.objects.filter((o) => held.get(o.key)?.size !== o.size);
   const progress = new ProgressReporter(options.emit, options.phase, missing.length, missing.reduce((n, o) => n + o.size, 0));
   let newBytes = 0;
+  let serverSideCount = 0;
   await forEachConcurrently(
     missing,
     options.concurrency,
     async (info) => {
       const entry = await withRetry(
         async () => {
+          const copied = await options.serverSide?.copy(repo, info, signal);
+          if (copied) {
+            if (copied.size !== info.size) throw new StoreError(`object ${info.key} was ${info.size} bytes when listed but ${copied.size} when copied; it changed during the backup`, false);
+            serverSideCount++;
+            return { key: info.key, ...copied };
+          }
           const body = await source.get(info.key, signal);
           const { bytes, sha256 } = await pipeWithDigest(body, (digest) => repo.store.put(layout.object(info.key), digest, { size: info.size }, signal), signal).catch(
             (err: unknown) => {
@@ -124,7 +163,7 @@ export async function copyMissingObjects(options: {
   await options.journal.flush();
   progress.flush();
   const entries = options.objects.map((o) => held.get(o.key)!);
-  return { entries, newCount: missing.length, newBytes };
+  return { entries, newCount: missing.length, newBytes, serverSideCount };
 }
 
 /** A stream that breaks mid-copy (reset, truncated body) is worth another try; an abort is not. */

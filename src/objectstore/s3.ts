@@ -2,6 +2,10 @@ import { Agent as HttpAgent } from 'node:http';
 import { Agent as HttpsAgent } from 'node:https';
 import { Readable } from 'node:stream';
 import {
+  AbortMultipartUploadCommand,
+  CompleteMultipartUploadCommand,
+  CopyObjectCommand,
+  CreateMultipartUploadCommand,
   DeleteObjectsCommand,
   GetObjectCommand,
   HeadBucketCommand,
@@ -10,6 +14,7 @@ import {
   PutObjectCommand,
   S3Client,
   S3ServiceException,
+  UploadPartCopyCommand,
   type S3ClientConfig,
 } from '@aws-sdk/client-s3';
 import { Upload } from '@aws-sdk/lib-storage';
@@ -33,6 +38,9 @@ export interface S3StoreOptions {
 /** Parts of a streamed upload; memory per upload is partSize × queueSize. */
 const PART_SIZE = 8 * 1024 * 1024;
 const SINGLE_PUT_LIMIT = 16 * 1024 * 1024;
+/** S3 refuses CopyObject above 5 GiB; larger objects are copied in parts with UploadPartCopy. */
+const COPY_OBJECT_LIMIT = 5 * 1024 ** 3;
+const COPY_PART_SIZE = 512 * 1024 ** 2;
 
 export class S3ObjectStore implements ObjectStore {
   readonly description: string;
@@ -155,6 +163,49 @@ export class S3ObjectStore implements ObjectStore {
       if (err instanceof StoreError) throw err;
       throw this.classify(err, `writing ${key}`);
     }
+  }
+
+  /**
+   * Copies `sourceKey` of `source` to `key` of this store inside the S3 service, without the bytes
+   * passing through this process. Both stores must be on the same endpoint and the credentials of
+   * this store must be able to read the source. Returns the SHA-256 when the service computed one.
+   */
+  async copyFrom(source: S3ObjectStore, sourceKey: string, key: string, size: number, signal?: AbortSignal): Promise<{ sha256?: string }> {
+    const Key = this.prefix + key;
+    const CopySource = encodeURI(`${source.bucket}/${source.prefix}${sourceKey}`).replace(/[+?#]/g, (c) => encodeURIComponent(c));
+    const opts = signal ? { abortSignal: signal } : {};
+    try {
+      if (size <= COPY_OBJECT_LIMIT) {
+        const out = await this.client.send(new CopyObjectCommand({ Bucket: this.bucket, Key, CopySource, ChecksumAlgorithm: 'SHA256' }), opts);
+        const b64 = out.CopyObjectResult?.ChecksumSHA256;
+        // A composite checksum of a multipart source carries a part-count suffix and is not the object's SHA-256.
+        return b64 && !b64.includes('-') ? { sha256: Buffer.from(b64, 'base64').toString('hex') } : {};
+      }
+      const { UploadId } = await this.client.send(new CreateMultipartUploadCommand({ Bucket: this.bucket, Key }), opts);
+      try {
+        const parts = [];
+        for (let start = 0, n = 1; start < size; start += COPY_PART_SIZE, n++) {
+          const end = Math.min(size, start + COPY_PART_SIZE) - 1;
+          const part = await this.client.send(
+            new UploadPartCopyCommand({ Bucket: this.bucket, Key, UploadId, PartNumber: n, CopySource, CopySourceRange: `bytes=${start}-${end}` }),
+            opts,
+          );
+          parts.push({ PartNumber: n, ETag: part.CopyPartResult?.ETag });
+        }
+        await this.client.send(new CompleteMultipartUploadCommand({ Bucket: this.bucket, Key, UploadId, MultipartUpload: { Parts: parts } }), opts);
+      } catch (err) {
+        await this.client.send(new AbortMultipartUploadCommand({ Bucket: this.bucket, Key, UploadId })).catch(() => undefined);
+        throw err;
+      }
+      return {};
+    } catch (err) {
+      throw this.classify(err, `server-side copy of ${sourceKey}`);
+    }
+  }
+
+  /** Whether `other` is served by the same S3 service, so objects can be copied between them server-side. */
+  sameServiceAs(other: S3ObjectStore): boolean {
+    return (this.options.endpoint ?? 'aws') === (other.options.endpoint ?? 'aws') && this.options.region === other.options.region;
   }
 
   async remove(keys: string[]): Promise<void> {
