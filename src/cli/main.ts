@@ -13,6 +13,8 @@ import { PauseLedger } from '../quiesce/ledger.js';
 import { createStrategy } from '../quiesce/factory.js';
 import { TOOL_VERSION } from '../version.js';
 import { backupSummaryText, confirmPause, planText, listingText, manifestText, restoreSummaryText, verifyReportText } from './commands.js';
+import { registerDrillCommands } from './drill.js';
+import { registerScheduleCommands } from './schedule.js';
 import { EXIT_FAILED, load, parseDbMap, positiveInt, positiveNumber, run, type GlobalOptions } from './runner.js';
 
 export function buildProgram(): Command {
@@ -23,6 +25,7 @@ export function buildProgram(): Command {
     .version(TOOL_VERSION)
     .option('-c, --config <file>', 'configuration file', './pachbackup.yaml')
     .option('--json', 'print one JSON event per line on stdout', false)
+    .option('--metrics-file <path>', 'after backup, restore, verify and drill, write Prometheus metrics here (node-exporter textfile collector)')
     .option('-y, --yes', 'confirm pausing the cluster without asking (for automation)', false)
     .showHelpAfterError()
     // Usage errors exit 2, like configuration errors; help and version exit 0.
@@ -58,7 +61,7 @@ export function buildProgram(): Command {
           confirm: (target) => confirmPause(target, globals().yes, config),
         });
         renderer.result('backup', summary, () => backupSummaryText(summary));
-      });
+      }, { metrics: 'backup' });
     });
 
   program
@@ -104,7 +107,7 @@ export function buildProgram(): Command {
           signal,
         });
         renderer.result('restore', summary, () => restoreSummaryText(summary));
-      });
+      }, { metrics: 'restore' });
     });
 
   program
@@ -120,7 +123,7 @@ export function buildProgram(): Command {
         const report = await verifyBackup({ repo, manifest, emit: renderer.sink, concurrency: opts.concurrency ?? config.backup.concurrency, signal });
         renderer.result('verify', report, () => verifyReportText(report));
         return report.ok ? 0 : EXIT_FAILED;
-      });
+      }, { metrics: 'verify' });
     });
 
   program
@@ -195,6 +198,8 @@ export function buildProgram(): Command {
       });
     });
 
+  registerDrillCommands(program, globals);
+  registerScheduleCommands(program, globals);
   return program;
 }
 

@@ -2,6 +2,7 @@ import { setMaxListeners } from 'node:events';
 import { InvalidArgumentError } from 'commander';
 import { ConfigError, loadConfig, type ConfigOverride } from '../config/load.js';
 import type { Config } from '../config/schema.js';
+import { recordRunMetrics, type MetricsCommand } from './metrics.js';
 import { outputMode, Renderer } from './render.js';
 
 /** Exit codes: 0 success, 1 the operation failed, 2 bad usage or configuration, 130 interrupted. */
@@ -13,6 +14,8 @@ export interface GlobalOptions {
   config: string;
   json: boolean;
   yes: boolean;
+  /** Prometheus text file written after backup, restore, verify and drill (--metrics-file). */
+  metricsFile?: string;
 }
 
 export function positiveInt(value: string): number {
@@ -41,8 +44,13 @@ export function parseDbMap(value: string): Record<string, string> {
  * Runs one command with a renderer and an abort signal wired to SIGINT/SIGTERM. The first signal
  * stops the work (the engine then resumes the cluster); later ones are refused with a reason.
  */
-export async function run(globals: GlobalOptions, work: (ctx: { renderer: Renderer; signal: AbortSignal }) => Promise<number | void>): Promise<void> {
-  const renderer = new Renderer(outputMode(globals.json));
+export async function run(
+  globals: GlobalOptions,
+  work: (ctx: { renderer: Renderer; signal: AbortSignal }) => Promise<number | void>,
+  options: { metrics?: MetricsCommand } = {},
+): Promise<void> {
+  const startedAt = new Date();
+  const renderer = new ResultKeepingRenderer(outputMode(globals.json));
   const controller = new AbortController();
   // Every concurrent copy listens on this signal; the default limit of 10 would warn spuriously.
   setMaxListeners(0, controller.signal);
@@ -72,6 +80,20 @@ export async function run(globals: GlobalOptions, work: (ctx: { renderer: Render
   } finally {
     process.off('SIGINT', onSignal);
     process.off('SIGTERM', onSignal);
+    if (options.metrics && globals.metricsFile) {
+      const run = { exitCode: Number(process.exitCode ?? 0), startedAt, finishedAt: new Date(), result: renderer.reported };
+      await recordRunMetrics(globals.metricsFile, options.metrics, run, renderer.sink);
+    }
+  }
+}
+
+/** Keeps the result the command reported, for the metrics written after it. */
+class ResultKeepingRenderer extends Renderer {
+  reported: unknown;
+
+  override result(kind: string, data: unknown, human: () => string): void {
+    this.reported = data;
+    super.result(kind, data, human);
   }
 }
 
