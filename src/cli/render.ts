@@ -22,6 +22,7 @@ const PHASE_LABEL: Record<PhaseName, string> = {
   'restore-databases': 'restore databases',
   'helm-values': 'Helm values',
   check: 'check',
+  prune: 'prune',
 };
 
 export function formatBytes(n: number): string {

@@ -11,7 +11,8 @@ export type PhaseName =
   | 'restore-objects'
   | 'restore-databases'
   | 'helm-values'
-  | 'check';
+  | 'check'
+  | 'prune';
 
 export type EngineEvent =
   | { type: 'phase-start'; phase: PhaseName }

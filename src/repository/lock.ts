@@ -1,0 +1,387 @@
+import { randomBytes } from 'node:crypto';
+import { hostname } from 'node:os';
+import { z } from 'zod';
+import { NotFoundError, PreconditionFailedError, type ObjectStore } from '../objectstore/store.js';
+
+/**
+ * Lease locks in the repository; docs/repository-format.md ("Locks") is their specification.
+ *
+ * A lock is a small JSON file `locks/<kind>-<random>.json` that its holder rewrites (heartbeat)
+ * every leaseSeconds/3. A lock whose heartbeat is older than its lease, or whose holder is a dead
+ * process on this host, is stale and may be removed by anyone.
+ *
+ * Mutual exclusion does not rest on the conditional create (the names are random, so two runs
+ * never write the same key); it rests on "write, then list": whoever lists after writing sees
+ * every lock whose write completed before its own. Stores that ignore `If-None-Match` are safe.
+ */
+
+/** `read`: verify, restore, drill. `backup`: one backup at a time. `exclusive`: prune. */
+export const lockKinds = ['read', 'backup', 'exclusive'] as const;
+export type LockKind = (typeof lockKinds)[number];
+
+/** Which kinds may not be held together. Symmetric; see the matrix in the docs. */
+const CONFLICTS: Record<LockKind, readonly LockKind[]> = {
+  read: ['exclusive'],
+  backup: ['backup', 'exclusive'],
+  exclusive: ['read', 'backup', 'exclusive'],
+};
+
+export function lockKindsConflict(a: LockKind, b: LockKind): boolean {
+  return CONFLICTS[a].includes(b);
+}
+
+export const LOCKS_PREFIX = 'locks/';
+export const DEFAULT_LEASE_SECONDS = 300;
+/** How long a new lock waits for younger conflicting locks to withdraw before giving up. */
+const SETTLE_MS = 3000;
+const SETTLE_POLL_MS = 200;
+
+const lockInfoSchema = z.object({
+  kind: z.enum(lockKinds),
+  host: z.string(),
+  pid: z.number().int(),
+  command: z.string(),
+  createdAt: z.string(),
+  heartbeatAt: z.string(),
+  leaseSeconds: z.number().positive(),
+});
+export type LockInfo = z.infer<typeof lockInfoSchema>;
+
+export interface LockEntry {
+  /** `<kind>-<random>`, the file name without `.json`; what `pachbackup unlock <id>` takes. */
+  id: string;
+  key: string;
+  /** From the file, or from the id when the file is damaged (unknown kinds count as exclusive). */
+  kind: LockKind;
+  /** The file's content; undefined when it cannot be parsed. */
+  info?: LockInfo;
+  /**
+   * live: its holder heartbeats. stale: its lease ran out or its process is gone; anyone may
+   * remove it. damaged: unreadable; it blocks like a live lock until `pachbackup unlock` removes it.
+   */
+  state: 'live' | 'stale' | 'damaged';
+  /** Why it is stale or damaged, for messages. */
+  reason?: string;
+}
+
+export type LockEvent = { type: 'info'; message: string } | { type: 'warning'; message: string };
+
+export interface AcquireOptions {
+  leaseSeconds?: number;
+  /** Takeovers of stale locks and a lost lock are reported here. An engine's EventSink fits. */
+  onEvent?: (event: LockEvent) => void;
+}
+
+export interface LockHandle {
+  readonly id: string;
+  readonly key: string;
+  readonly kind: LockKind;
+  /** Aborted, with a LockLostError as reason, when the lock is found lost. */
+  readonly signal: AbortSignal;
+  /** Throws LockLostError when the lock was lost; call before every destructive step. */
+  assertHeld(): void;
+  /** Stops the heartbeat and removes the lock file. Safe to call more than once. */
+  release(): Promise<void>;
+}
+
+export class LockConflictError extends Error {
+  override name = 'LockConflictError';
+  constructor(
+    message: string,
+    readonly holder: LockEntry,
+  ) {
+    super(message);
+  }
+}
+
+export class LockLostError extends Error {
+  override name = 'LockLostError';
+}
+
+/** Lists the repository's locks, reading each; a lock released while listing is left out. */
+export async function listLocks(store: ObjectStore, now: Date = new Date()): Promise<LockEntry[]> {
+  const out: LockEntry[] = [];
+  for await (const object of store.list(LOCKS_PREFIX)) {
+    const name = object.key.slice(LOCKS_PREFIX.length);
+    if (!name.endsWith('.json') || name.includes('/')) continue;
+    const id = name.slice(0, -'.json'.length);
+    const idKind = lockKinds.find((k) => id.startsWith(`${k}-`)) ?? 'exclusive';
+    let text: string;
+    try {
+      text = await readText(store, object.key);
+    } catch (err) {
+      if (err instanceof NotFoundError) continue;
+      throw err;
+    }
+    const parsed = lockInfoSchema.safeParse(safeJson(text));
+    if (!parsed.success) {
+      out.push({ id, key: object.key, kind: idKind, state: 'damaged', reason: 'the lock file cannot be parsed' });
+      continue;
+    }
+    const info = parsed.data;
+    const staleReason = whyStale(info, now);
+    out.push({ id, key: object.key, kind: info.kind, info, state: staleReason ? 'stale' : 'live', ...(staleReason ? { reason: staleReason } : {}) });
+  }
+  return out;
+}
+
+/** Removes locks by id (missing ones are ignored); returns the keys removed. */
+export async function removeLocks(store: ObjectStore, ids: string[]): Promise<string[]> {
+  const keys = ids.map(lockKey);
+  await store.remove(keys);
+  return keys;
+}
+
+export function lockKey(id: string): string {
+  if (!/^[A-Za-z0-9][A-Za-z0-9._-]*$/.test(id)) throw new Error(`"${id}" is not a lock id (expected e.g. exclusive-1f2e3d4c5b6a7980)`);
+  return `${LOCKS_PREFIX}${id}.json`;
+}
+
+/** One line naming a lock's holder: who, what, since when, last heartbeat. */
+export function describeLock(lock: LockEntry, now: Date = new Date()): string {
+  if (!lock.info) return `lock ${lock.id} (${lock.reason ?? 'unreadable'})`;
+  const i = lock.info;
+  const beatAge = Math.max(0, Math.round((now.getTime() - Date.parse(i.heartbeatAt)) / 1000));
+  return `${i.kind} lock ${lock.id} held by "${i.command}" (pid ${i.pid} on ${i.host}) since ${i.createdAt}, last heartbeat ${i.heartbeatAt} (${beatAge}s ago, lease ${i.leaseSeconds}s)`;
+}
+
+/**
+ * Takes a lock of `kind`, or throws LockConflictError naming the holder of a conflicting lock.
+ * Conflicting stale locks are removed (reported through onEvent). The protocol:
+ *
+ * 1. list: a live conflicting lock refuses at once;
+ * 2. write our lock (a conditional create where the store has one);
+ * 3. list again. Every conflicting lock written before ours completed is visible now. If one
+ *    precedes ours (older createdAt, ties broken by id), ours is removed and we fail. If only
+ *    younger ones are there, their holders will see ours and withdraw: we wait briefly, then fail
+ *    if they did not (they listed before our write completed, so they hold the lock).
+ *
+ * Two runs can therefore both fail, but never both succeed.
+ */
+export async function acquireLock(store: ObjectStore, kind: LockKind, info: { command: string }, options: AcquireOptions = {}): Promise<LockHandle> {
+  const leaseSeconds = options.leaseSeconds ?? DEFAULT_LEASE_SECONDS;
+  const onEvent = options.onEvent ?? (() => undefined);
+
+  await clearConflicts(store, kind, undefined, onEvent);
+
+  const id = `${kind}-${randomBytes(8).toString('hex')}`;
+  const key = lockKey(id);
+  const created = new Date().toISOString();
+  const mine: LockInfo = { kind, host: hostname(), pid: process.pid, command: info.command, createdAt: created, heartbeatAt: created, leaseSeconds };
+  await writeNewLock(store, key, mine);
+
+  const settleUntil = Date.now() + SETTLE_MS;
+  for (;;) {
+    let blocking: LockEntry | undefined;
+    try {
+      blocking = await clearConflicts(store, kind, { id, createdAt: created }, onEvent);
+    } catch (err) {
+      await store.remove([key]).catch(() => undefined);
+      throw err;
+    }
+    if (!blocking) break;
+    if (Date.now() >= settleUntil) {
+      await store.remove([key]);
+      throw conflictError(store, kind, blocking);
+    }
+    await new Promise((resolve) => setTimeout(resolve, SETTLE_POLL_MS));
+  }
+  return new HeldLock(store, id, key, mine, onEvent);
+}
+
+/**
+ * Removes stale conflicting locks, and throws for a live (or damaged) conflicting one that
+ * precedes `self` (or any, before our own lock is written). Returns a younger conflicting lock
+ * that may still withdraw, or undefined when nothing conflicts.
+ */
+async function clearConflicts(
+  store: ObjectStore,
+  kind: LockKind,
+  self: { id: string; createdAt: string } | undefined,
+  onEvent: (event: LockEvent) => void,
+): Promise<LockEntry | undefined> {
+  const now = new Date();
+  let younger: LockEntry | undefined;
+  for (const lock of await listLocks(store, now)) {
+    if (lock.id === self?.id || !lockKindsConflict(kind, lock.kind)) continue;
+    if (lock.state === 'stale') {
+      await store.remove([lock.key]);
+      onEvent({ type: 'warning', message: `took over stale ${describeLock(lock, now)}: ${lock.reason}` });
+      continue;
+    }
+    if (self && lock.info && !precedes(lock.info.createdAt, lock.id, self.createdAt, self.id)) {
+      younger ??= lock;
+      continue;
+    }
+    if (self) await store.remove([lockKey(self.id)]);
+    throw conflictError(store, kind, lock);
+  }
+  return younger;
+}
+
+function precedes(createdA: string, idA: string, createdB: string, idB: string): boolean {
+  const a = Date.parse(createdA);
+  const b = Date.parse(createdB);
+  if (a !== b) return a < b;
+  return idA < idB;
+}
+
+function conflictError(store: ObjectStore, kind: LockKind, holder: LockEntry): LockConflictError {
+  const what = kind === 'exclusive' ? 'an exclusive lock (prune)' : kind === 'backup' ? 'the backup lock' : 'a read lock';
+  const advice =
+    holder.state === 'damaged'
+      ? `if no pachbackup run is using the repository, remove it with "pachbackup unlock ${holder.id}"`
+      : `wait for it to finish; if that run is gone, its lock expires ${holder.info ? `at ${new Date(Date.parse(holder.info.heartbeatAt) + holder.info.leaseSeconds * 1000).toISOString()}` : 'after its lease'} or can be removed with "pachbackup unlock ${holder.id} --force"`;
+  return new LockConflictError(`${store.description} is locked: cannot take ${what} while the ${describeLock(holder)} exists; ${advice}`, holder);
+}
+
+async function writeNewLock(store: ObjectStore, key: string, info: LockInfo): Promise<void> {
+  const data = lockBytes(info);
+  try {
+    await store.put(key, data, { ifNoneMatch: true, size: data.length, contentType: 'application/json' });
+  } catch (err) {
+    if (!(err instanceof PreconditionFailedError)) throw err;
+    // A retried conditional put whose first attempt landed: the file there is ours.
+    const existing = await readText(store, key).catch(() => '');
+    if (existing !== data.toString('utf8')) throw new LockLostError(`${key} already exists with other content: random lock names collided; try again`);
+  }
+}
+
+class HeldLock implements LockHandle {
+  readonly #controller = new AbortController();
+  #timer: NodeJS.Timeout | undefined;
+  #beating: Promise<void> = Promise.resolve();
+  #released = false;
+  /** The heartbeatAt written last, as the holder's clock saw it. */
+  #lastBeat: number;
+
+  constructor(
+    private readonly store: ObjectStore,
+    readonly id: string,
+    readonly key: string,
+    private readonly info: LockInfo,
+    private readonly onEvent: (event: LockEvent) => void,
+  ) {
+    this.#lastBeat = Date.parse(info.heartbeatAt);
+    this.schedule(this.intervalMs);
+  }
+
+  get kind(): LockKind {
+    return this.info.kind;
+  }
+
+  get signal(): AbortSignal {
+    return this.#controller.signal;
+  }
+
+  private get intervalMs(): number {
+    return (this.info.leaseSeconds * 1000) / 3;
+  }
+
+  /**
+   * Past this age of its last heartbeat the holder gives the lock up. It is shorter than the lease
+   * others wait for, so a clock ahead by up to a third of the lease still cannot take over a lock
+   * whose holder believes it is held.
+   */
+  private get maxBeatAgeMs(): number {
+    return (this.info.leaseSeconds * 1000 * 2) / 3;
+  }
+
+  assertHeld(): void {
+    if (this.#controller.signal.aborted) throw this.#controller.signal.reason as Error;
+  }
+
+  private schedule(ms: number): void {
+    if (this.#released || this.#controller.signal.aborted) return;
+    this.#timer = setTimeout(() => {
+      this.#beating = this.beat();
+    }, ms);
+    // A forgotten release must not keep the process alive; the lease then expires on its own.
+    this.#timer.unref();
+  }
+
+  private async beat(): Promise<void> {
+    if (this.#released) return;
+    const started = Date.now();
+    if (started - this.#lastBeat > this.maxBeatAgeMs) {
+      this.lose(`its heartbeat is ${Math.round((started - this.#lastBeat) / 1000)}s old (lease ${this.info.leaseSeconds}s); another run may have taken it over`);
+      return;
+    }
+    try {
+      // Rewriting a removed lock would hide a takeover or a forced unlock: check first.
+      if (!(await this.store.stat(this.key))) {
+        this.lose('its file was removed (pachbackup unlock --force, or a takeover after a missed heartbeat)');
+        return;
+      }
+      const heartbeatAt = new Date(started).toISOString();
+      const data = lockBytes({ ...this.info, heartbeatAt });
+      await this.store.put(this.key, data, { size: data.length, contentType: 'application/json' });
+      if (Date.now() - this.#lastBeat > this.maxBeatAgeMs) {
+        this.lose(`refreshing its heartbeat took until ${Math.round((Date.now() - this.#lastBeat) / 1000)}s after the previous one (lease ${this.info.leaseSeconds}s); another run may have taken it over`);
+        return;
+      }
+      this.#lastBeat = started;
+      this.schedule(this.intervalMs);
+    } catch (err) {
+      if (this.#released) return;
+      this.onEvent({ type: 'warning', message: `refreshing lock ${this.id} failed (${(err as Error).message}); retrying` });
+      this.schedule(Math.min(this.intervalMs, 5000));
+    }
+  }
+
+  private lose(why: string): void {
+    if (this.#controller.signal.aborted) return;
+    const message = `lost lock ${this.id} on ${this.store.description}: ${why}`;
+    this.onEvent({ type: 'warning', message });
+    this.#controller.abort(new LockLostError(message));
+  }
+
+  async release(): Promise<void> {
+    if (this.#released) return;
+    this.#released = true;
+    clearTimeout(this.#timer);
+    await this.#beating.catch(() => undefined);
+    await this.store.remove([this.key]);
+  }
+}
+
+function whyStale(info: LockInfo, now: Date): string | undefined {
+  const beat = Date.parse(info.heartbeatAt);
+  const age = now.getTime() - beat;
+  if (!Number.isFinite(beat) || age > info.leaseSeconds * 1000) {
+    return `no heartbeat for ${Number.isFinite(beat) ? Math.round(age / 1000) : '?'}s, longer than its lease of ${info.leaseSeconds}s`;
+  }
+  if (info.host === hostname() && info.pid !== process.pid && !processAlive(info.pid)) {
+    return `its process ${info.pid} no longer runs on this host`;
+  }
+  return undefined;
+}
+
+function processAlive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (err) {
+    // EPERM: it exists but belongs to another user.
+    return (err as NodeJS.ErrnoException).code !== 'ESRCH';
+  }
+}
+
+function lockBytes(info: LockInfo): Buffer {
+  return Buffer.from(`${JSON.stringify(info, null, 2)}\n`);
+}
+
+async function readText(store: ObjectStore, key: string): Promise<string> {
+  const stream = await store.get(key);
+  const chunks: Buffer[] = [];
+  for await (const chunk of stream) chunks.push(chunk as Buffer);
+  return Buffer.concat(chunks).toString('utf8');
+}
+
+function safeJson(text: string): unknown {
+  try {
+    return JSON.parse(text);
+  } catch {
+    return undefined;
+  }
+}
