@@ -12,9 +12,11 @@ import { verifyBackup } from '../engine/verify.js';
 import { PauseLedger } from '../quiesce/ledger.js';
 import { createStrategy } from '../quiesce/factory.js';
 import { TOOL_VERSION } from '../version.js';
+import { registerMaintenanceCommands } from './maintenance.js';
 import { backupSummaryText, confirmPause, planText, listingText, manifestText, restoreSummaryText, verifyReportText } from './commands.js';
 import { registerDrillCommands } from './drill.js';
 import { registerScheduleCommands } from './schedule.js';
+import { registerKeyCommands } from './keys.js';
 import { EXIT_FAILED, load, parseDbMap, positiveInt, positiveNumber, run, type GlobalOptions } from './runner.js';
 
 export function buildProgram(): Command {
@@ -200,6 +202,8 @@ export function buildProgram(): Command {
 
   registerDrillCommands(program, globals);
   registerScheduleCommands(program, globals);
+  registerMaintenanceCommands(program, globals);
+  registerKeyCommands(program, globals);
   return program;
 }
 
