@@ -16,7 +16,6 @@ import { registerMaintenanceCommands } from './maintenance.js';
 import { backupSummaryText, confirmPause, planText, listingText, manifestText, restoreSummaryText, verifyReportText } from './commands.js';
 import { registerDrillCommands } from './drill.js';
 import { registerScheduleCommands } from './schedule.js';
-import { registerKeyCommands } from './keys.js';
 import { EXIT_FAILED, load, parseDbMap, positiveInt, positiveNumber, run, type GlobalOptions } from './runner.js';
 
 export function buildProgram(): Command {
@@ -203,7 +202,6 @@ export function buildProgram(): Command {
   registerDrillCommands(program, globals);
   registerScheduleCommands(program, globals);
   registerMaintenanceCommands(program, globals);
-  registerKeyCommands(program, globals);
   return program;
 }
 
