@@ -10,6 +10,7 @@ import { openRepository } from '../engine/context.js';
 import { restoreTargetsFromConfig, runRestore } from '../engine/restore.js';
 import { verifyBackup } from '../engine/verify.js';
 import { PauseLedger } from '../quiesce/ledger.js';
+import { acquireLock } from '../repository/lock.js';
 import { createStrategy } from '../quiesce/factory.js';
 import { TOOL_VERSION } from '../version.js';
 import { registerMaintenanceCommands } from './maintenance.js';
@@ -120,10 +121,16 @@ export function buildProgram(): Command {
         const config = load(globals(), []);
         const repo = openRepository(config);
         await repo.open(false);
-        const manifest = await repo.resolve(backup);
-        const report = await verifyBackup({ repo, manifest, emit: renderer.sink, concurrency: opts.concurrency ?? config.backup.concurrency, signal });
-        renderer.result('verify', report, () => verifyReportText(report));
-        return report.ok ? 0 : EXIT_FAILED;
+        // A read lock, so a prune cannot delete what is being verified.
+        const lock = await acquireLock(repo.store, 'read', { command: `pachbackup verify ${backup}` }, { onEvent: renderer.sink });
+        try {
+          const manifest = await repo.resolve(backup);
+          const report = await verifyBackup({ repo, manifest, emit: renderer.sink, concurrency: opts.concurrency ?? config.backup.concurrency, signal });
+          renderer.result('verify', report, () => verifyReportText(report));
+          return report.ok ? 0 : EXIT_FAILED;
+        } finally {
+          await lock.release();
+        }
       }, { metrics: 'verify' });
     });
 

@@ -6,6 +6,7 @@ import { childEnv, describeServer } from '../postgres/connection.js';
 import { DatabaseSnapshot } from '../postgres/snapshot.js';
 import { findPgTool, startTool, toolVersion } from '../postgres/tools.js';
 import { PauseLedger } from '../quiesce/ledger.js';
+import { acquireLock, type LockHandle } from '../repository/lock.js';
 import type { PauseRecord, QuiesceStrategy } from '../quiesce/strategy.js';
 import { MANIFEST_FORMAT_VERSION, sealManifest, type FileRef, type Manifest, type TableCount } from '../repository/manifest.js';
 import { layout, newBackupId, RepositoryError, type IndexEntry } from '../repository/repository.js';
@@ -54,6 +55,16 @@ interface DumpedDatabase {
 }
 
 export async function runBackup(options: BackupOptions): Promise<BackupSummary> {
+  // The repository lock is taken in preflight and released however the backup ends.
+  const lockBox: { lock?: LockHandle } = {};
+  try {
+    return await backupUnderLock(options, lockBox);
+  } finally {
+    await lockBox.lock?.release();
+  }
+}
+
+async function backupUnderLock(options: BackupOptions, lockBox: { lock?: LockHandle }): Promise<BackupSummary> {
   const { config, strategy, emit, signal } = options;
   const startedAt = new Date();
   const started = performance.now();
@@ -71,6 +82,8 @@ export async function runBackup(options: BackupOptions): Promise<BackupSummary> 
     await cluster.source.store.check();
     await repo.store.check();
     await repo.open(true);
+    // Before anything is read or paused: a second backup or a prune on this repository is refused here.
+    lockBox.lock = await acquireLock(repo.store, 'backup', { command: ['pachbackup', ...process.argv.slice(2)].join(' ') }, { onEvent: emit });
     await repo.checkWritable();
     const pgDump = findPgTool('pg_dump', config.cluster.postgres.binDir);
     const dumpVersion = await toolVersion(pgDump);
@@ -207,6 +220,7 @@ export async function runBackup(options: BackupOptions): Promise<BackupSummary> 
   // ---- seal: every referenced key must be held; the manifest is written last.
   return phases.run('seal', async () => {
     signal?.throwIfAborted();
+    lockBox.lock?.assertHeld();
     const byKey = new Map(entries.map((e) => [e.key, e]));
     const missing = referenced.filter((k) => !byKey.has(k));
     if (missing.length > 0) {

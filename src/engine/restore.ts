@@ -11,6 +11,7 @@ import { countTables } from '../postgres/snapshot.js';
 import { findPgTool, startTool, toolVersion } from '../postgres/tools.js';
 import { pipeWithDigest } from '../repository/digest.js';
 import type { Manifest } from '../repository/manifest.js';
+import { acquireLock, type LockHandle } from '../repository/lock.js';
 import { layout, type IndexEntry, type Repository } from '../repository/repository.js';
 import { PreflightError, openRepository } from './context.js';
 import { PhaseRunner, ProgressReporter, type EventSink } from './events.js';
@@ -69,6 +70,16 @@ export function restoreTargetsFromConfig(config: Config): RestoreTargets {
 }
 
 export async function runRestore(options: RestoreOptions): Promise<RestoreSummary> {
+  // A read lock: restores run beside backups, but a prune must not delete what is being restored.
+  const lockBox: { lock?: LockHandle } = {};
+  try {
+    return await restoreUnderLock(options, lockBox);
+  } finally {
+    await lockBox.lock?.release();
+  }
+}
+
+async function restoreUnderLock(options: RestoreOptions, lockBox: { lock?: LockHandle }): Promise<RestoreSummary> {
   const { config, targets, emit, signal } = options;
   const started = performance.now();
   const phases = new PhaseRunner(emit);
@@ -77,6 +88,7 @@ export async function runRestore(options: RestoreOptions): Promise<RestoreSummar
   const pre = await phases.run('preflight', async () => {
     const repo = openRepository(config, options.concurrency * 2);
     await repo.open(false);
+    lockBox.lock = await acquireLock(repo.store, 'read', { command: `pachbackup restore ${options.backup}` }, { onEvent: emit });
     const manifest = await repo.resolve(options.backup);
     const entries = await repo.readIndex(manifest.objects.index);
     const referenced = await repo.readReferenced(manifest.referenced);
