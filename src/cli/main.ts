@@ -17,6 +17,7 @@ import { registerMaintenanceCommands } from './maintenance.js';
 import { backupSummaryText, confirmPause, planText, listingText, manifestText, restoreSummaryText, verifyReportText } from './commands.js';
 import { registerDrillCommands } from './drill.js';
 import { registerScheduleCommands } from './schedule.js';
+import { registerKeyCommands } from './keys.js';
 import { EXIT_FAILED, load, parseDbMap, positiveInt, positiveNumber, run, type GlobalOptions } from './runner.js';
 
 export function buildProgram(): Command {
@@ -209,6 +210,7 @@ export function buildProgram(): Command {
   registerDrillCommands(program, globals);
   registerScheduleCommands(program, globals);
   registerMaintenanceCommands(program, globals);
+  registerKeyCommands(program, globals);
   return program;
 }
 

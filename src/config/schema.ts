@@ -116,7 +116,14 @@ export const configSchema = z
         helmValues: z.string().optional(),
       })
       .strict(),
-    repository: objectStoreSchema,
+    repository: objectStoreSchema.extend({
+      /**
+       * Encrypts the repository it creates (docs/repository-format.md, "Encryption"). `key` is the
+       * key-encryption key: 32 bytes as 64 hex digits or base64, or a passphrase of 16+ characters.
+       * Must be set for an encrypted repository and absent for an unencrypted one.
+       */
+      encryption: z.object({ key: secretRef }).strict().optional(),
+    }),
     pause: pauseSchema.prefault({}),
     backup: z
       .object({
@@ -124,6 +131,8 @@ export const configSchema = z
         mode: z.enum(['paused', 'online']).default('paused'),
         /** Copy objects while the cluster runs, before pausing, so the pause covers only the delta. */
         precopy: z.boolean().default(true),
+        /** Keep the Helm values' secrets in an unencrypted repository (an encrypted one always keeps them). */
+        keepHelmSecrets: z.boolean().default(false),
       })
       .strict()
       .prefault({}),

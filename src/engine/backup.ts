@@ -232,7 +232,7 @@ async function backupUnderLock(options: BackupOptions, lockBox: { lock?: LockHan
     const indexRef = await repo.writeIndex(layout.index(id), entries);
     const referencedRef = await repo.writeReferenced(id, referenced);
     let helmRef: (FileRef & { redacted: boolean }) | null = null;
-    if (pre.helmValues) helmRef = { ...(await repo.writeBuffer(layout.helmValues(id), pre.helmValues)), redacted: false };
+    if (pre.helmValues) helmRef = await repo.writeHelmValues(id, pre.helmValues, config.backup.keepHelmSecrets);
     const bytes = entries.reduce((n, e) => n + e.size, 0);
     if (pre.serverSide?.disabled) emit({ type: 'info', message: `server-side copy was not possible (${pre.serverSide.reason}); objects were streamed` });
     const downtimeMs = pausedAt && resumedAt ? resumedAt.getTime() - pausedAt.getTime() : null;

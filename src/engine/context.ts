@@ -1,15 +1,21 @@
 import type { Config, ObjectStoreConfig } from '../config/schema.js';
+import { resolveSecret } from '../config/secret.js';
 import { openStore, type OpenedStore } from '../objectstore/open.js';
 import { locationsOverlap } from '../objectstore/url.js';
 import { pgServer, type PgServer } from '../postgres/connection.js';
+import { ENCRYPTION_CONFIG_KEY, KeyEncryptionKey } from '../repository/encryption.js';
 import { Repository } from '../repository/repository.js';
 
 export class PreflightError extends Error {
   override name = 'PreflightError';
 }
 
+/** The repository the config names, with its key-encryption key when `repository.encryption` is set (unlocked by `open`). */
 export function openRepository(config: Config, maxSockets?: number): Repository {
-  return new Repository(openStore(config.repository, 'repository', maxSockets ? { maxSockets } : {}).store);
+  const store = openStore(config.repository, 'repository', maxSockets ? { maxSockets } : {}).store;
+  const encryption = config.repository.encryption;
+  const kek = encryption ? KeyEncryptionKey.fromSecret(resolveSecret(encryption.key, ENCRYPTION_CONFIG_KEY), ENCRYPTION_CONFIG_KEY) : undefined;
+  return new Repository(store, kek ? { kek } : {});
 }
 
 /** Refuses a repository that can see the cluster's own objects, or vice versa. */

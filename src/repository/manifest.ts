@@ -49,6 +49,8 @@ export const manifestSchema = z.object({
   sourceStats: z.object({ databaseBytes: z.number().nonnegative(), objects: z.number().int().nonnegative() }).optional(),
   /** What `plan` predicted for this backup before it paused, kept to show the prediction's error. */
   prediction: z.object({ downtimeMs: z.number().nonnegative(), totalMs: z.number().nonnegative(), basis: z.string() }).optional(),
+  /** Present when the repository is encrypted: the id (a fingerprint, never the key) of the data key. */
+  encryption: z.object({ keyId: z.string() }).optional(),
   /** SHA-256 of the manifest's canonical JSON without this field: catches a damaged manifest. */
   checksum: z.string(),
 });

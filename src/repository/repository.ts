@@ -3,8 +3,23 @@ import { Readable } from 'node:stream';
 import { gunzipSync, gzipSync } from 'node:zlib';
 import { z } from 'zod';
 import { NotFoundError, PreconditionFailedError, type ObjectStore } from '../objectstore/store.js';
+import { redactHelmSecrets } from '../pachyderm/helmValues.js';
 import { pipeWithDigest, sha256Hex } from './digest.js';
-import { ManifestError, parseManifest, type FileRef, type Manifest } from './manifest.js';
+import {
+  ENCRYPTION_CONFIG_KEY,
+  EncryptingStore,
+  EncryptionKeyError,
+  findWrappedKey,
+  newRepositoryEncryption,
+  repositoryEncryptionSchema,
+  unlockDataKey,
+  wrapDataKey,
+  type DataKey,
+  type KeyEncryptionKey,
+  type RepositoryEncryption,
+  type WrappedKey,
+} from './encryption.js';
+import { ManifestError, manifestSchema, parseManifest, sealManifest, type FileRef, type Manifest } from './manifest.js';
 
 /** Layout of a repository; docs/repository-format.md is the specification of these names. */
 export const layout = {
@@ -22,13 +37,28 @@ export const layout = {
   manifest: (id: string) => `backups/${id}/manifest.json`,
 } as const;
 
-export const REPOSITORY_FORMAT_VERSION = 1;
+/** The newest repository format this release reads. */
+export const REPOSITORY_FORMAT_VERSION = 2;
+/** An unencrypted repository is still written as format 1, so older releases keep reading it. */
+const PLAINTEXT_FORMAT_VERSION = 1;
+/** Format 2 adds encryption: a release that knows only format 1 refuses it instead of misreading it. */
+const ENCRYPTED_FORMAT_VERSION = 2;
+
+/**
+ * Paths stored in the clear in an encrypted repository: the repository config (it holds only the
+ * wrapped data key) and the locks (who holds the repository, needed before any key is checked).
+ */
+export function isPlaintextPath(path: string): boolean {
+  return path === layout.config || path.startsWith('locks/');
+}
 
 const repoConfigSchema = z.object({
   format: z.literal('pachbackup-repository'),
   formatVersion: z.number().int(),
   id: z.string(),
   createdAt: z.string(),
+  /** Present exactly when the repository is encrypted (docs/repository-format.md, "Encryption"). */
+  encryption: repositoryEncryptionSchema.optional(),
 });
 export type RepositoryConfig = z.infer<typeof repoConfigSchema>;
 
@@ -51,13 +81,40 @@ export class RepositoryError extends Error {
   override name = 'RepositoryError';
 }
 
+export interface RepositoryOptions {
+  /** The key-encryption key from `repository.encryption.key`; required for an encrypted repository, refused for a plaintext one. */
+  kek?: KeyEncryptionKey;
+}
+
 export class Repository {
   #config: RepositoryConfig | undefined;
+  #store: ObjectStore;
+  #dataKey: DataKey | undefined;
+  #kekId: string | undefined;
 
-  constructor(readonly store: ObjectStore) {}
+  /** `rawStore` is the repository's store as is; `store` is what every read and write goes through. */
+  constructor(readonly rawStore: ObjectStore, private readonly options: RepositoryOptions = {}) {
+    this.#store = rawStore;
+  }
+
+  /** The store all repository files go through: after open() of an encrypted repository, it encrypts and decrypts. */
+  get store(): ObjectStore {
+    return this.#store;
+  }
 
   get description(): string {
     return this.store.description;
+  }
+
+  /** The key table of an encrypted repository (wrapped keys only); undefined when it is not encrypted. */
+  get encryption(): RepositoryEncryption | undefined {
+    if (!this.#config) throw new Error('repository not opened');
+    return this.#config.encryption;
+  }
+
+  /** The KEK id of the key this process opened the repository with. */
+  get openedWithKekId(): string | undefined {
+    return this.#kekId;
   }
 
   get id(): string {
@@ -66,33 +123,118 @@ export class Repository {
   }
 
   /** Reads the repository's config, creating the repository if `create` and it does not exist yet. */
+  /**
+   * Reads the repository's config, creating the repository if `create` and it does not exist yet
+   * (encrypted when a key-encryption key was given). An encrypted repository is unlocked here.
+   */
   async open(create: boolean): Promise<RepositoryConfig> {
     const existing = await this.readConfig();
-    if (existing) return (this.#config = existing);
+    if (existing) return this.unlock(existing);
     if (!create) {
       throw new RepositoryError(`${this.description} is not a pachbackup repository (no ${layout.config}); check repository.url, or run a backup to create it`);
     }
+    const id = randomBytes(8).toString('hex');
+    const encryption = this.options.kek ? (await newRepositoryEncryption(this.options.kek, id)).encryption : undefined;
     const config: RepositoryConfig = {
       format: 'pachbackup-repository',
-      formatVersion: REPOSITORY_FORMAT_VERSION,
-      id: randomBytes(8).toString('hex'),
+      formatVersion: encryption ? ENCRYPTED_FORMAT_VERSION : PLAINTEXT_FORMAT_VERSION,
+      id,
       createdAt: new Date().toISOString(),
+      ...(encryption ? { encryption } : {}),
     };
     try {
-      await this.store.put(layout.config, Buffer.from(`${JSON.stringify(config, null, 2)}\n`), { ifNoneMatch: true, contentType: 'application/json' });
+      await this.rawStore.put(layout.config, Buffer.from(`${JSON.stringify(config, null, 2)}\n`), { ifNoneMatch: true, contentType: 'application/json' });
     } catch (err) {
       // Another process created it between our read and write: use theirs.
       if (!(err instanceof PreconditionFailedError)) throw err;
     }
     const created = await this.readConfig();
     if (!created) throw new RepositoryError(`${this.description}: wrote ${layout.config} but cannot read it back`);
-    return (this.#config = created);
+    return this.unlock(created);
+  }
+
+  /** Refuses a key/repository mismatch either way, and puts the decrypting store in place. */
+  private async unlock(config: RepositoryConfig): Promise<RepositoryConfig> {
+    const kek = this.options.kek;
+    const where = this.rawStore.description;
+    if (config.encryption && !kek) {
+      const ids = config.encryption.wrappedKeys.map((k) => k.kekId).join(', ');
+      throw new EncryptionKeyError(
+        `missing encryption key: ${where} is encrypted (data key ${config.encryption.keyId}); set ${ENCRYPTION_CONFIG_KEY} to {env: NAME} or {file: PATH} holding one of its keys (KEK ids ${ids})`,
+      );
+    }
+    if (!config.encryption && kek) {
+      throw new EncryptionKeyError(
+        `${where} is not encrypted, but ${ENCRYPTION_CONFIG_KEY} is set; an existing repository is never converted: remove repository.encryption to use it unencrypted, or point repository.url at a new location for an encrypted repository`,
+      );
+    }
+    if (config.encryption && kek) {
+      const { dataKey, kekId } = await unlockDataKey(config.encryption, kek, config.id, where);
+      this.#dataKey = dataKey;
+      this.#kekId = kekId;
+      this.#store = new EncryptingStore(this.rawStore, dataKey, isPlaintextPath);
+    }
+    return (this.#config = config);
+  }
+
+  /**
+   * Wraps the data key under one more key-encryption key and rewrites pachbackup.json. The
+   * repository must be open with a key it already has. Returns the new entry.
+   */
+  async addKey(kek: KeyEncryptionKey): Promise<WrappedKey> {
+    const { config, encryption, dataKey } = this.requireEncrypted();
+    if (await findWrappedKey(encryption, kek)) throw new EncryptionKeyError(`the new key (${kek.described}) is already one of the keys of ${this.rawStore.description}`);
+    const entry = await wrapDataKey(dataKey, kek, config.id);
+    await this.rewriteConfig({ ...config, encryption: { ...encryption, wrappedKeys: [...encryption.wrappedKeys, entry] } });
+    // Prove the new key opens what was written before anyone relies on it.
+    const written = await this.readConfig();
+    if (!written?.encryption) throw new RepositoryError(`${this.rawStore.description}: ${layout.config} lost its encryption section while adding a key`);
+    await unlockDataKey(written.encryption, kek, config.id, this.rawStore.description);
+    return entry;
+  }
+
+  /** Removes a key-encryption key. The key this process opened the repository with cannot be removed, so one always remains. */
+  async removeKey(kekId: string): Promise<void> {
+    const { config, encryption } = this.requireEncrypted();
+    if (!encryption.wrappedKeys.some((k) => k.kekId === kekId)) {
+      throw new EncryptionKeyError(`${this.rawStore.description} has no key with KEK id ${kekId}; its KEK ids are ${encryption.wrappedKeys.map((k) => k.kekId).join(', ')}`);
+    }
+    if (kekId === this.#kekId) {
+      throw new EncryptionKeyError(
+        `KEK id ${kekId} is the key in ${ENCRYPTION_CONFIG_KEY}, which this command opened the repository with; set ${ENCRYPTION_CONFIG_KEY} to another of the repository's keys first, then remove this one`,
+      );
+    }
+    await this.rewriteConfig({ ...config, encryption: { ...encryption, wrappedKeys: encryption.wrappedKeys.filter((k) => k.kekId !== kekId) } });
+  }
+
+  private requireEncrypted(): { config: RepositoryConfig; encryption: RepositoryEncryption; dataKey: DataKey } {
+    const config = this.#config;
+    if (!config) throw new Error('repository not opened');
+    if (!config.encryption || !this.#dataKey) throw new EncryptionKeyError(`${this.rawStore.description} is not encrypted: it has no keys to manage`);
+    return { config, encryption: config.encryption, dataKey: this.#dataKey };
+  }
+
+  /**
+   * Replaces pachbackup.json (only key management does this). The file is read again first and
+   * must be unchanged since open, so two key commands at once do not silently drop a key.
+   */
+  private async rewriteConfig(next: RepositoryConfig): Promise<void> {
+    const current = await this.readConfig();
+    if (JSON.stringify(current) !== JSON.stringify(this.#config)) {
+      throw new RepositoryError(`${this.rawStore.description}: ${layout.config} changed since this command read it (another key command?); run the command again`);
+    }
+    await this.rawStore.put(layout.config, Buffer.from(`${JSON.stringify(next, null, 2)}\n`), { contentType: 'application/json' });
+    this.#config = next;
   }
 
   private async readConfig(): Promise<RepositoryConfig | undefined> {
     let text: string;
     try {
-      text = (await this.readSmall(layout.config)).toString('utf8');
+      // Always from the raw store: the config is what says whether, and how, the rest is encrypted.
+      const stream = await this.rawStore.get(layout.config);
+      const chunks: Buffer[] = [];
+      for await (const chunk of stream) chunks.push(chunk as Buffer);
+      text = Buffer.concat(chunks).toString('utf8');
     } catch (err) {
       if (err instanceof NotFoundError) return undefined;
       throw err;
@@ -116,6 +258,26 @@ export class Repository {
   async writeStream(path: string, body: Readable, signal?: AbortSignal): Promise<FileRef> {
     const { bytes, sha256 } = await pipeWithDigest(body, (digest) => this.store.put(path, digest, {}, signal), signal);
     return { file: path, size: bytes, sha256 };
+  }
+
+  /**
+   * Keeps a cluster's Helm values with a backup. They hold the cluster's secrets, so an
+   * unencrypted repository gets them with every secret field replaced (redactHelmSecrets) unless
+   * `keepSecrets` (backup.keepHelmSecrets); an encrypted one keeps them whole.
+   * `redacted` is true when at least one field was replaced.
+   */
+  async writeHelmValues(id: string, values: Buffer, keepSecrets: boolean): Promise<FileRef & { redacted: boolean }> {
+    if (this.#dataKey || keepSecrets) return { ...(await this.writeBuffer(layout.helmValues(id), values)), redacted: false };
+    let result: ReturnType<typeof redactHelmSecrets>;
+    try {
+      result = redactHelmSecrets(values.toString('utf8'));
+    } catch (err) {
+      throw new RepositoryError(
+        `the Helm values (cluster.helmValues) cannot be parsed to redact their secrets for an unencrypted repository: ${(err as Error).message}; fix the file, encrypt the repository (repository.encryption), or set backup.keepHelmSecrets: true`,
+      );
+    }
+    const ref = await this.writeBuffer(layout.helmValues(id), Buffer.from(result.yaml, 'utf8'));
+    return { ...ref, redacted: result.redacted.length > 0 };
   }
 
   async writeBuffer(path: string, data: Buffer, options: { ifNoneMatch?: boolean } = {}): Promise<FileRef> {
@@ -248,12 +410,23 @@ export class Repository {
     return latest;
   }
 
-  /** The commit point of a backup: after this write it is complete and offered for restore. */
-  async seal(manifest: Manifest): Promise<void> {
-    await this.store.put(layout.manifest(manifest.id), Buffer.from(`${JSON.stringify(manifest, null, 2)}\n`), {
+  /**
+   * The commit point of a backup: after this write it is complete and offered for restore. In an
+   * encrypted repository the manifest is stamped with the data key's id (and its checksum redone).
+   * Returns the manifest as stored.
+   */
+  async seal(manifest: Manifest): Promise<Manifest> {
+    let stored = manifest;
+    if (this.#dataKey) {
+      const { checksum: _unsealed, ...fields } = manifest;
+      // Parsed, so the fields are in schema order: the order readers compute the checksum in.
+      stored = sealManifest(manifestSchema.omit({ checksum: true }).parse({ ...fields, encryption: { keyId: this.#dataKey.id } }));
+    }
+    await this.store.put(layout.manifest(manifest.id), Buffer.from(`${JSON.stringify(stored, null, 2)}\n`), {
       ifNoneMatch: true,
       contentType: 'application/json',
     });
+    return stored;
   }
 }
 
