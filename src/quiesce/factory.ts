@@ -1,9 +1,13 @@
-import type { PauseConfig } from '../config/schema.js';
+import { pauseSchema, type PauseConfig } from '../config/schema.js';
 import { CommandPause } from './command.js';
+import { KubernetesPause } from './kubernetes.js';
 import { NoPause } from './none.js';
+import { PachctlPause } from './pachctl.js';
 import type { QuiesceStrategy } from './strategy.js';
 
-/** Builds the pause strategy the config names. */
+export { assertExpectedContext } from './strategy.js';
+
+/** Builds the pause strategy the config names. Nothing is contacted until the strategy is used. */
 export async function createStrategy(config: PauseConfig): Promise<QuiesceStrategy> {
   switch (config.strategy) {
     case 'none':
@@ -11,8 +15,14 @@ export async function createStrategy(config: PauseConfig): Promise<QuiesceStrate
     case 'command':
       if (!config.command) throw new Error('pause.strategy is "command" but pause.command is not set');
       return new CommandPause(config.command);
-    case 'kubernetes':
-    case 'pachctl':
-      throw new Error(`pause.strategy "${config.strategy}" is not available in this build; use "command" with kubectl or pachctl commands`);
+    case 'kubernetes': {
+      // An absent section means the schema's defaults, taken from the schema so they cannot drift.
+      const k = config.kubernetes ?? pauseSchema.shape.kubernetes.unwrap().parse({});
+      return new KubernetesPause({ ...k, expectedContext: config.expectedContext });
+    }
+    case 'pachctl': {
+      const p = config.pachctl ?? pauseSchema.shape.pachctl.unwrap().parse({});
+      return new PachctlPause({ ...p, expectedContext: config.expectedContext });
+    }
   }
 }

@@ -32,4 +32,34 @@ export interface QuiesceStrategy {
   pause(record: PauseRecord, events: QuiesceEvents, signal?: AbortSignal): Promise<PauseRecord>;
   /** Restores what `pause` changed, from the record. Safe to call more than once. */
   resume(record: PauseRecord, events: QuiesceEvents): Promise<void>;
+  /**
+   * The Kubernetes or pachctl context this strategy would pause, for the `expectedContext` guard.
+   * Absent when the strategy cannot tell (`none`, `command`).
+   */
+  currentContext?(): Promise<string | undefined>;
+}
+
+export class WrongContextError extends Error {
+  override name = 'WrongContextError';
+}
+
+/**
+ * The wrong-cluster guard: when `expected` is set, the strategy's current context must be exactly
+ * it, or this throws before anything is changed. `none` passes, since it touches no cluster; a
+ * strategy that cannot name its context (`command`) is refused rather than trusted.
+ */
+export async function assertExpectedContext(strategy: QuiesceStrategy, expected: string | undefined): Promise<void> {
+  if (expected === undefined) return;
+  if (strategy.name === 'none') return;
+  if (!strategy.currentContext) {
+    throw new WrongContextError(
+      `pause.expectedContext is "${expected}", but the "${strategy.name}" pause strategy cannot tell which context it pauses; use the kubernetes or pachctl strategy, or remove pause.expectedContext`,
+    );
+  }
+  const actual = await strategy.currentContext();
+  if (actual !== expected) {
+    throw new WrongContextError(
+      `refusing to pause: the ${strategy.name} context is ${actual === undefined ? 'not set' : `"${actual}"`}, but pause.expectedContext is "${expected}"; nothing was changed. Point the config at the right cluster (pause.${strategy.name}.context) or fix pause.expectedContext`,
+    );
+  }
 }
