@@ -97,6 +97,20 @@ export const pauseSchema = z
     expectedContext: z.string().optional(),
     /** Abort the backup and resume if the cluster would stay paused longer than this. */
     maxDowntimeSeconds: z.number().positive().optional(),
+    /** After pausing, prove the cluster quiet before capturing anything (not for strategy none). */
+    quiescence: z
+      .object({
+        enabled: z.boolean().default(true),
+        /** Seconds between the two listings of the bucket that must be identical. */
+        settleSeconds: z.number().min(0).default(2),
+        /**
+         * Accept database sessions idle since before the pause (e.g. pg-bouncer's pooled server
+         * connections); active sessions and sessions that did anything after the pause still fail it.
+         */
+        tolerateIdleSessions: z.boolean().default(true),
+      })
+      .strict()
+      .prefault({}),
   })
   .strict()
   .superRefine((p, ctx) => {
@@ -114,8 +128,24 @@ export const configSchema = z
         objectStore: objectStoreSchema,
         /** Helm values file used to deploy the cluster, kept with every backup. */
         helmValues: z.string().optional(),
+        /** Read the Helm values from the live release's Secret instead of a file. */
+        helmRelease: z
+          .object({
+            name: z.string().min(1),
+            namespace: z.string().min(1).default('default'),
+            /** Default: pause.kubernetes.kubeconfig / context. */
+            kubeconfig: z.string().optional(),
+            context: z.string().optional(),
+          })
+          .strict()
+          .optional(),
       })
-      .strict(),
+      .strict()
+      .superRefine((c, ctx) => {
+        if (c.helmValues && c.helmRelease) {
+          ctx.addIssue({ code: 'custom', path: ['helmRelease'], message: 'set cluster.helmValues or cluster.helmRelease, not both' });
+        }
+      }),
     repository: objectStoreSchema.extend({
       /**
        * Encrypts the repository it creates (docs/repository-format.md, "Encryption"). `key` is the

@@ -72,7 +72,7 @@ export async function runDemo(options: { chunks: number; renderer: Renderer; sig
       {
         cluster: { postgres: server, objectStore: { url: pathToFileURL(bucket).href }, helmValues: valuesFile },
         repository: { url: pathToFileURL(join(work, 'repository')).href },
-        pause: { strategy: 'command', command: { pause: ['true'], resume: ['true'], timeoutSeconds: 30 } },
+        pause: { strategy: 'command', command: { pause: ['true'], resume: ['true'], timeoutSeconds: 30 }, quiescence: { settleSeconds: 0.5 } },
         restore: {
           postgres: server,
           databases: { pachyderm: 'pachyderm_restored', dex: 'dex_restored' },

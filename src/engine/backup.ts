@@ -6,6 +6,9 @@ import { childEnv, describeServer } from '../postgres/connection.js';
 import { DatabaseSnapshot } from '../postgres/snapshot.js';
 import { findPgTool, startTool, toolVersion } from '../postgres/tools.js';
 import { PauseLedger } from '../quiesce/ledger.js';
+import { checkQuiescent } from '../quiesce/quiescence.js';
+import { readHelmReleaseValues } from '../quiesce/helmRelease.js';
+import { assertExpectedContext } from '../quiesce/strategy.js';
 import { acquireLock, type LockHandle } from '../repository/lock.js';
 import type { PauseRecord, QuiesceStrategy } from '../quiesce/strategy.js';
 import { MANIFEST_FORMAT_VERSION, sealManifest, type FileRef, type Manifest, type TableCount } from '../repository/manifest.js';
@@ -88,14 +91,8 @@ async function backupUnderLock(options: BackupOptions, lockBox: { lock?: LockHan
     const pgDump = findPgTool('pg_dump', config.cluster.postgres.binDir);
     const dumpVersion = await toolVersion(pgDump);
     const databaseBytes = await checkDatabases(cluster, pgDump, dumpVersion);
-    let helmValues: Buffer | undefined;
-    if (config.cluster.helmValues) {
-      try {
-        helmValues = await readFile(config.cluster.helmValues);
-      } catch (err) {
-        throw new PreflightError(`cluster.helmValues: cannot read ${config.cluster.helmValues} (${(err as NodeJS.ErrnoException).code}); fix the path or remove the key`);
-      }
-    }
+    const helmValues = await readHelmValues(config);
+    if (mode === 'paused') await assertExpectedContext(strategy, config.pause.expectedContext);
     if (mode === 'online' && helmValues && /storage(Chunk)?GCPeriod:\s*["']?[1-9]/.test(helmValues.toString('utf8'))) {
       events.warn('the Helm values enable Pachyderm garbage collection; online mode still proves every referenced object is held, but a chunk deleted mid-backup fails the backup');
     }
@@ -184,6 +181,22 @@ async function backupUnderLock(options: BackupOptions, lockBox: { lock?: LockHan
         pausedAt = new Date();
         pauseRecord = await strategy.pause(pauseRecord!, events, signal);
         await ledger.write({ record: pauseRecord, backupId: id, host: hostname(), pid: process.pid, phase: 'paused', writtenAt: new Date().toISOString() });
+        const q = config.pause.quiescence;
+        if (q.enabled && strategy.name !== 'none') {
+          const result = await checkQuiescent({
+            pg: cluster.postgres,
+            database: config.cluster.databases.pachyderm,
+            store: cluster.source.store,
+            settleMs: q.settleSeconds * 1000,
+            ...(q.tolerateIdleSessions ? { tolerateIdleSince: pausedAt! } : {}),
+            ...(signal ? { signal } : {}),
+          });
+          if (!result.ok) {
+            throw new BackupError(
+              `the cluster is not quiet after pausing, so the backup would not be consistent; the cluster is resumed and nothing is sealed. Still writing: ${result.problems.join('; ')}`,
+            );
+          }
+        }
       });
       const budget = config.pause.maxDowntimeSeconds;
       const budgetSignal = budget ? AbortSignal.timeout(Math.max(0, budget * 1000 - (Date.now() - pausedAt!.getTime()))) : undefined;
@@ -406,4 +419,21 @@ function copyPathOf(serverSide: number, streamed: number): 'stream' | 'server-si
   if (serverSide === 0 && streamed === 0) return 'none';
   if (serverSide === 0) return 'stream';
   return streamed === 0 ? 'server-side' : 'mixed';
+}
+
+/** The Helm values to keep: from the configured file, or from the live release's Secret. */
+async function readHelmValues(config: Config): Promise<Buffer | undefined> {
+  if (config.cluster.helmValues) {
+    try {
+      return await readFile(config.cluster.helmValues);
+    } catch (err) {
+      throw new PreflightError(`cluster.helmValues: cannot read ${config.cluster.helmValues} (${(err as NodeJS.ErrnoException).code}); fix the path or remove the key`);
+    }
+  }
+  const release = config.cluster.helmRelease;
+  if (!release) return undefined;
+  const kubeconfig = release.kubeconfig ?? config.pause.kubernetes?.kubeconfig;
+  const context = release.context ?? config.pause.kubernetes?.context;
+  const yaml = await readHelmReleaseValues({ ...(kubeconfig ? { kubeconfig } : {}), ...(context ? { context } : {}) }, release.namespace, release.name);
+  return Buffer.from(yaml);
 }

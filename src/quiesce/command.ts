@@ -22,15 +22,26 @@ export class CommandError extends Error {
 export function runCommand(spec: CommandSpec, timeoutMs: number, label: string): Promise<{ stdout: string }> {
   const [file, args] = typeof spec === 'string' ? ['/bin/sh', ['-c', spec]] : [spec[0]!, spec.slice(1)];
   return new Promise((resolve, reject) => {
-    const child = spawn(file, args, { stdio: ['ignore', 'pipe', 'pipe'], timeout: timeoutMs, killSignal: 'SIGKILL' });
+    const child = spawn(file, args, { stdio: ['ignore', 'pipe', 'pipe'] });
+    let timedOut = false;
+    // Our own timer rather than spawn's `timeout`, which is only cleared when a child exits: a
+    // command that could not start would keep the process alive for the whole timeout.
+    const timer = setTimeout(() => {
+      timedOut = true;
+      child.kill('SIGKILL');
+    }, timeoutMs);
     let stdout = '';
     let stderr = '';
     child.stdout.on('data', (d: Buffer) => (stdout = (stdout + d.toString()).slice(-16_384)));
     child.stderr.on('data', (d: Buffer) => (stderr = (stderr + d.toString()).slice(-16_384)));
-    child.on('error', (err) => reject(new CommandError(`${label} command could not start: ${err.message}`)));
+    child.on('error', (err) => {
+      clearTimeout(timer);
+      reject(new CommandError(`${label} command could not start: ${err.message}`));
+    });
     child.on('close', (code, signal) => {
+      clearTimeout(timer);
       if (code === 0) return resolve({ stdout });
-      const why = signal === 'SIGKILL' ? `timed out after ${timeoutMs / 1000}s` : signal ? `killed by ${signal}` : `exit ${code}`;
+      const why = timedOut ? `timed out after ${timeoutMs / 1000}s` : signal ? `killed by ${signal}` : `exit ${code}`;
       reject(new CommandError(`${label} command failed (${why}): ${scrubSecrets(stderr.trim() || stdout.trim()) || 'no output'}`));
     });
   });
