@@ -1,0 +1,147 @@
+/**
+ * End to end: back up a Pachyderm-shaped cluster (a real PostgreSQL 15 server with pg_dump, and a
+ * bucket) and restore it into a second PostgreSQL server and another bucket, for each kind of
+ * store; then prove every table's rows and every object's bytes equal. A second backup of the
+ * unchanged cluster must copy nothing.
+ */
+import assert from 'node:assert/strict';
+import { test } from 'node:test';
+import { compareFingerprints, describeRun, TestCluster, type StoreKind } from './helpers/cluster.js';
+import { cephRgwSkipReason } from './helpers/servers.js';
+
+const CHUNKS = 60;
+const CHUNK_SIZE = 16 * 1024;
+
+/** Runs `fn` with PACHBACKUP_FAULTS set in this process (stores opened meanwhile get the faults). */
+async function withFaults<T>(rules: unknown[], fn: () => Promise<T>): Promise<T> {
+  const previous = process.env.PACHBACKUP_FAULTS;
+  process.env.PACHBACKUP_FAULTS = JSON.stringify(rules);
+  try {
+    return await fn();
+  } finally {
+    if (previous === undefined) delete process.env.PACHBACKUP_FAULTS;
+    else process.env.PACHBACKUP_FAULTS = previous;
+  }
+}
+
+const kinds: Array<{ kind: StoreKind; label: string; skip: string | false }> = [
+  { kind: 's3rver', label: 's3rver bucket and repository', skip: false },
+  { kind: 'ceph', label: 'Ceph RGW bucket and repository', skip: cephRgwSkipReason() ?? false },
+  { kind: 'fs', label: 'filesystem store and filesystem repository', skip: false },
+];
+
+for (const { kind, label, skip } of kinds) {
+  test(`${label}: restore into a second server and another bucket gives equal rows and bytes; a second backup copies nothing`, { skip, timeout: 600_000 }, async (t) => {
+    const cluster = await TestCluster.createOrSkip(t, { kind, chunks: CHUNKS, chunkSize: CHUNK_SIZE });
+    if (!cluster) return;
+    try {
+      const before = await cluster.sourceFingerprints();
+      assert.equal(before.objects.size, CHUNKS);
+      assert.ok(before.pachyderm.size >= 10 && before.dex.size >= 8, 'the fixture holds Pachyderm and Dex tables');
+
+      const first = await cluster.backup();
+      assert.deepEqual(await cluster.markerLines(), ['paused', 'resumed'], 'the pause and resume commands ran once, in order');
+      assert.equal(first.objects.count, CHUNKS);
+      assert.equal(first.objects.bytes, CHUNKS * CHUNK_SIZE);
+      assert.equal(first.referencedKeys, CHUNKS);
+      assert.deepEqual(first.databases.map((d) => d.role).sort(), ['dex', 'pachyderm']);
+      assert.ok(first.downtimeMs !== null && first.downtimeMs >= 0, 'the summary gives the downtime as a number');
+      assert.deepEqual(await cluster.sealedBackups(), [first.id]);
+      const heldAfterFirst = await cluster.repositoryObjectCount();
+      assert.equal(heldAfterFirst, CHUNKS);
+
+      const restored = await cluster.restore(first.id);
+      assert.equal(restored.objects.count, CHUNKS);
+      assert.ok(restored.checks.length >= 3, `the restore checks the result against the manifest: ${restored.checks.join('; ')}`);
+      const after = await cluster.restoredFingerprints();
+      assert.deepEqual(compareFingerprints(before, after), []);
+      assert.equal(after.objects.size, CHUNKS);
+
+      // Second backup of the unchanged cluster: every read of a cluster object, every object write
+      // into the repository and every read-back of one would fail, so it succeeds only by copying nothing.
+      const second = await withFaults(
+        [
+          { store: 'cluster.objectStore', op: 'get', kind: 'permanent' },
+          { store: 'repository', op: 'put', keyContains: 'objects/', kind: 'permanent' },
+          { store: 'repository', op: 'get', keyContains: 'objects/', kind: 'permanent' },
+        ],
+        () => cluster.backup(),
+      );
+      assert.equal(second.objects.newBytes, 0);
+      assert.equal(second.objects.newCount, 0);
+      assert.equal(second.objects.count, CHUNKS);
+      assert.equal(second.objects.heldCount, CHUNKS);
+      assert.equal(await cluster.repositoryObjectCount(), heldAfterFirst, 'the repository objects/ area did not grow');
+      assert.deepEqual((await cluster.sealedBackups()).sort(), [first.id, second.id].sort());
+    } finally {
+      await cluster.cleanup();
+    }
+  });
+}
+
+test('the first backup into an empty repository reports every object as new (summary.objects.newCount/newBytes)', { timeout: 300_000 }, async (t) => {
+  const cluster = await TestCluster.createOrSkip(t, { kind: 'fs', chunks: 12, chunkSize: 1000, target: false });
+  if (!cluster) return;
+  try {
+    // With pre-copy (the default) the objects are copied before the pause; they are still new to this backup.
+    const summary = await cluster.backup();
+    assert.equal(summary.objects.count, 12);
+    assert.equal(summary.objects.newCount, 12, `newCount ${summary.objects.newCount}, heldCount ${summary.objects.heldCount}`);
+    assert.equal(summary.objects.newBytes, 12_000);
+    assert.equal(summary.objects.heldCount, 0);
+  } finally {
+    await cluster.cleanup();
+  }
+});
+
+test('CLI end to end (s3rver): backup --json --yes, list --json, show, verify, restore', { timeout: 600_000 }, async (t) => {
+  const cluster = await TestCluster.createOrSkip(t, { kind: 's3rver', chunks: 25 });
+  if (!cluster) return;
+  try {
+    const before = await cluster.sourceFingerprints();
+    const config = await cluster.writeConfig();
+
+    const backup = await cluster.runCli(['--config', config, '--json', '--yes', 'backup']);
+    assert.equal(backup.code, 0, describeRun(backup));
+    assert.ok(backup.events.length > 2, 'one JSON event per line');
+    for (const line of backup.stdout.trim().split('\n')) assert.doesNotThrow(() => JSON.parse(line), `not a JSON line: ${line}`);
+    const phases = backup.events.filter((e) => e.type === 'phase-start').map((e) => e.phase);
+    for (const phase of ['preflight', 'pause', 'snapshot', 'copy', 'resume', 'seal']) assert.ok(phases.includes(phase), `phase ${phase} in ${phases.join(',')}`);
+    const result = backup.result;
+    assert.ok(result, describeRun(backup));
+    assert.equal(result.command, 'backup');
+    assert.match(String(result.id), /\S/);
+    assert.equal(result.objects.count, 25);
+    assert.equal(typeof result.downtimeMs, 'number');
+    assert.deepEqual(await cluster.markerLines(), ['paused', 'resumed']);
+    // Secrets are given by reference and never printed.
+    for (const secret of Object.values(cluster.env)) assert.ok(!backup.stdout.includes(secret) && !backup.stderr.includes(secret), 'a secret value was printed');
+
+    const list = await cluster.runCli(['--config', config, '--json', 'list']);
+    assert.equal(list.code, 0, describeRun(list));
+    assert.deepEqual(
+      list.result?.backups.map((b: { id: string }) => b.id),
+      [result.id],
+    );
+    assert.deepEqual(list.result?.incomplete, []);
+
+    const show = await cluster.runCli(['--config', config, 'show', result.id]);
+    assert.equal(show.code, 0, describeRun(show));
+    assert.match(show.stdout, new RegExp(`backup ${result.id}`));
+    assert.match(show.stdout, /pachyderm/);
+    assert.match(show.stdout, /dex/);
+    const showJson = await cluster.runCli(['--config', config, '--json', 'show', 'latest']);
+    assert.equal(showJson.result?.manifest.id, result.id, describeRun(showJson));
+
+    const verify = await cluster.runCli(['--config', config, '--json', 'verify', result.id]);
+    assert.equal(verify.code, 0, describeRun(verify));
+    assert.equal(verify.result?.ok, true);
+
+    const restore = await cluster.runCli(['--config', config, '--json', '--yes', 'restore', result.id]);
+    assert.equal(restore.code, 0, describeRun(restore));
+    assert.equal(restore.result?.command, 'restore');
+    assert.deepEqual(compareFingerprints(before, await cluster.restoredFingerprints()), []);
+  } finally {
+    await cluster.cleanup();
+  }
+});

@@ -1,0 +1,163 @@
+/**
+ * Failures during a backup or a restore, through the real CLI process with faults injected into
+ * its stores (PACHBACKUP_FAULTS): once a pause began, the resume command always runs — on an
+ * error and on Ctrl-C — and nothing that looks like a complete backup is left behind; a restore
+ * that fails takes back what it created.
+ */
+import assert from 'node:assert/strict';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { after, before, describe, test } from 'node:test';
+import { describeRun, TestCluster, type CliResult, type StoreKind } from './helpers/cluster.js';
+
+const EXIT_FAILED = 1;
+const EXIT_INTERRUPTED = 130;
+
+function faults(rules: unknown[]): Record<string, string> {
+  return { PACHBACKUP_FAULTS: JSON.stringify(rules) };
+}
+
+/**
+ * No backup was sealed since `sealedBefore` (the tests of a group share one repository, where an
+ * earlier test's mistake must not fail the next), and no pause is recorded.
+ */
+async function assertNothingSealed(cluster: TestCluster, config: string, sealedBefore: string[]): Promise<void> {
+  assert.deepEqual(await cluster.sealedBackups(), sealedBefore, 'no new manifest in the repository');
+  const list = await cluster.runCli(['--config', config, '--json', 'list']);
+  assert.equal(list.code, 0, describeRun(list));
+  assert.deepEqual(list.result?.backups.map((b: { id: string }) => b.id), sealedBefore, `list shows no new complete backup: ${list.stdout}`);
+  assert.ok(list.result?.incomplete.length >= 1, `the interrupted backup is listed as incomplete: ${list.stdout}`);
+  const status = await cluster.runCli(['--config', config, '--json', 'status']);
+  assert.equal(status.code, 0, describeRun(status));
+  assert.equal(status.result?.paused, false, 'no pause left in the ledger');
+}
+
+// With s3rver the repository is a directory: objects then stream through pachbackup (a repository in
+// the same S3 service would get server-side copies, which bypass the injected faults).
+for (const kind of ['fs', 's3rver'] as StoreKind[]) {
+  describe(`backup failures (${kind} cluster store)`, () => {
+    let cluster: TestCluster;
+    before(async () => {
+      cluster = (await TestCluster.create({ kind, target: false, chunks: 30, repositoryKind: 'fs' })) as TestCluster;
+    });
+    after(async () => {
+      await cluster?.cleanup();
+    });
+
+    test('the object store fails permanently mid-copy (while paused): resume still runs, nothing sealed', { timeout: 300_000 }, async () => {
+      await cluster.resetMarker();
+      const sealedBefore = await cluster.sealedBackups();
+      const config = await cluster.writeConfig();
+      const run = await cluster.runCli(['--config', config, '--yes', 'backup', '--no-precopy', '--concurrency', '2'], {
+        env: faults([{ store: 'cluster.objectStore', op: 'get', after: 5, kind: 'permanent' }]),
+      });
+      assert.equal(run.code, EXIT_FAILED, describeRun(run));
+      assert.match(run.stderr, /pachbackup: error: .*(injected fault|AccessDenied)/, describeRun(run));
+      assert.deepEqual(await cluster.markerLines(), ['paused', 'resumed'], 'paused once, then resumed');
+      await assertNothingSealed(cluster, config, sealedBefore);
+    });
+
+    test('the repository fails while a database dump streams into it: resume still runs, nothing sealed', { timeout: 300_000 }, async () => {
+      await cluster.resetMarker();
+      const sealedBefore = await cluster.sealedBackups();
+      const config = await cluster.writeConfig();
+      const run = await cluster.runCli(['--config', config, '--yes', 'backup', '--no-precopy'], {
+        env: faults([{ store: 'repository', op: 'put', keyContains: '/db/', kind: 'permanent' }]),
+      });
+      assert.equal(run.code, EXIT_FAILED, describeRun(run));
+      assert.deepEqual(await cluster.markerLines(), ['paused', 'resumed'], 'paused once, then resumed');
+      await assertNothingSealed(cluster, config, sealedBefore);
+    });
+
+    test('a failure before the pause (during pre-copy) never pauses the cluster, nothing sealed', { timeout: 300_000 }, async () => {
+      await cluster.resetMarker();
+      const sealedBefore = await cluster.sealedBackups();
+      const config = await cluster.writeConfig();
+      const run = await cluster.runCli(['--config', config, '--yes', 'backup'], {
+        env: faults([{ store: 'cluster.objectStore', op: 'get', after: 3, kind: 'permanent' }]),
+      });
+      assert.equal(run.code, EXIT_FAILED, describeRun(run));
+      assert.deepEqual(await cluster.markerLines(), [], 'never paused');
+      await assertNothingSealed(cluster, config, sealedBefore);
+    });
+
+    test('SIGINT while paused: exit 130, resume runs after the pause, nothing sealed', { timeout: 300_000 }, async () => {
+      await cluster.resetMarker();
+      const sealedBefore = await cluster.sealedBackups();
+      const config = await cluster.writeConfig();
+      // Every object read waits a second, so the paused copy phase lasts long enough to interrupt.
+      const { child, done } = cluster.spawnCli(['--config', config, '--yes', 'backup', '--no-precopy', '--concurrency', '1'], {
+        env: faults([{ store: 'cluster.objectStore', op: 'get', kind: 'delay', ms: 1000 }]),
+      });
+      let finished: CliResult | undefined;
+      void done.then((r) => (finished = r), () => undefined);
+      const deadline = Date.now() + 120_000;
+      while (!(await cluster.markerLines()).includes('paused')) {
+        if (finished) assert.fail(`the backup ended before pausing: ${describeRun(finished)}`);
+        if (Date.now() > deadline) assert.fail('the backup did not pause within 120 s');
+        await sleep(100);
+      }
+      assert.deepEqual(await cluster.markerLines(), ['paused'], 'paused and not yet resumed when interrupted');
+      child.kill('SIGINT');
+      const run = await done;
+      assert.equal(run.code, EXIT_INTERRUPTED, describeRun(run));
+      assert.match(run.stderr, /SIGINT/, describeRun(run));
+      assert.match(run.stderr, /interrupted/, describeRun(run));
+      assert.deepEqual(await cluster.markerLines(), ['paused', 'resumed'], 'resumed after the pause');
+      await assertNothingSealed(cluster, config, sealedBefore);
+    });
+  });
+}
+
+describe('restore failures take back what they created (fs)', () => {
+  let cluster: TestCluster;
+  let config: string;
+  before(async () => {
+    cluster = (await TestCluster.create({ kind: 'fs', chunks: 30 })) as TestCluster;
+    await cluster.backup();
+    config = await cluster.writeConfig();
+  });
+  after(async () => {
+    await cluster?.cleanup();
+  });
+
+  async function assertTargetUntouched(): Promise<void> {
+    assert.deepEqual(await cluster.targetDatabases(), [], 'no database left on the target server');
+    assert.deepEqual(await cluster.restoredKeys(), [], 'no object left in the target store');
+  }
+
+  test('the target store fails while objects are restored: no objects, no databases left', { timeout: 300_000 }, async () => {
+    const run = await cluster.runCli(['--config', config, '--yes', 'restore', 'latest', '--concurrency', '2'], {
+      env: faults([{ store: 'restore.objectStore', op: 'put', after: 10, kind: 'permanent' }]),
+      timeoutMs: 120_000,
+    });
+    assert.equal(run.code, EXIT_FAILED, describeRun(run));
+    assert.match(run.stderr, /pachbackup: error: /, describeRun(run));
+    await assertTargetUntouched();
+  });
+
+  test('reading the second dump fails after the first database was restored: both databases dropped, objects removed', { timeout: 300_000 }, async () => {
+    // The first read of the dex dump is the preflight checksum check; the second is pg_restore's input.
+    const run = await cluster.runCli(['--config', config, '--yes', 'restore', 'latest'], {
+      env: faults([{ store: 'repository', op: 'get', keyContains: '/db/dex.dump', after: 1, kind: 'permanent' }]),
+      timeoutMs: 60_000,
+    });
+    assert.equal(run.code, EXIT_FAILED, describeRun(run));
+    assert.match(run.stderr, /dex/, describeRun(run));
+    await assertTargetUntouched();
+  });
+
+  test('a dump whose bytes break mid-stream (connection reset): both databases dropped, objects removed', { timeout: 300_000 }, async () => {
+    const run = await cluster.runCli(['--config', config, '--yes', 'restore', 'latest'], {
+      env: faults([{ store: 'repository', op: 'get', keyContains: '/db/dex.dump', after: 1, kind: 'reset' }]),
+      timeoutMs: 120_000,
+    });
+    assert.equal(run.code, EXIT_FAILED, describeRun(run));
+    await assertTargetUntouched();
+  });
+
+  test('after the failures, the same restore succeeds into the same targets', { timeout: 300_000 }, async () => {
+    const run = await cluster.runCli(['--config', config, '--yes', 'restore', 'latest'], { timeoutMs: 120_000 });
+    assert.equal(run.code, 0, describeRun(run));
+    assert.deepEqual(await cluster.targetDatabases(), ['dex', 'pachyderm']);
+  });
+});
