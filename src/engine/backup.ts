@@ -4,7 +4,7 @@ import { hostname } from 'node:os';
 import type { Config } from '../config/schema.js';
 import { childEnv, describeServer } from '../postgres/connection.js';
 import { DatabaseSnapshot } from '../postgres/snapshot.js';
-import { findPgTool, startTool, toolVersion } from '../postgres/tools.js';
+import { findPgTool, startTool, stopTool, toolVersion } from '../postgres/tools.js';
 import { PauseLedger } from '../quiesce/ledger.js';
 import { checkQuiescent } from '../quiesce/quiescence.js';
 import { readHelmReleaseValues } from '../quiesce/helmRelease.js';
@@ -14,6 +14,7 @@ import type { PauseRecord, QuiesceStrategy } from '../quiesce/strategy.js';
 import { MANIFEST_FORMAT_VERSION, sealManifest, type FileRef, type Manifest, type TableCount } from '../repository/manifest.js';
 import { layout, newBackupId, RepositoryError, type IndexEntry } from '../repository/repository.js';
 import { TOOL_VERSION } from '../version.js';
+import { pachydermGcEnabled } from '../pachyderm/helmValues.js';
 import type { ObjectInfo } from '../objectstore/store.js';
 import { assertSeparateStores, openCluster, openRepository, PreflightError, type ClusterHandles } from './context.js';
 import { predictBackup, type PlanInputs, type Prediction } from './plan.js';
@@ -91,9 +92,10 @@ async function backupUnderLock(options: BackupOptions, lockBox: { lock?: LockHan
     const pgDump = findPgTool('pg_dump', config.cluster.postgres.binDir);
     const dumpVersion = await toolVersion(pgDump);
     const databaseBytes = await checkDatabases(cluster, pgDump, dumpVersion);
-    const helmValues = await readHelmValues(config);
+    const rawHelmValues = await readHelmValues(config);
+    const helmValues = rawHelmValues && repo.helmValuesForStorage(rawHelmValues, config.backup.keepHelmSecrets);
     if (mode === 'paused') await assertExpectedContext(strategy, config.pause.expectedContext);
-    if (mode === 'online' && helmValues && /storage(Chunk)?GCPeriod:\s*["']?[1-9]/.test(helmValues.toString('utf8'))) {
+    if (mode === 'online' && rawHelmValues && pachydermGcEnabled(rawHelmValues.toString('utf8'))) {
       events.warn('the Helm values enable Pachyderm garbage collection; online mode still proves every referenced object is held, but a chunk deleted mid-backup fails the backup');
     }
     const backups = await repo.listBackups();
@@ -180,6 +182,8 @@ async function backupUnderLock(options: BackupOptions, lockBox: { lock?: LockHan
       await phases.run('pause', async () => {
         pausedAt = new Date();
         pauseRecord = await strategy.pause(pauseRecord!, events, signal);
+        // Sessions idle since the pause completed did nothing while paused; writers finishing during it are expected.
+        const quietSince = new Date();
         await ledger.write({ record: pauseRecord, backupId: id, host: hostname(), pid: process.pid, phase: 'paused', writtenAt: new Date().toISOString() });
         const q = config.pause.quiescence;
         if (q.enabled && strategy.name !== 'none') {
@@ -188,7 +192,7 @@ async function backupUnderLock(options: BackupOptions, lockBox: { lock?: LockHan
             database: config.cluster.databases.pachyderm,
             store: cluster.source.store,
             settleMs: q.settleSeconds * 1000,
-            ...(q.tolerateIdleSessions ? { tolerateIdleSince: pausedAt! } : {}),
+            ...(q.tolerateIdleSessions ? { tolerateIdleSince: quietSince } : {}),
             ...(signal ? { signal } : {}),
           });
           if (!result.ok) {
@@ -245,7 +249,7 @@ async function backupUnderLock(options: BackupOptions, lockBox: { lock?: LockHan
     const indexRef = await repo.writeIndex(layout.index(id), entries);
     const referencedRef = await repo.writeReferenced(id, referenced);
     let helmRef: (FileRef & { redacted: boolean }) | null = null;
-    if (pre.helmValues) helmRef = await repo.writeHelmValues(id, pre.helmValues, config.backup.keepHelmSecrets);
+    if (pre.helmValues) helmRef = await repo.writeHelmValues(id, pre.helmValues);
     const bytes = entries.reduce((n, e) => n + e.size, 0);
     if (pre.serverSide?.disabled) emit({ type: 'info', message: `server-side copy was not possible (${pre.serverSide.reason}); objects were streamed` });
     const downtimeMs = pausedAt && resumedAt ? resumedAt.getTime() - pausedAt.getTime() : null;
@@ -313,10 +317,7 @@ async function dumpDatabases(
         const [ref] = await Promise.all([repo.writeStream(layout.dump(id, db.name), tool.child.stdout, signal), tool.done]);
         return { role: db.role, name: db.name, ref, tables, serverVersion: snapshot.serverVersion };
       } catch (err) {
-        tool.child.kill('SIGKILL');
-        // pg_dump's own message says more than a broken pipe does.
-        const exit = await tool.done.then(() => undefined, (e: unknown) => e);
-        throw exit instanceof Error && !signal?.aborted ? exit : err;
+        throw await stopTool(tool, err);
       } finally {
         signal?.removeEventListener('abort', onAbort);
       }

@@ -4,11 +4,11 @@ import { openStore } from '../objectstore/open.js';
 import { withRetry, defaultRetryPolicy } from '../objectstore/retry.js';
 import { StoreError, type ObjectStore } from '../objectstore/store.js';
 import { locationsOverlap } from '../objectstore/url.js';
-import { rewriteHelmValues } from '../pachyderm/helmValues.js';
+import { REDACTED, rewriteHelmValues } from '../pachyderm/helmValues.js';
 import { childEnv, connect, describeServer, pgServer, type PgServer } from '../postgres/connection.js';
 import { createDatabase, databaseState, dropDatabase } from '../postgres/restore.js';
 import { countTables } from '../postgres/snapshot.js';
-import { findPgTool, startTool, toolVersion } from '../postgres/tools.js';
+import { findPgTool, startTool, stopTool, toolVersion } from '../postgres/tools.js';
 import { pipeWithDigest } from '../repository/digest.js';
 import type { Manifest } from '../repository/manifest.js';
 import { acquireLock, type LockHandle } from '../repository/lock.js';
@@ -193,6 +193,9 @@ async function restoreUnderLock(options: RestoreOptions, lockBox: { lock?: LockH
       await phases.run('helm-values', async () => {
         const rewrite = pre.helmValues!;
         for (const w of rewrite.warnings) emit({ type: 'warning', message: w });
+        if (manifest.helmValues?.redacted) {
+          emit({ type: 'warning', message: `the kept Helm values had their secrets redacted (unencrypted repository): replace every ${REDACTED} in ${targets.helmValuesOut} before installing` });
+        }
         await writeFile(targets.helmValuesOut!, rewrite.yaml, { mode: 0o600 });
         emit({ type: 'info', message: `wrote ${targets.helmValuesOut} (${rewrite.changes.map((c) => c.path).join(', ')})` });
       });
@@ -257,17 +260,16 @@ async function pgRestoreFromRepository(
   const args = ['--no-password', '--exit-on-error', '--single-transaction', `--dbname=${name}`];
   if (noOwner) args.push('--no-owner', '--no-acl');
   const tool = startTool(pgRestore, args, childEnv(server));
-  const body = await repo.store.get(db.file, signal);
   try {
+    const body = await repo.store.get(db.file, signal);
     const [digest] = await Promise.all([
       pipeWithDigest(body, (stream) => new Promise<void>((resolve, reject) => stream.pipe(tool.child.stdin).on('finish', resolve).on('error', reject)), signal),
       tool.done,
     ]);
     if (digest.sha256 !== db.sha256) throw new RestoreError(`the dump of ${db.name} changed while it was restored (checksum mismatch); the restore is not trustworthy`);
   } catch (err) {
-    tool.child.kill('SIGKILL');
-    const exit = await tool.done.then(() => undefined, (e: unknown) => e);
-    throw exit instanceof Error ? new RestoreError(`restoring database ${name} on ${describeServer(server)}: ${exit.message}`) : err;
+    const cause = await stopTool(tool, err);
+    throw new RestoreError(`restoring database ${name} on ${describeServer(server)}: ${(cause as Error).message ?? String(cause)}`);
   }
 }
 

@@ -1,4 +1,4 @@
-import { isNotFound } from '../objectstore/store.js';
+import { isNotFound, StoreError } from '../objectstore/store.js';
 import { digestOf } from '../repository/digest.js';
 import type { Manifest } from '../repository/manifest.js';
 import { layout, type IndexEntry, type Repository } from '../repository/repository.js';
@@ -22,14 +22,16 @@ export interface VerifyReport {
 
 /** Reads a stored file fully and compares its size and SHA-256 with what was recorded. */
 export async function checkStoredFile(repo: Repository, path: string, expected: { size: number; sha256: string }, signal?: AbortSignal): Promise<string | undefined> {
-  let stream;
+  let result: { bytes: number; sha256: string };
   try {
-    stream = await repo.store.get(path, signal);
+    result = await digestOf(await repo.store.get(path, signal), signal);
   } catch (err) {
     if (isNotFound(err)) return 'missing';
+    // A file that fails to decrypt or whose stream breaks permanently is a finding, not a crash.
+    if (err instanceof StoreError && !err.retryable) return `unreadable: ${err.message}`;
     throw err;
   }
-  const { bytes, sha256 } = await digestOf(stream, signal);
+  const { bytes, sha256 } = result;
   if (bytes !== expected.size) return `size ${bytes} bytes, expected ${expected.size}`;
   if (sha256 !== expected.sha256) return `checksum mismatch (SHA-256 ${sha256.slice(0, 12)}…, expected ${expected.sha256.slice(0, 12)}…): the bytes were changed or damaged`;
   return undefined;

@@ -804,3 +804,16 @@ function formatPath(path: ReadonlyArray<string | number>): string {
     })
     .join('');
 }
+
+/**
+ * Whether Pachyderm's garbage collection is on for a release with these values. Both GC loops run
+ * unless their period is negative (`pachd.storageGCPeriod`, `pachd.storageChunkGCPeriod`; 0 or
+ * unset means the default period), so GC is off only when both are negative.
+ */
+export function pachydermGcEnabled(sourceYaml: string): boolean {
+  const values = valuesObject(parseValues(sourceYaml));
+  const pachd = values.pachd;
+  const periods = typeof pachd === 'object' && pachd !== null ? (pachd as Record<string, unknown>) : {};
+  const negative = (v: unknown): boolean => Number(v) < 0;
+  return !(negative(periods.storageGCPeriod) && negative(periods.storageChunkGCPeriod));
+}

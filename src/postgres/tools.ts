@@ -78,3 +78,15 @@ export function startTool(path: string, args: string[], env: NodeJS.ProcessEnv):
   done.catch(() => undefined);
   return { child, done };
 }
+
+/**
+ * After a streaming failure: stops the tool and picks the error worth showing. If the tool had
+ * already failed on its own (e.g. pg_dump lost its connection), its stderr explains more than the
+ * broken pipe; if we killed it, the original error (e.g. the store refusing a write) is the cause.
+ */
+export async function stopTool(tool: { child: ChildProcessWithoutNullStreams; done: Promise<void> }, err: unknown): Promise<unknown> {
+  const exitedByItself = tool.child.exitCode !== null || tool.child.signalCode !== null;
+  if (!exitedByItself) tool.child.kill('SIGKILL');
+  const exit = await tool.done.then(() => undefined, (e: unknown) => e);
+  return exitedByItself && exit instanceof Error ? exit : err;
+}

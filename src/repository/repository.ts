@@ -266,8 +266,13 @@ export class Repository {
    * `keepSecrets` (backup.keepHelmSecrets); an encrypted one keeps them whole.
    * `redacted` is true when at least one field was replaced.
    */
-  async writeHelmValues(id: string, values: Buffer, keepSecrets: boolean): Promise<FileRef & { redacted: boolean }> {
-    if (this.#dataKey || keepSecrets) return { ...(await this.writeBuffer(layout.helmValues(id), values)), redacted: false };
+  /**
+   * The Helm values as this repository stores them: whole when it is encrypted or the user opted
+   * in, otherwise with their secret fields redacted. Called in preflight, so values that cannot be
+   * parsed stop the backup before anything is paused.
+   */
+  helmValuesForStorage(values: Buffer, keepSecrets: boolean): { data: Buffer; redacted: boolean } {
+    if (this.#dataKey || keepSecrets) return { data: values, redacted: false };
     let result: ReturnType<typeof redactHelmSecrets>;
     try {
       result = redactHelmSecrets(values.toString('utf8'));
@@ -276,8 +281,11 @@ export class Repository {
         `the Helm values (cluster.helmValues) cannot be parsed to redact their secrets for an unencrypted repository: ${(err as Error).message}; fix the file, encrypt the repository (repository.encryption), or set backup.keepHelmSecrets: true`,
       );
     }
-    const ref = await this.writeBuffer(layout.helmValues(id), Buffer.from(result.yaml, 'utf8'));
-    return { ...ref, redacted: result.redacted.length > 0 };
+    return { data: Buffer.from(result.yaml, 'utf8'), redacted: result.redacted.length > 0 };
+  }
+
+  async writeHelmValues(id: string, prepared: { data: Buffer; redacted: boolean }): Promise<FileRef & { redacted: boolean }> {
+    return { ...(await this.writeBuffer(layout.helmValues(id), prepared.data)), redacted: prepared.redacted };
   }
 
   async writeBuffer(path: string, data: Buffer, options: { ifNoneMatch?: boolean } = {}): Promise<FileRef> {
