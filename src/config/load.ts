@@ -41,7 +41,9 @@ export function parseConfigText(text: string, origin: string, overrides: ConfigO
 }
 
 export function validateConfig(raw: unknown, origin: string): Config {
-  const result = configSchema.safeParse(raw);
+  // reportInput lets a wrong type be told from a missing key; secret references fail as unions,
+  // whose message never quotes the input, so a literal secret is not echoed.
+  const result = configSchema.safeParse(raw, { reportInput: true });
   if (result.success) return result.data;
   const lines = result.error.issues.map(formatIssue);
   throw new ConfigError(`${origin} is not a valid pachbackup config:\n  ${lines.join('\n  ')}`);

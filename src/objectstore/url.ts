@@ -62,7 +62,9 @@ function normaliseEndpoint(endpoint: string | undefined): string {
   if (!endpoint) return 'aws';
   try {
     const u = new URL(endpoint);
-    return `${u.protocol}//${u.hostname.toLowerCase()}:${u.port || (u.protocol === 'https:' ? '443' : '80')}`;
+    // Loopback spellings name the same server.
+    const host = ['localhost', '[::1]', '127.0.0.1'].includes(u.hostname.toLowerCase()) ? 'loopback' : u.hostname.toLowerCase();
+    return `${u.protocol}//${host}:${u.port || (u.protocol === 'https:' ? '443' : '80')}`;
   } catch {
     return endpoint;
   }
