@@ -71,7 +71,9 @@ async function otherSessions(opts: QuiescenceOptions): Promise<string[]> {
     await client.end().catch(() => undefined);
   }
   const since = opts.tolerateIdleSince;
-  const offenders = rows.filter((r) => !(since && r.state === 'idle' && r.state_change !== null && r.state_change < since));
+  // Both clocks are read at millisecond precision here, so a session that went idle in the same
+  // millisecond as `since` (necessarily before it) compares equal.
+  const offenders = rows.filter((r) => !(since && r.state === 'idle' && r.state_change !== null && r.state_change <= since));
   if (offenders.length === 0) return [];
   const described = offenders.slice(0, MAX_NAMED).map(
     (r) =>
