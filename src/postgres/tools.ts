@@ -2,6 +2,7 @@ import { spawn, type ChildProcessWithoutNullStreams } from 'node:child_process';
 import { accessSync, constants, readdirSync } from 'node:fs';
 import { delimiter, join } from 'node:path';
 import { scrubSecrets } from '../config/secret.js';
+import { ProgramFailure, runProgram } from '../process/runProgram.js';
 
 export class ToolError extends Error {
   override name = 'ToolError';
@@ -45,20 +46,15 @@ export async function toolVersion(path: string): Promise<{ major: number; full: 
   return { major: Number(match[1]), full: match[2] ? `${match[1]}.${match[2]}` : match[1]! };
 }
 
-/** Runs a program to completion with an argument array (never a shell), capturing its output. */
-export function runTool(path: string, args: string[], env: NodeJS.ProcessEnv, options: { timeoutMs?: number } = {}): Promise<{ stdout: string; stderr: string }> {
-  return new Promise((resolve, reject) => {
-    const child = spawn(path, args, { env, stdio: ['ignore', 'pipe', 'pipe'], timeout: options.timeoutMs ?? 60_000 });
-    let stdout = '';
-    let stderr = '';
-    child.stdout.on('data', (d: Buffer) => (stdout += d.toString()));
-    child.stderr.on('data', (d: Buffer) => (stderr = (stderr + d.toString()).slice(-16_384)));
-    child.on('error', (err) => reject(new ToolError(`cannot run ${path}: ${err.message}`)));
-    child.on('close', (code, signal) => {
-      if (code === 0) resolve({ stdout, stderr });
-      else reject(new ToolError(`${path} ${args[0] ?? ''} failed (${signal ?? `exit ${code}`}): ${scrubSecrets(stderr.trim()) || 'no error output'}`));
-    });
-  });
+/** Runs a PostgreSQL program to completion, capturing its output. */
+export async function runTool(path: string, args: string[], env: NodeJS.ProcessEnv, options: { timeoutMs?: number } = {}): Promise<{ stdout: string; stderr: string }> {
+  try {
+    return await runProgram(path, args, { env, timeoutMs: options.timeoutMs ?? 60_000 });
+  } catch (err) {
+    if (!(err instanceof ProgramFailure)) throw err;
+    if (err.kind === 'start') throw new ToolError(`cannot run ${path}: ${err.why}`);
+    throw new ToolError(`${path} ${args[0] ?? ''} failed (${err.why}): ${err.output || 'no error output'}`);
+  }
 }
 
 /** Starts a long-running program whose stdin/stdout the caller streams; `done` settles when it exits. */

@@ -1,5 +1,4 @@
-import { spawn } from 'node:child_process';
-import { scrubSecrets } from '../config/secret.js';
+import { ProgramFailure, runProgram } from '../process/runProgram.js';
 import type { PauseRecord, QuiesceEvents, QuiesceStrategy } from './strategy.js';
 
 export type CommandSpec = string | string[];
@@ -19,32 +18,15 @@ export class CommandError extends Error {
  * Runs user-given commands. A list is executed directly; a string is run by /bin/sh -c, since
  * users write these as they would in a runbook (`kubectl scale ... && ...`).
  */
-export function runCommand(spec: CommandSpec, timeoutMs: number, label: string): Promise<{ stdout: string }> {
+export async function runCommand(spec: CommandSpec, timeoutMs: number, label: string): Promise<{ stdout: string }> {
   const [file, args] = typeof spec === 'string' ? ['/bin/sh', ['-c', spec]] : [spec[0]!, spec.slice(1)];
-  return new Promise((resolve, reject) => {
-    const child = spawn(file, args, { stdio: ['ignore', 'pipe', 'pipe'] });
-    let timedOut = false;
-    // Our own timer rather than spawn's `timeout`, which is only cleared when a child exits: a
-    // command that could not start would keep the process alive for the whole timeout.
-    const timer = setTimeout(() => {
-      timedOut = true;
-      child.kill('SIGKILL');
-    }, timeoutMs);
-    let stdout = '';
-    let stderr = '';
-    child.stdout.on('data', (d: Buffer) => (stdout = (stdout + d.toString()).slice(-16_384)));
-    child.stderr.on('data', (d: Buffer) => (stderr = (stderr + d.toString()).slice(-16_384)));
-    child.on('error', (err) => {
-      clearTimeout(timer);
-      reject(new CommandError(`${label} command could not start: ${err.message}`));
-    });
-    child.on('close', (code, signal) => {
-      clearTimeout(timer);
-      if (code === 0) return resolve({ stdout });
-      const why = timedOut ? `timed out after ${timeoutMs / 1000}s` : signal ? `killed by ${signal}` : `exit ${code}`;
-      reject(new CommandError(`${label} command failed (${why}): ${scrubSecrets(stderr.trim() || stdout.trim()) || 'no output'}`));
-    });
-  });
+  try {
+    return await runProgram(file, args, { timeoutMs });
+  } catch (err) {
+    if (!(err instanceof ProgramFailure)) throw err;
+    if (err.kind === 'start') throw new CommandError(`${label} command could not start: ${err.why}`);
+    throw new CommandError(`${label} command failed (${err.why}): ${err.output || 'no output'}`);
+  }
 }
 
 export class CommandPause implements QuiesceStrategy {

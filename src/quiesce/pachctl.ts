@@ -15,10 +15,9 @@
  * active-enterprise-context` resolves the same way, so it names the context the pause will hit,
  * and fails when the configured context does not exist.
  */
-import { spawn } from 'node:child_process';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { z } from 'zod';
-import { scrubSecrets } from '../config/secret.js';
+import { ProgramFailure, runProgram } from '../process/runProgram.js';
 import { assertExpectedContext, type PauseRecord, type QuiesceEvents, type QuiesceStrategy } from './strategy.js';
 
 export interface PachctlPauseOptions {
@@ -153,39 +152,22 @@ export class PachctlPause implements QuiesceStrategy {
       env.PACH_ENTERPRISE_CONTEXT = context;
     }
     const timeoutMs = Math.max(1000, Math.min(MAX_CALL_MS, deadline - Date.now()));
-    return runProgram(this.options.path, args, env, timeoutMs, purpose);
+    return runPachctl(this.options.path, args, env, timeoutMs, purpose);
   }
 }
 
-/** Runs a program with an argument array (never a shell) and rejects with its stderr on failure. */
-function runProgram(file: string, args: string[], env: NodeJS.ProcessEnv, timeoutMs: number, purpose: string): Promise<{ stdout: string; stderr: string }> {
-  const shown = `${file} ${args.join(' ')}`;
-  return new Promise((resolve, reject) => {
-    const child = spawn(file, args, { env, stdio: ['ignore', 'pipe', 'pipe'] });
-    let timedOut = false;
-    // Our own timer rather than spawn's `timeout`, which is only cleared on exit and so outlives a
-    // program that never started.
-    const timer = setTimeout(() => {
-      timedOut = true;
-      child.kill('SIGKILL');
-    }, timeoutMs);
-    let stdout = '';
-    let stderr = '';
-    child.stdout.on('data', (d: Buffer) => (stdout = (stdout + d.toString()).slice(-16_384)));
-    child.stderr.on('data', (d: Buffer) => (stderr = (stderr + d.toString()).slice(-16_384)));
-    child.on('error', (err: NodeJS.ErrnoException) => {
-      clearTimeout(timer);
-      const hint = err.code === 'ENOENT' ? `: not found; install pachctl or set pause.pachctl.path` : `: ${err.message}`;
-      reject(new PachctlError(`cannot run ${file} to ${purpose}${hint}`));
-    });
-    child.on('close', (code, signal) => {
-      clearTimeout(timer);
-      if (code === 0) return resolve({ stdout, stderr });
-      const why = timedOut ? `timed out after ${Math.round(timeoutMs / 1000)}s` : signal ? `killed by ${signal}` : `exit ${code}`;
-      const output = scrubSecrets(stderr.trim() || stdout.trim()) || 'no output';
-      reject(new PachctlError(`${shown} failed to ${purpose} (${why}): ${output}`));
-    });
-  });
+/** Runs pachctl, turning a failure into an error that says what it was for. */
+async function runPachctl(file: string, args: string[], env: NodeJS.ProcessEnv, timeoutMs: number, purpose: string): Promise<{ stdout: string; stderr: string }> {
+  try {
+    return await runProgram(file, args, { env, timeoutMs });
+  } catch (err) {
+    if (!(err instanceof ProgramFailure)) throw err;
+    if (err.kind === 'start') {
+      const hint = err.code === 'ENOENT' ? ': not found; install pachctl or set pause.pachctl.path' : `: ${err.why}`;
+      throw new PachctlError(`cannot run ${file} to ${purpose}${hint}`);
+    }
+    throw new PachctlError(`${file} ${args.join(' ')} failed to ${purpose} (${err.why}): ${err.output || 'no output'}`);
+  }
 }
 
 function lastLine(text: string): string {
