@@ -55,8 +55,8 @@ class MemoryStore implements ObjectStore {
 }
 
 async function referencedKeys(pg: LocalPostgres): Promise<string[]> {
-  const result = await pg.query<{ '?column?': string }>('pachyderm', REFERENCED_KEYS_SQL);
-  return result.rows.map((row) => row['?column?']).sort();
+  const result = await pg.query<{ key: string }>('pachyderm', REFERENCED_KEYS_SQL);
+  return result.rows.map((row) => row.key).sort();
 }
 
 describe('local PostgreSQL and the Pachyderm fixture', () => {

@@ -55,9 +55,8 @@ export interface FixtureChunks {
   bytes: number;
 }
 
-/** Every object key the metadata references (from pachyderm-facts.md). */
-export const REFERENCED_KEYS_SQL =
-  "SELECT 'chunk/'||encode(chunk_id,'hex')||'.'||lpad(to_hex(gen),16,'0') FROM storage.chunk_objects WHERE uploaded AND NOT tombstone;";
+/** Every object key the metadata references: the one query, shared with the backup engine. */
+export { REFERENCED_KEYS_SQL } from '../postgres/snapshot.js';
 
 /** The object key pachd uses for a chunk: `chunk/<hex id>.<gen as 16 zero-padded hex digits>`. */
 export function chunkKey(chunkIdHex: string, gen: bigint | number | string): string {
