@@ -32,7 +32,13 @@ export function parseConfigText(text: string, origin: string, overrides: ConfigO
     const where = first.linePos?.[0] ? ` at line ${first.linePos[0].line}, column ${first.linePos[0].col}` : '';
     throw new ConfigError(`${origin} is not valid YAML${where}: ${first.message.split('\n')[0]}`);
   }
-  const raw: unknown = doc.toJS() ?? {};
+  let raw: unknown;
+  try {
+    raw = doc.toJS({ maxAliasCount: 100 }) ?? {};
+  } catch (err) {
+    // e.g. an alias bomb: the parser refuses to expand it.
+    throw new ConfigError(`${origin} is not usable YAML: ${(err as Error).message}`);
+  }
   if (typeof raw !== 'object' || raw === null || Array.isArray(raw)) {
     throw new ConfigError(`${origin} must hold a YAML mapping with the keys cluster, repository, pause, backup, restore`);
   }

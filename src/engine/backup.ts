@@ -344,6 +344,12 @@ async function checkDatabases(cluster: ClusterHandles, pgDump: string, dumpVersi
     const probe = await DatabaseSnapshot.open(cluster.postgres, db.name);
     try {
       bytes += await probe.databaseBytes();
+      const unreadable = await probe.unreadableRelations();
+      if (unreadable.length > 0) {
+        throw new PreflightError(
+          `user ${cluster.postgres.config.user} may not read ${unreadable.length} table(s) or sequence(s) of database "${db.name}" (e.g. ${unreadable.slice(0, 3).join(', ')}), so pg_dump would fail; back up as the database owner or GRANT SELECT on them`,
+        );
+      }
       if (dumpVersion.major < probe.serverMajor) {
         throw new PreflightError(
           `pg_dump ${dumpVersion.full} (${pgDump}) is older than the server ${describeServer(cluster.postgres)} (PostgreSQL ${probe.serverVersion}); install postgresql-client-${probe.serverMajor} or newer, or set cluster.postgres.binDir`,

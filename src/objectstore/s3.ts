@@ -63,6 +63,8 @@ export class S3ObjectStore implements ObjectStore {
       requestHandler: {
         connectionTimeout: 10_000,
         requestTimeout: options.requestTimeoutSeconds * 1000,
+        // A server that accepts the connection and never answers must fail the request, not hang it.
+        throwOnRequestTimeout: true,
         httpAgent: new HttpAgent(agentOptions),
         httpsAgent: new HttpsAgent(agentOptions),
       },

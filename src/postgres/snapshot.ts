@@ -41,6 +41,19 @@ export class DatabaseSnapshot {
     }
   }
 
+  /**
+   * Tables and sequences the connected user may not read: pg_dump would fail on them midway, so
+   * preflight refuses before anything is paused.
+   */
+  async unreadableRelations(): Promise<string[]> {
+    const { rows } = await this.client.query<{ name: string }>(
+      `SELECT format('%I.%I', n.nspname, c.relname) AS name FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+       WHERE c.relkind IN ('r', 'p', 'S', 'm') AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg_toast%'
+         AND NOT has_table_privilege(c.oid, 'SELECT') ORDER BY 1`,
+    );
+    return rows.map((r) => r.name);
+  }
+
   /** On-disk size of the database, the input of the dump-time prediction. */
   async databaseBytes(): Promise<number> {
     const { rows } = await this.client.query<{ n: string }>('SELECT pg_database_size(current_database()) AS n');
