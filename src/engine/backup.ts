@@ -21,6 +21,7 @@ import { predictBackup, type PlanInputs, type Prediction } from './plan.js';
 import { PhaseRunner, type EventSink } from './events.js';
 import { copyMissingObjects, CopyJournal, listSource, loadHeldObjects, ServerSideCopier } from './objects.js';
 import { openStore } from '../objectstore/open.js';
+import { defaultRetryPolicy, withRetry } from '../objectstore/retry.js';
 
 export interface BackupOptions {
   config: Config;
@@ -310,17 +311,26 @@ async function dumpDatabases(
     try {
       const tables = await snapshot.tableCounts();
       if (db.role === 'pachyderm') referenced = await snapshot.referencedKeys();
-      const tool = startTool(pgDump, ['--format=custom', '--no-password', `--snapshot=${snapshot.snapshotId}`, `--dbname=${db.name}`], childEnv(cluster.postgres));
-      const onAbort = (): void => void tool.child.kill('SIGTERM');
-      signal?.addEventListener('abort', onAbort, { once: true });
-      try {
-        const [ref] = await Promise.all([repo.writeStream(layout.dump(id, db.name), tool.child.stdout, signal), tool.done]);
-        return { role: db.role, name: db.name, ref, tables, serverVersion: snapshot.serverVersion };
-      } catch (err) {
-        throw await stopTool(tool, err);
-      } finally {
-        signal?.removeEventListener('abort', onAbort);
-      }
+      // A transient store fault on the upload reruns pg_dump: the exported snapshot stays open, so
+      // every attempt dumps exactly the same state.
+      const ref = await withRetry(
+        async () => {
+          const tool = startTool(pgDump, ['--format=custom', '--no-password', `--snapshot=${snapshot.snapshotId}`, `--dbname=${db.name}`], childEnv(cluster.postgres));
+          const onAbort = (): void => void tool.child.kill('SIGTERM');
+          signal?.addEventListener('abort', onAbort, { once: true });
+          try {
+            const [written] = await Promise.all([repo.writeStream(layout.dump(id, db.name), tool.child.stdout, signal), tool.done]);
+            return written;
+          } catch (err) {
+            throw await stopTool(tool, err);
+          } finally {
+            signal?.removeEventListener('abort', onAbort);
+          }
+        },
+        { ...defaultRetryPolicy, attempts: 4 },
+        signal,
+      );
+      return { role: db.role, name: db.name, ref, tables, serverVersion: snapshot.serverVersion };
     } finally {
       await snapshot.close();
     }

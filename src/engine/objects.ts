@@ -102,7 +102,9 @@ export class ServerSideCopier {
     }
     if (result.sha256) return { size: info.size, sha256: result.sha256 };
     // The service gave no checksum: read the copy back, so the index still holds a verified SHA-256.
-    const { bytes, sha256 } = await digestOf(await repo.store.get(layout.object(info.key), signal), signal);
+    const { bytes, sha256 } = await digestOf(await repo.store.get(layout.object(info.key), signal), signal).catch((err: unknown) => {
+      throw asRetryable(err, `reading back the server-side copy of ${info.key}`, signal);
+    });
     return { size: bytes, sha256 };
   }
 }
@@ -129,37 +131,44 @@ export async function copyMissingObjects(options: {
   const progress = new ProgressReporter(options.emit, options.phase, missing.length, missing.reduce((n, o) => n + o.size, 0));
   let newBytes = 0;
   let serverSideCount = 0;
-  await forEachConcurrently(
-    missing,
-    options.concurrency,
-    async (info) => {
-      const entry = await withRetry(
-        async () => {
-          const copied = await options.serverSide?.copy(repo, info, signal);
-          if (copied) {
-            if (copied.size !== info.size) throw new StoreError(`object ${info.key} was ${info.size} bytes when listed but ${copied.size} when copied; it changed during the backup`, false);
-            serverSideCount++;
-            return { key: info.key, ...copied };
-          }
-          const body = await source.get(info.key, signal);
-          const { bytes, sha256 } = await pipeWithDigest(body, (digest) => repo.store.put(layout.object(info.key), digest, { size: info.size }, signal), signal).catch(
-            (err: unknown) => {
-              throw asRetryable(err, `copying ${info.key}`, signal);
-            },
-          );
-          if (bytes !== info.size) throw new StoreError(`object ${info.key} was ${info.size} bytes when listed but ${bytes} when read; it changed during the backup`, false);
-          return { key: info.key, size: bytes, sha256 };
-        },
-        options.retry ?? defaultRetryPolicy,
-        signal,
-      );
-      held.set(info.key, entry);
-      options.journal.record(entry);
-      newBytes += entry.size;
-      progress.add(1, entry.size);
-    },
-    signal,
-  );
+  try {
+    await forEachConcurrently(
+      missing,
+      options.concurrency,
+      async (info) => {
+        const entry = await withRetry(
+          async () => {
+            const copied = await options.serverSide?.copy(repo, info, signal);
+            if (copied) {
+              if (copied.size !== info.size) throw new StoreError(`object ${info.key} was ${info.size} bytes when listed but ${copied.size} when copied; it changed during the backup`, false);
+              serverSideCount++;
+              return { key: info.key, ...copied };
+            }
+            const body = await source.get(info.key, signal);
+            const { bytes, sha256 } = await pipeWithDigest(body, (digest) => repo.store.put(layout.object(info.key), digest, { size: info.size }, signal), signal).catch(
+              (err: unknown) => {
+                throw asRetryable(err, `copying ${info.key}`, signal);
+              },
+            );
+            if (bytes !== info.size) throw new StoreError(`object ${info.key} was ${info.size} bytes when listed but ${bytes} when read; it changed during the backup`, false);
+            return { key: info.key, size: bytes, sha256 };
+          },
+          options.retry ?? defaultRetryPolicy,
+          signal,
+        );
+        held.set(info.key, entry);
+        options.journal.record(entry);
+        newBytes += entry.size;
+        progress.add(1, entry.size);
+      },
+      signal,
+    );
+  } catch (err) {
+    // Also on failure: what was copied and checked is recorded, so the next run does not copy it
+    // again. A journal that cannot be written must not hide the error that stopped the copy.
+    await options.journal.flush().catch(() => undefined);
+    throw err;
+  }
   await options.journal.flush();
   progress.flush();
   const entries = options.objects.map((o) => held.get(o.key)!);
