@@ -145,7 +145,7 @@ export async function copyMissingObjects(options: {
               return { key: info.key, ...copied };
             }
             const body = await source.get(info.key, signal);
-            const { bytes, sha256 } = await pipeWithDigest(body, (digest) => repo.store.put(layout.object(info.key), digest, { size: info.size }, signal), signal).catch(
+            const { bytes, sha256 } = await pipeWithDigest(body, (digest, putSignal) => repo.store.put(layout.object(info.key), digest, { size: info.size }, putSignal), signal).catch(
               (err: unknown) => {
                 throw asRetryable(err, `copying ${info.key}`, signal);
               },

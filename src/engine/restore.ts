@@ -231,7 +231,7 @@ async function restoreObjects(repo: Repository, out: ObjectStore, entries: Index
         async () => {
           const body = await repo.store.get(layout.object(entry.key), signal);
           written.push(entry.key);
-          const { bytes, sha256 } = await pipeWithDigest(body, (digest) => out.put(entry.key, digest, { size: entry.size }, signal), signal).catch((err: unknown) => {
+          const { bytes, sha256 } = await pipeWithDigest(body, (digest, putSignal) => out.put(entry.key, digest, { size: entry.size }, putSignal), signal).catch((err: unknown) => {
             throw asRetryable(err, `restoring ${entry.key}`, signal);
           });
           if (bytes !== entry.size || sha256 !== entry.sha256) {

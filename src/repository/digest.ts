@@ -1,6 +1,7 @@
 import { createHash, type Hash } from 'node:crypto';
 import { Transform, type TransformCallback } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
+import { setMaxListeners } from 'node:events';
 
 /** A pass-through stream that counts bytes and computes SHA-256 of everything that flows through it. */
 export class DigestStream extends Transform {
@@ -26,21 +27,35 @@ export function sha256Hex(data: Buffer | string): string {
 }
 
 /**
- * Pipes `body` through a DigestStream into `consume` (an upload, a child's stdin). If the consumer
- * fails, the producer is destroyed too, so nothing is left waiting for a reader.
+ * Pipes `body` through a DigestStream into `consume` (an upload, a child's stdin). A failure on
+ * either side stops the other: if the consumer fails, the producer is destroyed; if the producer
+ * fails (a reset or truncated download), the consumer's signal aborts, so an upload that would
+ * otherwise wait for the rest of its body releases its connection at once.
  */
 export async function pipeWithDigest(
   body: NodeJS.ReadableStream & { destroy(error?: Error): unknown },
-  consume: (stream: DigestStream) => Promise<void>,
+  consume: (stream: DigestStream, signal: AbortSignal) => Promise<void>,
   signal?: AbortSignal,
 ): Promise<{ bytes: number; sha256: string }> {
   const digest = new DigestStream();
-  const consumer = consume(digest).catch((err: unknown) => {
+  const local = new AbortController();
+  const consumerSignal = signal ? AbortSignal.any([signal, local.signal]) : local.signal;
+  setMaxListeners(0, consumerSignal);
+  const consumer = consume(digest, consumerSignal).catch((err: unknown) => {
     body.destroy(err as Error);
     digest.destroy(err as Error);
     throw err;
   });
-  await Promise.all([pipeline(body, digest, signal ? { signal } : {}), consumer]);
+  const producer = pipeline(body, digest, signal ? { signal } : {}).catch((err: unknown) => {
+    local.abort(err);
+    throw err;
+  });
+  // A consumer that ignores its signal must not hang this call once the producer has failed.
+  const aborted = new Promise<never>((_, reject) => consumerSignal.addEventListener('abort', () => reject(consumerSignal.reason), { once: true }));
+  aborted.catch(() => undefined);
+  const [produced, consumed] = await Promise.allSettled([producer, Promise.race([consumer, aborted])]);
+  if (produced.status === 'rejected') throw produced.reason;
+  if (consumed.status === 'rejected') throw consumed.reason;
   return { bytes: digest.bytes, sha256: digest.sha256 };
 }
 

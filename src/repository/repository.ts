@@ -256,7 +256,7 @@ export class Repository {
 
   /** Streams `body` to `path`, returning its size and SHA-256 computed on the way. */
   async writeStream(path: string, body: Readable, signal?: AbortSignal): Promise<FileRef> {
-    const { bytes, sha256 } = await pipeWithDigest(body, (digest) => this.store.put(path, digest, {}, signal), signal);
+    const { bytes, sha256 } = await pipeWithDigest(body, (digest, putSignal) => this.store.put(path, digest, {}, putSignal), signal);
     return { file: path, size: bytes, sha256 };
   }
 
