@@ -123,6 +123,35 @@ describe('a flipped byte in a backup\'s metadata (fs)', () => {
   });
 });
 
+describe('restore latest when the newest backup is damaged (fs)', () => {
+  let cluster: TestCluster;
+  before(async () => {
+    cluster = (await TestCluster.create({ kind: 'fs', chunks: 5 })) as TestCluster;
+  });
+  after(async () => cluster?.cleanup());
+
+  test('"latest" never silently means an older backup: restore and verify latest name the damaged newest one', { timeout: 300_000 }, async (t) => {
+    const config = await cluster.writeConfig();
+    const older = await cluster.runCli(['--config', config, '--json', '--yes', 'backup']);
+    assert.equal(older.code, 0, describeRun(older));
+    const newest = await cluster.runCli(['--config', config, '--json', '--yes', 'backup']);
+    assert.equal(newest.code, 0, describeRun(newest));
+    const newestId = newest.result!.id as string;
+    await flipMiddleByte(join(cluster.dirs!.repository, `backups/${newestId}/manifest.json`));
+    const verify = await cluster.runCli(['--config', config, 'verify', 'latest']);
+    const restore = await cluster.runCli(['--config', config, '--yes', 'restore', 'latest']);
+    const named = (r: { stdout: string; stderr: string }) => r.stdout.includes(newestId) || r.stderr.includes(newestId);
+    record(t, {
+      category: 'corruption',
+      fault: 'the newest backup\'s manifest damaged, then verify latest and restore latest',
+      runs: 2,
+      detail: `verify latest: exit ${verify.code}${named(verify) ? ', names the damaged backup' : ', does not mention the damaged backup'}; restore latest: exit ${restore.code}${named(restore) ? ', names the damaged backup' : ` and restored the older backup ${older.result!.id} without mentioning the damaged newest one`}`,
+    });
+    assert.ok(named(verify), `verify latest must say the newest backup ${newestId} is damaged: ${describeRun(verify)}`);
+    assert.ok(named(restore), `restore latest must refuse, or at least say it skips the damaged newest backup ${newestId}: ${describeRun(restore)}`);
+  });
+});
+
 function firstLine(stderr: string): string {
   return (stderr.split('\n').find((l) => l.startsWith('pachbackup: error: ')) ?? '').replace('pachbackup: error: ', '').slice(0, 200);
 }

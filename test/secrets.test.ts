@@ -49,6 +49,7 @@ function needlesOf(secrets: Record<string, string>): Array<{ name: string; text:
 class CommandLineWatcher {
   readonly seen = new Set<string>();
   #timer: NodeJS.Timeout | undefined;
+  #stopped = false;
   start(): void {
     const poll = async (): Promise<void> => {
       for (const pid of await readdir('/proc').catch(() => [] as string[])) {
@@ -56,11 +57,13 @@ class CommandLineWatcher {
         const cmdline = await readFile(`/proc/${pid}/cmdline`, 'utf8').catch(() => '');
         if (cmdline) this.seen.add(cmdline.replace(/\0/g, ' ').trim());
       }
-      this.#timer = setTimeout(() => void poll(), 25);
+      // A poll still running when stop() is called must not schedule another.
+      if (!this.#stopped) this.#timer = setTimeout(() => void poll(), 25).unref();
     };
     void poll();
   }
   stop(): void {
+    this.#stopped = true;
     clearTimeout(this.#timer);
   }
 }
