@@ -166,6 +166,13 @@ function outcomeCell(row) {
   return row.outcome;
 }
 
+/** The assertion's message, then the lines of the command's output that say what went wrong. */
+function failureExcerpt(error) {
+  const lines = stable(error ?? '').split('\n');
+  const telling = lines.slice(1).filter((l) => /pachbackup: error:|"type":"(error|warning)"|Error:|did not finish/.test(l));
+  return [lines[0] ?? '', ...telling.slice(0, 6)];
+}
+
 function seconds(ms) {
   return `${(ms / 1000).toFixed(1)} s`;
 }
@@ -210,7 +217,7 @@ function markdown(results, meta) {
     lines.push('## Failures', '', 'What each failing test reported (first lines):', '');
     for (const t of failed) {
       const where = results.find((r) => r.tests.includes(t));
-      lines.push(`### ${cell(t.name)}`, '', `\`${relative(ROOT, where.source)}\``, '', '```', ...stable(t.error ?? '').split('\n').slice(0, 12).map((l) => l.slice(0, 300)), '```', '');
+      lines.push(`### ${cell(t.name)}`, '', `\`${relative(ROOT, where.source)}\``, '', '```', ...failureExcerpt(t.error).map((l) => l.slice(0, 400)), '```', '');
     }
   }
   return `${lines.join('\n').trimEnd()}\n`;

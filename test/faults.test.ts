@@ -65,14 +65,24 @@ function countInjectedFaults(): { byStore(): Map<string, number>; restore(): voi
   };
 }
 
-/** Sets PACHBACKUP_FAULTS in this process for `fn` (in-process engine runs), then removes it. */
+/**
+ * Sets PACHBACKUP_FAULTS in this process for `fn` (in-process engine runs), then removes it.
+ * `faultsClosed` stops a test body that outlived its test (failed by an uncaught error while
+ * still running) from setting it again for the tests after it.
+ */
+let faultsClosed = false;
 async function withFaults<T>(rules: unknown[], fn: () => Promise<T>): Promise<T> {
+  if (faultsClosed) throw new Error('fault injection in this process is closed');
   process.env.PACHBACKUP_FAULTS = JSON.stringify(rules);
   try {
     return await fn();
   } finally {
     delete process.env.PACHBACKUP_FAULTS;
   }
+}
+function closeFaults(): void {
+  faultsClosed = true;
+  delete process.env.PACHBACKUP_FAULTS;
 }
 
 /** The repository lists no sealed backup, `list` agrees, and `status` says nothing is paused. */
@@ -122,6 +132,7 @@ describe('transient object-store faults (s3rver)', () => {
     repositoryPath = await proxyTo(cluster);
   });
   after(async () => {
+    closeFaults();
     // Closing the proxies ends every connection the in-process engine may still hold, so s3rver can stop.
     await clusterPath?.close();
     await repositoryPath?.close();
@@ -305,7 +316,7 @@ describe('object reads that break (fs)', () => {
   after(async () => cluster?.cleanup());
 
   test('truncated object bodies are never stored as the object: the backup either retries or fails, and anything sealed verifies', { timeout: 300_000 }, async (t) => {
-    assert.equal(process.env.PACHBACKUP_FAULTS, undefined, 'no fault rules left over in this process');
+    assert.equal(process.env.PACHBACKUP_FAULTS, undefined, `no fault rules left over in this process: ${process.env.PACHBACKUP_FAULTS}`);
     const config = await cluster.writeConfig();
     const run = await cluster.runCli(['--config', config, '--json', '--yes', 'backup', '--concurrency', '2'], {
       env: faultsEnv([{ store: 'cluster.objectStore', op: 'get', kind: 'truncate', rate: 0.2 }]),
