@@ -144,7 +144,7 @@ async function backupUnderLock(options: BackupOptions, lockBox: { lock?: LockHan
 
   const captureState = async (stateSignal: AbortSignal | undefined): Promise<void> => {
     await phases.run('snapshot', async () => {
-      const result = await dumpDatabases(cluster, repo, pgDump, id, stateSignal);
+      const result = await dumpDatabases(cluster, repo, pgDump, id, config.backup.dumpCompression, stateSignal);
       dumps = result.dumps;
       referenced = result.referenced;
     });
@@ -301,6 +301,7 @@ async function dumpDatabases(
   repo: ReturnType<typeof openRepository>,
   pgDump: string,
   id: string,
+  compression: number,
   signal: AbortSignal | undefined,
 ): Promise<{ dumps: DumpedDatabase[]; referenced: string[] }> {
   let referenced: string[] = [];
@@ -315,7 +316,7 @@ async function dumpDatabases(
       // every attempt dumps exactly the same state.
       const ref = await withRetry(
         async () => {
-          const tool = startTool(pgDump, ['--format=custom', '--no-password', `--snapshot=${snapshot.snapshotId}`, `--dbname=${db.name}`], childEnv(cluster.postgres));
+          const tool = startTool(pgDump, ['--format=custom', `--compress=${compression}`, '--no-password', `--snapshot=${snapshot.snapshotId}`, `--dbname=${db.name}`], childEnv(cluster.postgres));
           const onAbort = (): void => void tool.child.kill('SIGTERM');
           signal?.addEventListener('abort', onAbort, { once: true });
           try {
