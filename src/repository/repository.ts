@@ -412,8 +412,14 @@ export class Repository {
   /** Resolves `latest` or an id to a sealed backup's manifest. */
   async resolve(idOrLatest: string): Promise<Manifest> {
     if (idOrLatest !== 'latest') return this.readManifest(idOrLatest);
-    const { sealed } = await this.listBackups();
+    const { sealed, damaged } = await this.listBackups();
     const latest = sealed[sealed.length - 1];
+    // "latest" must never silently mean an older backup than the newest one that was sealed.
+    const newerDamaged = damaged.filter((d) => !latest || d.id > latest.id);
+    if (newerDamaged.length > 0) {
+      const d = newerDamaged[newerDamaged.length - 1]!;
+      throw new RepositoryError(`the newest backup ${d.id} is damaged (${d.problem}); run pachbackup verify ${d.id}, or name an older backup explicitly (pachbackup list)`);
+    }
     if (!latest) throw new RepositoryError(`${this.description} holds no complete backup yet`);
     return latest;
   }
