@@ -32,8 +32,10 @@ export class FsObjectStore implements ObjectStore {
   async *list(prefix = ''): AsyncIterable<ObjectInfo> {
     const entries: ObjectInfo[] = [];
     await this.walk('', prefix, entries);
-    entries.sort((a, b) => Buffer.compare(Buffer.from(a.key), Buffer.from(b.key)));
-    yield* entries;
+    // S3 lists in UTF-8 byte order; each key is encoded once, not on every comparison.
+    const keyed = entries.map((e) => ({ e, bytes: Buffer.from(e.key) }));
+    keyed.sort((a, b) => Buffer.compare(a.bytes, b.bytes));
+    for (const { e } of keyed) yield e;
   }
 
   private async walk(relDir: string, prefix: string, out: ObjectInfo[]): Promise<void> {

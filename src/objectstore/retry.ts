@@ -51,8 +51,10 @@ export class RetryStore implements ObjectStore {
     let last: string | undefined;
     for (let attempt = 1; ; attempt++) {
       try {
+        const resumeAfter = attempt > 1 && last !== undefined ? Buffer.from(last) : undefined;
         for await (const info of this.inner.list(prefix)) {
-          if (last !== undefined && Buffer.compare(Buffer.from(info.key), Buffer.from(last)) <= 0) continue;
+          // Only a restarted listing needs the comparison that skips keys already yielded.
+          if (resumeAfter && Buffer.compare(Buffer.from(info.key), resumeAfter) <= 0) continue;
           last = info.key;
           yield info;
         }
