@@ -106,7 +106,7 @@ test('CLI end to end (s3rver): backup --json --yes, list --json, show, verify, r
     assert.ok(backup.events.length > 2, 'one JSON event per line');
     for (const line of backup.stdout.trim().split('\n')) assert.doesNotThrow(() => JSON.parse(line), `not a JSON line: ${line}`);
     const phases = backup.events.filter((e) => e.type === 'phase-start').map((e) => e.phase);
-    for (const phase of ['preflight', 'pause', 'snapshot', 'copy', 'resume', 'seal']) assert.ok(phases.includes(phase), `phase ${phase} in ${phases.join(',')}`);
+    for (const phase of ['preflight', 'pause', 'snapshot', 'copy', 'resume', 'dump', 'seal']) assert.ok(phases.includes(phase), `phase ${phase} in ${phases.join(',')}`);
     const result = backup.result;
     assert.ok(result, describeRun(backup));
     assert.equal(result.command, 'backup');

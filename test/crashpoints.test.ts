@@ -37,10 +37,11 @@ const PHASE_POINTS: KillPoint[] = [
   { label: 'pre-copy has copied objects', event: { type: 'progress', phase: 'precopy' }, args: [], paused: false },
   { label: 'pause starts (ledger written, pause command next)', event: { type: 'phase-start', phase: 'pause' }, args: [], paused: undefined },
   { label: 'pause done (ledger says paused)', event: { type: 'phase-end', phase: 'pause' }, args: [], paused: true },
-  { label: 'snapshot starts (pg_dump next)', event: { type: 'phase-start', phase: 'snapshot' }, args: [], paused: true },
-  { label: 'copy starts (dumps written)', event: { type: 'phase-start', phase: 'copy' }, args: ['--no-precopy'], paused: true },
+  { label: 'snapshot starts (snapshots exported next)', event: { type: 'phase-start', phase: 'snapshot' }, args: [], paused: true },
+  { label: 'copy starts (snapshot exported)', event: { type: 'phase-start', phase: 'copy' }, args: ['--no-precopy'], paused: true },
   { label: 'copy has copied objects', event: { type: 'progress', phase: 'copy' }, args: ['--no-precopy'], paused: true },
   { label: 'resume starts', event: { type: 'phase-start', phase: 'resume' }, args: [], paused: undefined },
+  { label: 'dump starts (cluster resumed, pg_dump next)', event: { type: 'phase-start', phase: 'dump' }, args: [], paused: false },
   { label: 'seal starts', event: { type: 'phase-start', phase: 'seal' }, args: [], paused: false },
   { label: 'sealed (result printed)', event: { type: 'result' }, args: [], paused: false },
 ];

@@ -20,7 +20,10 @@ import { TestCluster, describeRun } from './helpers/cluster.js';
 class HookPause implements QuiesceStrategy {
   readonly name = 'test-hook';
   readonly needsConfirmation = false;
-  constructor(private readonly onPause: () => Promise<void>) {}
+  constructor(
+    private readonly onPause: () => Promise<void>,
+    private readonly onResume: () => Promise<void> = async () => undefined,
+  ) {}
   async describeTarget(): Promise<string> {
     return 'a test hook';
   }
@@ -31,7 +34,9 @@ class HookPause implements QuiesceStrategy {
     await this.onPause();
     return record;
   }
-  async resume(): Promise<void> {}
+  async resume(): Promise<void> {
+    await this.onResume();
+  }
 }
 
 async function backupIndexKeys(cluster: TestCluster, id: string): Promise<Set<string>> {
@@ -89,6 +94,56 @@ describe('pre-copy and paused backups', () => {
     const referenced = await referencedKeys(cluster, 'target');
     assert.equal(referenced.length, 40 + 10, 'the restored database references the objects written before the pause');
     for (const key of referenced) assert.ok(restoredKeys.has(key), `restored bucket holds referenced ${key}`);
+  });
+});
+
+describe('the dump after the resume', () => {
+  let cluster: TestCluster;
+  before(async () => {
+    cluster = (await TestCluster.create({ kind: 'fs', chunks: 20 })) as TestCluster;
+  });
+  after(async () => cluster?.cleanup());
+
+  test('rows and objects written after the resume, while pg_dump reads the snapshot, are not in the backup; the restore matches the paused state', async () => {
+    const phases: string[] = [];
+    let atPause: string[] = [];
+    let afterResume: string[] = [];
+    const summary = await runBackup({
+      config: cluster.config(),
+      strategy: new HookPause(
+        async () => {
+          atPause = await referencedKeys(cluster, 'source');
+        },
+        async () => {
+          // The cluster runs again before pg_dump starts: these commits are newer than the snapshot.
+          afterResume = (await addChunks(cluster.source, cluster.clusterStore(), 6, { seed: 11 })).keys;
+        },
+      ),
+      emit: (e) => {
+        if (e.type === 'phase-start') phases.push(e.phase);
+      },
+    });
+    assert.ok(phases.indexOf('resume') < phases.indexOf('dump'), `the dump runs after the resume: ${phases.join(',')}`);
+    assert.equal(afterResume.length, 6);
+    assert.ok(summary.downtimeMs !== null && summary.downtimeMs < summary.totalMs);
+    const dumpMs = summary.phases.find((p) => p.name === 'dump')!.ms;
+    assert.ok(summary.downtimeMs! + dumpMs <= summary.totalMs, 'the dump is not inside the pause');
+
+    await cluster.restore(summary.id);
+    const restoredReferenced = await referencedKeys(cluster, 'target');
+    assert.deepEqual(restoredReferenced, atPause, 'the restored database is the database as it was paused');
+    for (const key of afterResume) assert.ok(!restoredReferenced.includes(key), `${key}, committed after the resume, is not in the dump`);
+    const restoredKeys = new Set(await cluster.restoredKeys());
+    for (const key of restoredReferenced) assert.ok(restoredKeys.has(key), `restored bucket holds referenced ${key}`);
+    // Row counts recorded in the manifest were counted in the snapshot, and the restored tables match them.
+    const repo = openRepository(cluster.config());
+    await repo.open(false);
+    const manifest = await repo.readManifest(summary.id);
+    const pachyderm = manifest.databases.find((d) => d.role === 'pachyderm')!;
+    for (const t of pachyderm.tables) {
+      const { rows } = await cluster.target!.query<{ n: string }>('pachyderm', `SELECT count(*) AS n FROM "${t.schema}"."${t.table}"`);
+      assert.equal(Number(rows[0]!.n), t.rows, `${t.schema}.${t.table} restored with the snapshot's row count`);
+    }
   });
 });
 

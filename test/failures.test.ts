@@ -5,6 +5,7 @@
  * that fails takes back what it created.
  */
 import assert from 'node:assert/strict';
+import { addChunks } from '../src/demo/pachydermFixture.js';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { after, before, describe, test } from 'node:test';
 import { describeRun, TestCluster, type CliResult, type StoreKind } from './helpers/cluster.js';
@@ -72,6 +73,8 @@ for (const kind of ['fs', 's3rver'] as StoreKind[]) {
 
     test('a failure before the pause (during pre-copy) never pauses the cluster, nothing sealed', { timeout: 300_000 }, async () => {
       await cluster.resetMarker();
+      // The earlier tests' copies are held (journaled) by now: new objects give the pre-copy work.
+      await addChunks(cluster.source, cluster.clusterStore(), 6, { seed: 31 });
       const sealedBefore = await cluster.sealedBackups();
       const config = await cluster.writeConfig();
       const run = await cluster.runCli(['--config', config, '--yes', 'backup'], {

@@ -15,6 +15,7 @@ const PHASE_LABEL: Record<PhaseName, string> = {
   pause: 'pause',
   snapshot: 'database snapshot',
   copy: 'copy objects',
+  dump: 'dump databases',
   resume: 'resume',
   seal: 'seal',
   verify: 'verify',

@@ -95,6 +95,12 @@ export const pauseSchema = z
       .optional(),
     /** Refuse to pause unless the Kubernetes/pachctl context is exactly this. */
     expectedContext: z.string().optional(),
+    /**
+     * Keep the cluster paused until pg_dump has finished. Off by default: the cluster is resumed
+     * as soon as the database snapshot is exported and the objects are copied, and pg_dump then
+     * reads that snapshot while the cluster runs, so downtime does not grow with database size.
+     */
+    holdDuringDump: z.boolean().default(false),
     /** Abort the backup and resume if the cluster would stay paused longer than this. */
     maxDowntimeSeconds: z.number().positive().optional(),
     /** After pausing, prove the cluster quiet before capturing anything (not for strategy none). */

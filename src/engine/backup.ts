@@ -6,8 +6,7 @@ import { childEnv, describeServer } from '../postgres/connection.js';
 import { DatabaseSnapshot } from '../postgres/snapshot.js';
 import { findPgTool, startTool, stopTool, toolVersion } from '../postgres/tools.js';
 import { PauseLedger } from '../quiesce/ledger.js';
-import { checkQuiescent } from '../quiesce/quiescence.js';
-import { readHelmReleaseValues } from '../quiesce/helmRelease.js';
+import { QuiescenceCheck } from '../quiesce/quiescence.js';
 import { assertExpectedContext } from '../quiesce/strategy.js';
 import { acquireLock, type LockHandle } from '../repository/lock.js';
 import type { PauseRecord, QuiesceStrategy } from '../quiesce/strategy.js';
@@ -102,7 +101,7 @@ async function backupUnderLock(options: BackupOptions, lockBox: { lock?: LockHan
     const backups = await repo.listBackups();
     const held = await loadHeldObjects(repo, backups);
     const listing = await listSource(cluster.source.store);
-    const prediction = predictBackup(backups.sealed, { mode, precopy: config.backup.precopy, databaseBytes, objects: listing.objects.length, ...missingObjects(listing.objects, held) });
+    const prediction = predictBackup(backups.sealed, { mode, precopy: config.backup.precopy, holdDuringDump: config.pause.holdDuringDump, databaseBytes, objects: listing.objects.length, ...missingObjects(listing.objects, held) });
     const target = mode === 'paused' ? await strategy.describeTarget() : 'nothing (online mode)';
     emit({ type: 'info', message: `backup ${id}: ${mode} mode; source ${describeServer(cluster.postgres)} and ${cluster.source.store.description}; repository ${repo.description}; pause ${target}` });
     emit({ type: 'info', message: `predicted downtime ${formatSeconds(prediction.downtimeMs)}, total ${formatSeconds(prediction.totalMs)} (${prediction.basis})` });
@@ -141,16 +140,29 @@ async function backupUnderLock(options: BackupOptions, lockBox: { lock?: LockHan
   let entries: IndexEntry[] = [];
   let newCount = 0;
   let newBytes = 0;
+  let snapshots: OpenSnapshot[] = [];
+  // Paused mode resumes the cluster once the snapshot is taken and the objects are copied: the
+  // dump then reads that exported snapshot while the cluster runs (docs/repository-format.md).
+  const dumpWhilePaused = mode === 'paused' && config.pause.holdDuringDump;
 
-  const captureState = async (stateSignal: AbortSignal | undefined): Promise<void> => {
-    await phases.run('snapshot', async () => {
-      const result = await dumpDatabases(cluster, repo, pgDump, id, config.backup.dumpCompression, stateSignal);
-      dumps = result.dumps;
-      referenced = result.referenced;
+  // ---- snapshot: one exported snapshot per database; the referenced keys are read in it.
+  const takeSnapshot = (): Promise<void> =>
+    phases.run('snapshot', async () => {
+      snapshots = await openSnapshots(cluster);
+      const pachyderm = snapshots.find((s) => s.role === 'pachyderm');
+      if (pachyderm) referenced = await pachyderm.snapshot.referencedKeys();
     });
-    await phases.run('copy', async () => {
+
+  // ---- copy: what the bucket gained since the pre-copy, and every referenced key.
+  const copyObjects = (copySignal: AbortSignal | undefined, quiet?: QuiescenceCheck): Promise<void> =>
+    phases.run('copy', async () => {
+      if (quiet) await quiet.settled();
       const listing = await listSource(cluster.source.store);
-      const copied = await copyMissingObjects({ source: cluster.source.store, repo, objects: listing.objects, held, concurrency, journal, emit, phase: 'copy', ...copyOptions(stateSignal) });
+      if (quiet) {
+        const problems = await quiet.compare(listing.objects);
+        if (problems.length > 0) throw notQuiet(problems);
+      }
+      const copied = await copyMissingObjects({ source: cluster.source.store, repo, objects: listing.objects, held, concurrency, journal, emit, phase: 'copy', ...copyOptions(copySignal) });
       serverSideCount += copied.serverSideCount;
       streamedCount += copied.newCount - copied.serverSideCount;
       entries = copied.entries;
@@ -165,7 +177,7 @@ async function backupUnderLock(options: BackupOptions, lockBox: { lock?: LockHan
           const info = await cluster.source.store.stat(key);
           if (info) extra.push(info);
         }
-        const more = await copyMissingObjects({ source: cluster.source.store, repo, objects: extra, held, concurrency, journal, emit, phase: 'copy', ...copyOptions(stateSignal) });
+        const more = await copyMissingObjects({ source: cluster.source.store, repo, objects: extra, held, concurrency, journal, emit, phase: 'copy', ...copyOptions(copySignal) });
         serverSideCount += more.serverSideCount;
         streamedCount += more.newCount - more.serverSideCount;
         entries.push(...more.entries);
@@ -173,66 +185,78 @@ async function backupUnderLock(options: BackupOptions, lockBox: { lock?: LockHan
         newBytes += more.newBytes;
       }
     });
-  };
 
-  if (mode === 'paused') {
-    pauseRecord = await strategy.plan();
-    await ledger.write({ record: pauseRecord, backupId: id, host: hostname(), pid: process.pid, phase: 'pausing', writtenAt: new Date().toISOString() });
-    let failure: unknown;
-    try {
-      await phases.run('pause', async () => {
-        pausedAt = new Date();
-        pauseRecord = await strategy.pause(pauseRecord!, events, signal);
-        // Sessions idle since the pause completed did nothing while paused; writers finishing during it are expected.
-        const quietSince = new Date();
-        await ledger.write({ record: pauseRecord, backupId: id, host: hostname(), pid: process.pid, phase: 'paused', writtenAt: new Date().toISOString() });
-        const q = config.pause.quiescence;
-        if (q.enabled && strategy.name !== 'none') {
-          const result = await checkQuiescent({
-            pg: cluster.postgres,
-            database: config.cluster.databases.pachyderm,
-            store: cluster.source.store,
-            settleMs: q.settleSeconds * 1000,
-            ...(q.tolerateIdleSessions ? { tolerateIdleSince: quietSince } : {}),
-            ...(signal ? { signal } : {}),
-          });
-          if (!result.ok) {
-            throw new BackupError(
-              `the cluster is not quiet after pausing, so the backup would not be consistent; the cluster is resumed and nothing is sealed. Still writing: ${result.problems.join('; ')}`,
-            );
-          }
-        }
-      });
-      const budget = config.pause.maxDowntimeSeconds;
-      const budgetSignal = budget ? AbortSignal.timeout(Math.max(0, budget * 1000 - (Date.now() - pausedAt!.getTime()))) : undefined;
-      const stateSignal = combineSignals(signal, budgetSignal);
+  // ---- dump: pg_dump of every database from its exported snapshot, streamed into the repository.
+  const dumpAll = (dumpSignal: AbortSignal | undefined): Promise<void> =>
+    phases.run('dump', async () => {
+      dumps = await dumpDatabases(snapshots, cluster, repo, pgDump, id, config.backup.dumpCompression, dumpSignal);
+    });
+
+  try {
+    if (mode === 'paused') {
+      pauseRecord = await strategy.plan();
+      await ledger.write({ record: pauseRecord, backupId: id, host: hostname(), pid: process.pid, phase: 'pausing', writtenAt: new Date().toISOString() });
+      let failure: unknown;
       try {
-        await captureState(stateSignal);
-      } catch (err) {
-        if (budgetSignal?.aborted && !signal?.aborted) {
-          throw new BackupError(`the pause would exceed the downtime budget of ${budget}s (pause.maxDowntimeSeconds / --max-downtime); the backup was stopped, the cluster resumed, nothing sealed`);
-        }
-        throw err;
-      }
-    } catch (err) {
-      failure = err;
-    } finally {
-      // Resume always runs once a pause began: on success, on error and on SIGINT/SIGTERM.
-      await phases.run('resume', async () => {
+        let quiet: QuiescenceCheck | undefined;
+        await phases.run('pause', async () => {
+          pausedAt = new Date();
+          pauseRecord = await strategy.pause(pauseRecord!, events, signal);
+          // Sessions idle since the pause completed did nothing while paused; writers finishing during it are expected.
+          const quietSince = new Date();
+          await ledger.write({ record: pauseRecord, backupId: id, host: hostname(), pid: process.pid, phase: 'paused', writtenAt: new Date().toISOString() });
+          const q = config.pause.quiescence;
+          if (q.enabled && strategy.name !== 'none') {
+            // The first half of the quiescence check; the copy phase's listing is the second.
+            quiet = await QuiescenceCheck.begin({
+              pg: cluster.postgres,
+              database: config.cluster.databases.pachyderm,
+              store: cluster.source.store,
+              settleMs: q.settleSeconds * 1000,
+              ...(q.tolerateIdleSessions ? { tolerateIdleSince: quietSince } : {}),
+              ...(signal ? { signal } : {}),
+            });
+            if (quiet.sessionProblems.length > 0) throw notQuiet(quiet.sessionProblems);
+          }
+        });
+        const budget = config.pause.maxDowntimeSeconds;
+        const budgetSignal = budget ? AbortSignal.timeout(Math.max(0, budget * 1000 - (Date.now() - pausedAt!.getTime()))) : undefined;
+        const stateSignal = combineSignals(signal, budgetSignal);
         try {
-          await strategy.resume(pauseRecord!, events);
-          resumedAt = new Date();
-          await ledger.clear();
+          await takeSnapshot();
+          await copyObjects(stateSignal, quiet);
+          if (dumpWhilePaused) await dumpAll(stateSignal);
         } catch (err) {
-          const msg = `RESUME FAILED, the cluster may still be paused: ${(err as Error).message}. Run "pachbackup resume" to retry from the pause ledger (${ledger.localFile}).`;
-          if (failure) emit({ type: 'warning', message: msg });
-          else failure = new BackupError(msg);
+          if (budgetSignal?.aborted && !signal?.aborted) {
+            throw new BackupError(`the pause would exceed the downtime budget of ${budget}s (pause.maxDowntimeSeconds / --max-downtime); the backup was stopped, the cluster resumed, nothing sealed`);
+          }
+          throw err;
         }
-      });
+      } catch (err) {
+        failure = err;
+      } finally {
+        // Resume always runs once a pause began: on success, on error and on SIGINT/SIGTERM.
+        await phases.run('resume', async () => {
+          try {
+            await strategy.resume(pauseRecord!, events);
+            resumedAt = new Date();
+            await ledger.clear();
+          } catch (err) {
+            const msg = `RESUME FAILED, the cluster may still be paused: ${(err as Error).message}. Run "pachbackup resume" to retry from the pause ledger (${ledger.localFile}).`;
+            if (failure) emit({ type: 'warning', message: msg });
+            else failure = new BackupError(msg);
+          }
+        });
+      }
+      if (failure) throw failure;
+      if (!dumpWhilePaused) await dumpAll(signal);
+    } else {
+      await takeSnapshot();
+      await copyObjects(signal);
+      await dumpAll(signal);
     }
-    if (failure) throw failure;
-  } else {
-    await captureState(signal);
+  } finally {
+    await Promise.all(snapshots.map((s) => s.snapshot.close()));
   }
 
   // ---- seal: every referenced key must be held; the manifest is written last.
@@ -292,51 +316,66 @@ async function backupUnderLock(options: BackupOptions, lockBox: { lock?: LockHan
   });
 }
 
+interface OpenSnapshot {
+  role: 'pachyderm' | 'dex';
+  name: string;
+  snapshot: DatabaseSnapshot;
+}
+
+/** Exports a snapshot of every database; if one fails, those already open are closed. */
+async function openSnapshots(cluster: ClusterHandles): Promise<OpenSnapshot[]> {
+  const opened = await Promise.allSettled(cluster.databases.map(async (db) => ({ role: db.role, name: db.name, snapshot: await DatabaseSnapshot.open(cluster.postgres, db.name) })));
+  const failed = opened.find((r): r is PromiseRejectedResult => r.status === 'rejected');
+  if (failed) {
+    await Promise.all(opened.map((r) => (r.status === 'fulfilled' ? r.value.snapshot.close() : undefined)));
+    throw failed.reason;
+  }
+  return opened.map((r) => (r as PromiseFulfilledResult<OpenSnapshot>).value);
+}
+
+function notQuiet(problems: string[]): BackupError {
+  return new BackupError(`the cluster is not quiet after pausing, so the backup would not be consistent; the cluster is resumed and nothing is sealed. Still writing: ${problems.join('; ')}`);
+}
+
 /**
- * Dumps each database from an exported snapshot. The pachyderm database's row counts and
- * referenced chunk keys are read in the same snapshot as its dump, so they describe exactly it.
+ * Dumps each database from its exported snapshot, and counts its rows in that same snapshot, so
+ * the dump, the row counts and the referenced keys all describe one state, however long after the
+ * snapshot (and the resume) the dump runs.
  */
 async function dumpDatabases(
+  snapshots: OpenSnapshot[],
   cluster: ClusterHandles,
   repo: ReturnType<typeof openRepository>,
   pgDump: string,
   id: string,
   compression: number,
   signal: AbortSignal | undefined,
-): Promise<{ dumps: DumpedDatabase[]; referenced: string[] }> {
-  let referenced: string[] = [];
-  // The databases are dumped at the same time: the snapshot phase is most of the downtime.
-  const dumps = await Promise.all(cluster.databases.map(async (db): Promise<DumpedDatabase> => {
+): Promise<DumpedDatabase[]> {
+  // The databases are dumped at the same time.
+  return Promise.all(snapshots.map(async ({ role, name, snapshot }): Promise<DumpedDatabase> => {
     signal?.throwIfAborted();
-    const snapshot = await DatabaseSnapshot.open(cluster.postgres, db.name);
-    try {
-      const tables = await snapshot.tableCounts();
-      if (db.role === 'pachyderm') referenced = await snapshot.referencedKeys();
-      // A transient store fault on the upload reruns pg_dump: the exported snapshot stays open, so
-      // every attempt dumps exactly the same state.
-      const ref = await withRetry(
-        async () => {
-          const tool = startTool(pgDump, ['--format=custom', `--compress=${compression}`, '--no-password', `--snapshot=${snapshot.snapshotId}`, `--dbname=${db.name}`], childEnv(cluster.postgres));
-          const onAbort = (): void => void tool.child.kill('SIGTERM');
-          signal?.addEventListener('abort', onAbort, { once: true });
-          try {
-            const [written] = await Promise.all([repo.writeStream(layout.dump(id, db.name), tool.child.stdout, signal), tool.done]);
-            return written;
-          } catch (err) {
-            throw await stopTool(tool, err);
-          } finally {
-            signal?.removeEventListener('abort', onAbort);
-          }
-        },
-        { ...defaultRetryPolicy, attempts: 4 },
-        signal,
-      );
-      return { role: db.role, name: db.name, ref, tables, serverVersion: snapshot.serverVersion };
-    } finally {
-      await snapshot.close();
-    }
+    // A transient store fault on the upload reruns pg_dump: the exported snapshot stays open, so
+    // every attempt dumps exactly the same state.
+    const ref = await withRetry(
+      async () => {
+        const tool = startTool(pgDump, ['--format=custom', `--compress=${compression}`, '--no-password', `--snapshot=${snapshot.snapshotId}`, `--dbname=${name}`], childEnv(cluster.postgres));
+        const onAbort = (): void => void tool.child.kill('SIGTERM');
+        signal?.addEventListener('abort', onAbort, { once: true });
+        try {
+          const [written] = await Promise.all([repo.writeStream(layout.dump(id, name), tool.child.stdout, signal), tool.done]);
+          return written;
+        } catch (err) {
+          throw await stopTool(tool, err);
+        } finally {
+          signal?.removeEventListener('abort', onAbort);
+        }
+      },
+      { ...defaultRetryPolicy, attempts: 4 },
+      signal,
+    );
+    const tables = await snapshot.tableCounts();
+    return { role, name, ref, tables, serverVersion: snapshot.serverVersion };
   }));
-  return { dumps, referenced };
 }
 
 function combineSignals(...signals: Array<AbortSignal | undefined>): AbortSignal | undefined {
@@ -410,7 +449,7 @@ export async function runPlan(config: Config): Promise<{ prediction: Prediction;
     if (!(err instanceof RepositoryError)) throw err;
   }
   const listing = await listSource(cluster.source.store);
-  const inputs: PlanInputs = { mode: config.backup.mode, precopy: config.backup.precopy, databaseBytes, objects: listing.objects.length, ...missingObjects(listing.objects, held) };
+  const inputs: PlanInputs = { mode: config.backup.mode, precopy: config.backup.precopy, holdDuringDump: config.pause.holdDuringDump, databaseBytes, objects: listing.objects.length, ...missingObjects(listing.objects, held) };
   return {
     prediction: predictBackup(sealed, inputs),
     inputs,
@@ -452,6 +491,8 @@ async function readHelmValues(config: Config): Promise<Buffer | undefined> {
   if (!release) return undefined;
   const kubeconfig = release.kubeconfig ?? config.pause.kubernetes?.kubeconfig;
   const context = release.context ?? config.pause.kubernetes?.context;
+  // Loaded only when used: the Kubernetes client is heavy to load.
+  const { readHelmReleaseValues } = await import('../quiesce/helmRelease.js');
   const yaml = await readHelmReleaseValues({ ...(kubeconfig ? { kubeconfig } : {}), ...(context ? { context } : {}) }, release.namespace, release.name);
   return Buffer.from(yaml);
 }

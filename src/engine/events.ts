@@ -5,6 +5,7 @@ export type PhaseName =
   | 'pause'
   | 'snapshot'
   | 'copy'
+  | 'dump'
   | 'resume'
   | 'seal'
   | 'verify'

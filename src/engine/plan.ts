@@ -4,6 +4,8 @@ import type { Manifest } from '../repository/manifest.js';
 export interface PlanInputs {
   mode: 'paused' | 'online';
   precopy: boolean;
+  /** Paused mode keeps the cluster paused through pg_dump (pause.holdDuringDump). */
+  holdDuringDump: boolean;
   /** pg_database_size of every database to dump. */
   databaseBytes: number;
   /** Objects in the cluster's store. */
@@ -29,6 +31,11 @@ function phaseMs(m: Manifest, name: string): number {
   return m.phases.filter((p) => p.name === name).reduce((n, p) => n + p.ms, 0);
 }
 
+/** The dump's time: its own phase, or (manifests before the dump ran after the resume) the snapshot phase that held it. */
+function dumpMs(m: Manifest): number {
+  return phaseMs(m, 'dump') || phaseMs(m, 'snapshot');
+}
+
 function average(values: number[]): number {
   return values.length === 0 ? 0 : values.reduce((a, b) => a + b, 0) / values.length;
 }
@@ -37,16 +44,17 @@ function average(values: number[]): number {
  * Predicts a backup's downtime and total time from the repository's recent history. Each phase is
  * modelled by the rate it achieved before: dump bytes per second of database size, copies by
  * objects and bytes per second (the slower of the two governs), listings by objects per second;
- * pause and resume take what they took on average. Downtime is pause + snapshot + the copy that
- * happens while paused + resume: with pre-copy, only objects written since the pre-copy.
+ * pause and resume take what they took on average. Downtime is pause + the copy that happens
+ * while paused (with pre-copy, only a listing and the objects written since) + resume, and the
+ * dump too when the cluster is held paused through it (pause.holdDuringDump).
  */
 export function predictBackup(history: Manifest[], inputs: PlanInputs): Prediction {
   const recent = history.slice(-HISTORY);
   const rates = { ...DEFAULT_RATES };
   const used: string[] = [];
-  const dumps = recent.filter((m) => (m.sourceStats?.databaseBytes ?? 0) > 0 && phaseMs(m, 'snapshot') > 0);
+  const dumps = recent.filter((m) => (m.sourceStats?.databaseBytes ?? 0) > 0 && dumpMs(m) > 0);
   if (dumps.length > 0) {
-    rates.dumpBytesPerSecond = (dumps.reduce((n, m) => n + (m.sourceStats?.databaseBytes ?? 0), 0) / dumps.reduce((n, m) => n + phaseMs(m, 'snapshot'), 0)) * 1000;
+    rates.dumpBytesPerSecond = (dumps.reduce((n, m) => n + (m.sourceStats?.databaseBytes ?? 0), 0) / dumps.reduce((n, m) => n + dumpMs(m), 0)) * 1000;
     used.push(`dump rate from ${dumps.length} backup(s)`);
   }
   const copies = recent.filter((m) => m.objects.newCount > 0);
@@ -75,13 +83,17 @@ export function predictBackup(history: Manifest[], inputs: PlanInputs): Predicti
   let totalMs: number;
   if (inputs.mode === 'online') {
     totalMs = fixedMs + listMs + missingCopyMs + snapshotMs + listMs;
-  } else if (inputs.precopy) {
-    // Objects written between the pre-copy and the pause are unknown now; a listing is certain.
-    downtimeMs = pauseMs + snapshotMs + listMs + resumeMs;
-    totalMs = fixedMs + listMs + missingCopyMs + downtimeMs;
   } else {
-    downtimeMs = pauseMs + snapshotMs + listMs + missingCopyMs + resumeMs;
-    totalMs = fixedMs + downtimeMs;
+    const dumpPaused = inputs.holdDuringDump ? snapshotMs : 0;
+    const dumpRunning = inputs.holdDuringDump ? 0 : snapshotMs;
+    if (inputs.precopy) {
+      // Objects written between the pre-copy and the pause are unknown now; a listing is certain.
+      downtimeMs = pauseMs + dumpPaused + listMs + resumeMs;
+      totalMs = fixedMs + listMs + missingCopyMs + downtimeMs + dumpRunning;
+    } else {
+      downtimeMs = pauseMs + dumpPaused + listMs + missingCopyMs + resumeMs;
+      totalMs = fixedMs + downtimeMs + dumpRunning;
+    }
   }
   return {
     downtimeMs: Math.round(downtimeMs),

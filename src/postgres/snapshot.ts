@@ -3,8 +3,10 @@ import type { TableCount } from '../repository/manifest.js';
 import { connect, explainPgError, quoteIdent, type PgServer } from './connection.js';
 
 /** Every chunk key the metadata references (pachyderm-facts.md, "Object keys"). */
-export const REFERENCED_KEYS_SQL = `SELECT 'chunk/' || encode(chunk_id, 'hex') || '.' || lpad(to_hex(gen), 16, '0') AS key
-  FROM storage.chunk_objects WHERE uploaded AND NOT tombstone ORDER BY 1`;
+export const REFERENCED_KEYS_SQL = `SELECT key FROM (
+  SELECT 'chunk/' || encode(chunk_id, 'hex') || '.' || lpad(to_hex(gen), 16, '0') AS key
+    FROM storage.chunk_objects WHERE uploaded AND NOT tombstone) AS referenced
+  ORDER BY key COLLATE "C"`;
 
 const USER_TABLES_SQL = `SELECT n.nspname AS schema, c.relname AS table
   FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace

@@ -1,6 +1,5 @@
 import { pauseSchema, type PauseConfig } from '../config/schema.js';
 import { CommandPause } from './command.js';
-import { KubernetesPause } from './kubernetes.js';
 import { NoPause } from './none.js';
 import { PachctlPause } from './pachctl.js';
 import type { QuiesceStrategy } from './strategy.js';
@@ -18,6 +17,8 @@ export async function createStrategy(config: PauseConfig): Promise<QuiesceStrate
     case 'kubernetes': {
       // An absent section means the schema's defaults, taken from the schema so they cannot drift.
       const k = config.kubernetes ?? pauseSchema.shape.kubernetes.unwrap().parse({});
+      // Loaded only when used: the Kubernetes client costs every other command ~1 s of CPU and ~100 MiB at start.
+      const { KubernetesPause } = await import('./kubernetes.js');
       return new KubernetesPause({ ...k, expectedContext: config.expectedContext });
     }
     case 'pachctl': {

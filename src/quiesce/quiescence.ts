@@ -42,13 +42,43 @@ interface SessionRow {
 const MAX_NAMED = 10;
 
 export async function checkQuiescent(opts: QuiescenceOptions): Promise<QuiescenceResult> {
-  const settleMs = opts.settleMs ?? 2000;
-  const started = Date.now();
-  const first = await listingOf(opts.store);
-  const problems = await otherSessions(opts);
-  await sleep(Math.max(0, settleMs - (Date.now() - started)), undefined, opts.signal ? { signal: opts.signal } : {});
-  problems.push(...(await compareWithListing(opts.store, first, settleMs)));
+  const check = await QuiescenceCheck.begin(opts);
+  await check.settled();
+  const problems = [...check.sessionProblems, ...(await check.compare(opts.store.list()))];
   return problems.length === 0 ? { ok: true } : { ok: false, problems };
+}
+
+/**
+ * The check in two halves, so a backup can spend the settle interval doing useful work: `begin`
+ * lists the bucket and looks for other database sessions right after the pause; `compare` checks
+ * a second listing taken at least `settleMs` later — the backup's own copy-phase listing — against
+ * the first. The pause then lasts the settle interval or the work, whichever is longer, not both.
+ */
+export class QuiescenceCheck {
+  private constructor(
+    private readonly opts: QuiescenceOptions,
+    private readonly first: Map<string, ObjectInfo>,
+    private readonly startedAt: number,
+    /** Other sessions found at the start (empty when quiet). */
+    readonly sessionProblems: string[],
+  ) {}
+
+  static async begin(opts: QuiescenceOptions): Promise<QuiescenceCheck> {
+    const startedAt = Date.now();
+    const first = await listingOf(opts.store);
+    return new QuiescenceCheck(opts, first, startedAt, await otherSessions(opts));
+  }
+
+  /** Waits until the settle interval since `begin` has passed. */
+  async settled(): Promise<void> {
+    const settleMs = this.opts.settleMs ?? 2000;
+    await sleep(Math.max(0, settleMs - (Date.now() - this.startedAt)), undefined, this.opts.signal ? { signal: this.opts.signal } : {});
+  }
+
+  /** Problems found comparing a second listing of the bucket with the first (empty when identical). */
+  async compare(second: AsyncIterable<ObjectInfo> | Iterable<ObjectInfo>): Promise<string[]> {
+    return compareWithListing(this.opts.store, second, this.first, Date.now() - this.startedAt);
+  }
 }
 
 /** Other client sessions on the database: background workers (autovacuum, ...) do not count. */
@@ -92,11 +122,11 @@ async function listingOf(store: ObjectStore): Promise<Map<string, ObjectInfo>> {
 }
 
 /** Compares a second listing with the first as it streams, so only the first is held in memory. */
-async function compareWithListing(store: ObjectStore, first: Map<string, ObjectInfo>, settleMs: number): Promise<string[]> {
+async function compareWithListing(store: ObjectStore, second: AsyncIterable<ObjectInfo> | Iterable<ObjectInfo>, first: Map<string, ObjectInfo>, apartMs: number): Promise<string[]> {
   const added: string[] = [];
   const changed: string[] = [];
   const seen = new Set<string>();
-  for await (const info of store.list()) {
+  for await (const info of second) {
     seen.add(info.key);
     const before = first.get(info.key);
     if (!before) added.push(`${info.key} (${info.size} bytes)`);
@@ -109,5 +139,5 @@ async function compareWithListing(store: ObjectStore, first: Map<string, ObjectI
   const part = (label: string, items: string[]): string | undefined =>
     items.length === 0 ? undefined : `${items.length} ${label}: ${items.slice(0, MAX_NAMED).join(', ')}${items.length > MAX_NAMED ? ', …' : ''}`;
   const parts = [part('added', added), part('changed', changed), part('removed', removed)].filter((p): p is string => p !== undefined);
-  return [`the object store ${store.description} changed between two listings ${settleMs} ms apart, so something is still writing: ${parts.join('; ')}`];
+  return [`the object store ${store.description} changed between two listings ${apartMs} ms apart, so something is still writing: ${parts.join('; ')}`];
 }
