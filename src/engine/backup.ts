@@ -18,7 +18,8 @@ import type { ObjectInfo } from '../objectstore/store.js';
 import { assertSeparateStores, openCluster, openRepository, PreflightError, type ClusterHandles } from './context.js';
 import { predictBackup, type PlanInputs, type Prediction } from './plan.js';
 import { PhaseRunner, type EventSink } from './events.js';
-import { copyMissingObjects, CopyJournal, listSource, loadHeldObjects, ServerSideCopier } from './objects.js';
+import { copyMissingObjects, copyPlanned, CopyJournal, entriesLookup, planCopy, readEntries, readPlan, RepositoryHoldings, ServerSideCopier, type HeldLookup } from './objects.js';
+import { compareKeys, Cursor, mergeByKey, readRows, RowWriter, ScratchDir } from '../objectstore/sorted.js';
 import { openStore } from '../objectstore/open.js';
 import { defaultRetryPolicy, withRetry } from '../objectstore/retry.js';
 
@@ -61,14 +62,16 @@ interface DumpedDatabase {
 export async function runBackup(options: BackupOptions): Promise<BackupSummary> {
   // The repository lock is taken in preflight and released however the backup ends.
   const lockBox: { lock?: LockHandle } = {};
+  const scratchBox: { dir?: ScratchDir } = {};
   try {
-    return await backupUnderLock(options, lockBox);
+    return await backupUnderLock(options, lockBox, scratchBox);
   } finally {
+    await scratchBox.dir?.remove();
     await lockBox.lock?.release();
   }
 }
 
-async function backupUnderLock(options: BackupOptions, lockBox: { lock?: LockHandle }): Promise<BackupSummary> {
+async function backupUnderLock(options: BackupOptions, lockBox: { lock?: LockHandle }, scratchBox: { dir?: ScratchDir }): Promise<BackupSummary> {
   const { config, strategy, emit, signal } = options;
   const startedAt = new Date();
   const started = performance.now();
@@ -99,17 +102,22 @@ async function backupUnderLock(options: BackupOptions, lockBox: { lock?: LockHan
       events.warn('the Helm values enable Pachyderm garbage collection; online mode still proves every referenced object is held, but a chunk deleted mid-backup fails the backup');
     }
     const backups = await repo.listBackups();
-    const held = await loadHeldObjects(repo, backups);
-    const listing = await listSource(cluster.source.store);
-    const prediction = predictBackup(backups.sealed, { mode, precopy: config.backup.precopy, holdDuringDump: config.pause.holdDuringDump, databaseBytes, objects: listing.objects.length, ...missingObjects(listing.objects, held) });
+    const holdings = await RepositoryHoldings.load(repo, backups);
+    // The first merge pass: what the bucket holds against what the repository holds, to a scratch plan.
+    const scratch = await ScratchDir.create();
+    scratchBox.dir = scratch;
+    const planOut = new RowWriter(scratch.file('precopy-plan'));
+    const counts = await planCopy(cluster.source.store.list(), holdings.lookup(), planOut);
+    await planOut.close();
+    const prediction = predictBackup(backups.sealed, { mode, precopy: config.backup.precopy, holdDuringDump: config.pause.holdDuringDump, databaseBytes, ...counts });
     const target = mode === 'paused' ? await strategy.describeTarget() : 'nothing (online mode)';
     emit({ type: 'info', message: `backup ${id}: ${mode} mode; source ${describeServer(cluster.postgres)} and ${cluster.source.store.description}; repository ${repo.description}; pause ${target}` });
     emit({ type: 'info', message: `predicted downtime ${formatSeconds(prediction.downtimeMs)}, total ${formatSeconds(prediction.totalMs)} (${prediction.basis})` });
     const serverSide = serverSideCopier(config, cluster, concurrency);
     if (serverSide) events.info('the cluster bucket and the repository share an S3 service: objects are copied server-side where the credentials allow');
-    return { cluster, repo, pgDump, dumpVersion, helmValues, held, listing, databaseBytes, prediction, serverSide };
+    return { cluster, repo, pgDump, dumpVersion, helmValues, holdings, scratch, plan: planOut.path, counts, databaseBytes, prediction, serverSide };
   });
-  const { cluster, repo, pgDump, dumpVersion, held } = pre;
+  const { cluster, repo, pgDump, dumpVersion, holdings, scratch } = pre;
   const journal = new CopyJournal(repo, id);
 
   if (mode === 'paused' && strategy.needsConfirmation && options.confirm) {
@@ -121,10 +129,23 @@ async function backupUnderLock(options: BackupOptions, lockBox: { lock?: LockHan
   let serverSideCount = 0;
   let streamedCount = 0;
   let precopied = { count: 0, bytes: 0 };
-  const copyOptions = (copySignal: AbortSignal | undefined) => ({ ...(copySignal ? { signal: copySignal } : {}), ...(pre.serverSide ? { serverSide: pre.serverSide } : {}) });
+  /** The pre-copy's output: every object listed in preflight, held, in key order (the copy phase's lookup). */
+  let precopiedEntries: string | undefined;
+  const copyOptions = (copySignal: AbortSignal | undefined) => ({
+    source: cluster.source.store,
+    repo,
+    concurrency,
+    journal,
+    emit,
+    ...(copySignal ? { signal: copySignal } : {}),
+    ...(pre.serverSide ? { serverSide: pre.serverSide } : {}),
+  });
   if (config.backup.precopy || mode === 'online') {
     await phases.run('precopy', async () => {
-      const copied = await copyMissingObjects({ source: cluster.source.store, repo, objects: pre.listing.objects, held, concurrency, journal, emit, phase: 'precopy', ...copyOptions(signal) });
+      const out = new RowWriter(scratch.file('precopied'));
+      const copied = await copyPlanned({ ...copyOptions(signal), phase: 'precopy', plan: readPlan(pre.plan), total: { objects: pre.counts.missingObjects, bytes: pre.counts.missingBytes }, out });
+      await out.close();
+      precopiedEntries = out.path;
       serverSideCount += copied.serverSideCount;
       streamedCount += copied.newCount - copied.serverSideCount;
       precopied = { count: copied.newCount, bytes: copied.newBytes };
@@ -136,8 +157,12 @@ async function backupUnderLock(options: BackupOptions, lockBox: { lock?: LockHan
   let resumedAt: Date | undefined;
   const ledger = new PauseLedger(repo.store, repo.id);
   let dumps: DumpedDatabase[] = [];
-  let referenced: string[] = [];
-  let entries: IndexEntry[] = [];
+  /** Referenced keys, in key order, read in the pachyderm database's snapshot. */
+  let referenced: { path: string; count: number } | undefined;
+  /** The backup's index (key order) and, separately, objects fetched by key because no listing had them. */
+  let indexEntries: string | undefined;
+  let unlistedEntries: IndexEntry[] = [];
+  let missingReferenced: { count: number; shown: string[] } = { count: 0, shown: [] };
   let newCount = 0;
   let newBytes = 0;
   let snapshots: OpenSnapshot[] = [];
@@ -150,37 +175,53 @@ async function backupUnderLock(options: BackupOptions, lockBox: { lock?: LockHan
     phases.run('snapshot', async () => {
       snapshots = await openSnapshots(cluster);
       const pachyderm = snapshots.find((s) => s.role === 'pachyderm');
-      if (pachyderm) referenced = await pachyderm.snapshot.referencedKeys();
+      const out = new RowWriter(scratch.file('referenced'));
+      if (pachyderm) for await (const key of pachyderm.snapshot.referencedKeys()) await out.write([key]);
+      await out.close();
+      referenced = { path: out.path, count: out.rows };
     });
 
   // ---- copy: what the bucket gained since the pre-copy, and every referenced key.
   const copyObjects = (copySignal: AbortSignal | undefined, quiet?: QuiescenceCheck): Promise<void> =>
     phases.run('copy', async () => {
       if (quiet) await quiet.settled();
-      const listing = await listSource(cluster.source.store);
-      if (quiet) {
-        const problems = await quiet.compare(listing.objects);
+      const comparer = quiet?.comparer();
+      const planOut = new RowWriter(scratch.file('copy-plan'));
+      const held = precopiedEntries ? entriesLookup(precopiedEntries) : holdings.lookup();
+      const counts = await planCopy(cluster.source.store.list(), held, planOut, comparer && ((info) => comparer.add(info)));
+      await planOut.close();
+      if (comparer) {
+        const problems = await comparer.finish();
         if (problems.length > 0) throw notQuiet(problems);
       }
-      const copied = await copyMissingObjects({ source: cluster.source.store, repo, objects: listing.objects, held, concurrency, journal, emit, phase: 'copy', ...copyOptions(copySignal) });
+      const out = new RowWriter(scratch.file('index'));
+      const copied = await copyPlanned({ ...copyOptions(copySignal), phase: 'copy', plan: readPlan(planOut.path), total: { objects: counts.missingObjects, bytes: counts.missingBytes }, out });
+      await out.close();
+      indexEntries = out.path;
       serverSideCount += copied.serverSideCount;
       streamedCount += copied.newCount - copied.serverSideCount;
-      entries = copied.entries;
       newCount = precopied.count + copied.newCount;
       newBytes = precopied.bytes + copied.newBytes;
-      // Referenced keys listed after the snapshot but absent from the listing: fetch them directly.
-      const listed = new Set(entries.map((e) => e.key));
-      const unlisted = referenced.filter((k) => !listed.has(k));
-      if (unlisted.length > 0) {
-        const extra = [];
-        for (const key of unlisted) {
+      // Referenced keys the listing did not have (written after it, in online mode): fetched by key.
+      const unlisted: ObjectInfo[] = [];
+      const missing = { count: 0, shown: [] as string[] };
+      const index = new Cursor(readEntries(indexEntries));
+      try {
+        for await (const [key] of readRows(referenced!.path) as AsyncIterable<[string]>) {
+          if (await index.seek(key)) continue;
           const info = await cluster.source.store.stat(key);
-          if (info) extra.push(info);
+          if (info) unlisted.push(info);
+          else if (missing.count++ < 10) missing.shown.push(key);
         }
-        const more = await copyMissingObjects({ source: cluster.source.store, repo, objects: extra, held, concurrency, journal, emit, phase: 'copy', ...copyOptions(copySignal) });
+      } finally {
+        await index.close();
+      }
+      missingReferenced = missing;
+      if (unlisted.length > 0) {
+        const more = await copyMissingObjects({ ...copyOptions(copySignal), phase: 'copy', objects: unlisted, held: new Map() });
         serverSideCount += more.serverSideCount;
         streamedCount += more.newCount - more.serverSideCount;
-        entries.push(...more.entries);
+        unlistedEntries = more.entries;
         newCount += more.newCount;
         newBytes += more.newBytes;
       }
@@ -192,13 +233,13 @@ async function backupUnderLock(options: BackupOptions, lockBox: { lock?: LockHan
       dumps = await dumpDatabases(snapshots, cluster, repo, pgDump, id, config.backup.dumpCompression, dumpSignal);
     });
 
+  let quiet: QuiescenceCheck | undefined;
   try {
     if (mode === 'paused') {
       pauseRecord = await strategy.plan();
       await ledger.write({ record: pauseRecord, backupId: id, host: hostname(), pid: process.pid, phase: 'pausing', writtenAt: new Date().toISOString() });
       let failure: unknown;
       try {
-        let quiet: QuiescenceCheck | undefined;
         await phases.run('pause', async () => {
           pausedAt = new Date();
           pauseRecord = await strategy.pause(pauseRecord!, events, signal);
@@ -256,6 +297,7 @@ async function backupUnderLock(options: BackupOptions, lockBox: { lock?: LockHan
       await dumpAll(signal);
     }
   } finally {
+    await quiet?.close();
     await Promise.all(snapshots.map((s) => s.snapshot.close()));
   }
 
@@ -263,19 +305,28 @@ async function backupUnderLock(options: BackupOptions, lockBox: { lock?: LockHan
   return phases.run('seal', async () => {
     signal?.throwIfAborted();
     lockBox.lock?.assertHeld();
-    const byKey = new Map(entries.map((e) => [e.key, e]));
-    const missing = referenced.filter((k) => !byKey.has(k));
-    if (missing.length > 0) {
-      const shown = missing.slice(0, 10).join(', ');
+    const missing = missingReferenced;
+    if (missing.count > 0) {
+      const shown = missing.shown.join(', ');
       throw new BackupError(
-        `${missing.length} object(s) the pachyderm database references are not in the bucket, so the backup would not restore: ${shown}${missing.length > 10 ? ', …' : ''}. Nothing was sealed. If Pachyderm garbage collection is on, back up in paused mode or turn it off.`,
+        `${missing.count} object(s) the pachyderm database references are not in the bucket, so the backup would not restore: ${shown}${missing.count > missing.shown.length ? ', …' : ''}. Nothing was sealed. If Pachyderm garbage collection is on, back up in paused mode or turn it off.`,
       );
     }
-    const indexRef = await repo.writeIndex(layout.index(id), entries);
-    const referencedRef = await repo.writeReferenced(id, referenced);
+    // The index streams from the scratch file, merged with the objects fetched by key, in key order.
+    let bytes = 0;
+    const indexLines = async function* (): AsyncGenerator<string> {
+      for await (const e of mergeByKey(readEntries(indexEntries!), unlistedEntries.sort((a, b) => compareKeys(a.key, b.key)))) {
+        bytes += e.size;
+        yield JSON.stringify([e.key, e.size, e.sha256]);
+      }
+    };
+    const { count: entryCount, ...indexRef } = await repo.writeLinesGz(layout.index(id), indexLines(), signal);
+    const referencedLines = async function* (): AsyncGenerator<string> {
+      for await (const [key] of readRows(referenced!.path) as AsyncIterable<[string]>) yield key;
+    };
+    const referencedRef = await repo.writeLinesGz(layout.referenced(id), referencedLines(), signal);
     let helmRef: (FileRef & { redacted: boolean }) | null = null;
     if (pre.helmValues) helmRef = await repo.writeHelmValues(id, pre.helmValues);
-    const bytes = entries.reduce((n, e) => n + e.size, 0);
     if (pre.serverSide?.disabled) emit({ type: 'info', message: `server-side copy was not possible (${pre.serverSide.reason}); objects were streamed` });
     const downtimeMs = pausedAt && resumedAt ? resumedAt.getTime() - pausedAt.getTime() : null;
     const manifest: Manifest = sealManifest({
@@ -292,12 +343,12 @@ async function backupUnderLock(options: BackupOptions, lockBox: { lock?: LockHan
         objectStore: cluster.source.store.description,
       },
       databases: dumps.map((d) => ({ ...d.ref, role: d.role, name: d.name, serverVersion: d.serverVersion, pgDumpVersion: dumpVersion.full, tables: d.tables })),
-      objects: { index: indexRef, count: entries.length, bytes, newCount, newBytes, copyPath: copyPathOf(serverSideCount, streamedCount) },
+      objects: { index: indexRef, count: entryCount, bytes, newCount, newBytes, copyPath: copyPathOf(serverSideCount, streamedCount) },
       referenced: referencedRef,
       helmValues: helmRef,
       pause: pauseRecord && pausedAt && resumedAt ? { strategy: pauseRecord.strategy, target: pauseRecord.target, pausedAt: pausedAt.toISOString(), resumedAt: resumedAt.toISOString(), downtimeMs: downtimeMs ?? 0 } : null,
       phases: phases.timings.map((t) => ({ ...t })),
-      sourceStats: { databaseBytes: pre.databaseBytes, objects: pre.listing.objects.length },
+      sourceStats: { databaseBytes: pre.databaseBytes, objects: pre.counts.objects },
       prediction: { downtimeMs: pre.prediction.downtimeMs, totalMs: pre.prediction.totalMs, basis: pre.prediction.basis },
     });
     await repo.seal(manifest);
@@ -306,8 +357,8 @@ async function backupUnderLock(options: BackupOptions, lockBox: { lock?: LockHan
       mode,
       repository: repo.description,
       databases: dumps.map((d) => ({ name: d.name, role: d.role, bytes: d.ref.size, tables: d.tables.length, rows: d.tables.reduce((n, t) => n + t.rows, 0) })),
-      objects: { count: entries.length, bytes, newCount, newBytes, heldCount: entries.length - newCount, heldBytes: bytes - newBytes },
-      referencedKeys: referenced.length,
+      objects: { count: entryCount, bytes, newCount, newBytes, heldCount: entryCount - newCount, heldBytes: bytes - newBytes },
+      referencedKeys: referencedRef.count,
       copyPath: manifest.objects.copyPath,
       phases: phases.timings.map((t) => ({ ...t })),
       downtimeMs,
@@ -412,17 +463,6 @@ async function checkDatabases(cluster: ClusterHandles, pgDump: string, dumpVersi
   return bytes;
 }
 
-function missingObjects(objects: ObjectInfo[], held: Map<string, IndexEntry>): { missingObjects: number; missingBytes: number } {
-  let missingObjects = 0;
-  let missingBytes = 0;
-  for (const o of objects) {
-    if (held.get(o.key)?.size === o.size) continue;
-    missingObjects++;
-    missingBytes += o.size;
-  }
-  return { missingObjects, missingBytes };
-}
-
 function formatSeconds(ms: number): string {
   return `${(ms / 1000).toFixed(1)} s`;
 }
@@ -439,17 +479,17 @@ export async function runPlan(config: Config): Promise<{ prediction: Prediction;
   const pgDump = findPgTool('pg_dump', config.cluster.postgres.binDir);
   const databaseBytes = await checkDatabases(cluster, pgDump, await toolVersion(pgDump));
   let sealed: Manifest[] = [];
-  let held = new Map<string, IndexEntry>();
+  let held: HeldLookup = { get: async () => undefined, close: async () => undefined };
   try {
     await repo.open(false);
     const backups = await repo.listBackups();
     sealed = backups.sealed;
-    held = await loadHeldObjects(repo, backups);
+    held = (await RepositoryHoldings.load(repo, backups)).lookup();
   } catch (err) {
     if (!(err instanceof RepositoryError)) throw err;
   }
-  const listing = await listSource(cluster.source.store);
-  const inputs: PlanInputs = { mode: config.backup.mode, precopy: config.backup.precopy, holdDuringDump: config.pause.holdDuringDump, databaseBytes, objects: listing.objects.length, ...missingObjects(listing.objects, held) };
+  const counts = await planCopy(cluster.source.store.list(), held);
+  const inputs: PlanInputs = { mode: config.backup.mode, precopy: config.backup.precopy, holdDuringDump: config.pause.holdDuringDump, databaseBytes, ...counts };
   return {
     prediction: predictBackup(sealed, inputs),
     inputs,

@@ -2,31 +2,138 @@ import { gzipSync } from 'node:zlib';
 import { withRetry, defaultRetryPolicy, type RetryPolicy } from '../objectstore/retry.js';
 import { StoreError, type ObjectInfo, type ObjectStore } from '../objectstore/store.js';
 import { digestOf, pipeWithDigest } from '../repository/digest.js';
+import type { FileRef } from '../repository/manifest.js';
 import { layout, type BackupListing, type IndexEntry, type Repository } from '../repository/repository.js';
+import { Cursor, inKeyOrder, KeyOrderError, readRows, type RowWriter } from '../objectstore/sorted.js';
 import { ProgressReporter, type EventSink, type PhaseName } from './events.js';
 import { forEachConcurrently } from './pool.js';
+
+/** One object of a plan: held already (with its checksum) when `sha256` is set, otherwise to be copied. */
+export interface PlanItem {
+  key: string;
+  size: number;
+  sha256?: string;
+}
+
+/** What the repository holds, asked key by key in ascending key order (each lookup is a merge step). */
+export interface HeldLookup {
+  get(key: string): Promise<IndexEntry | undefined>;
+  close(): Promise<void>;
+}
 
 /**
  * What the repository already holds, with checksums: the newest sealed backup's index plus the
  * journals of unsealed (crashed or interrupted) backups, keeping only objects that are still present
  * with the recorded size. An object held but in no index or journal is copied again: without its
  * checksum it cannot be trusted.
+ *
+ * The index and the repository's objects/ listing are merged as key-ordered streams, so memory
+ * does not grow with the number of objects. Journals (objects a crashed run copied) are read into
+ * memory, as is an index written before indexes were key-ordered.
  */
-export async function loadHeldObjects(repo: Repository, listing: BackupListing): Promise<Map<string, IndexEntry>> {
-  const candidates = new Map<string, IndexEntry>();
-  const latest = listing.sealed[listing.sealed.length - 1];
-  if (latest) for (const e of await repo.readIndex(latest.objects.index)) candidates.set(e.key, e);
-  for (const incomplete of listing.incomplete) {
-    for (const e of await repo.readJournals(incomplete.id)) candidates.set(e.key, e);
+export class RepositoryHoldings {
+  private constructor(
+    private readonly repo: Repository,
+    private readonly sortedIndex: FileRef | undefined,
+    private readonly inMemory: Map<string, IndexEntry>,
+  ) {}
+
+  static async load(repo: Repository, listing: BackupListing): Promise<RepositoryHoldings> {
+    const inMemory = new Map<string, IndexEntry>();
+    let sortedIndex: FileRef | undefined;
+    const latest = listing.sealed[listing.sealed.length - 1];
+    if (latest) {
+      // One pass checks the index's checksum (before anything is paused) and its order.
+      try {
+        for await (const _ of inKeyOrder(repo.streamIndex(latest.objects.index), latest.objects.index.file));
+        sortedIndex = latest.objects.index;
+      } catch (err) {
+        if (!(err instanceof KeyOrderError)) throw err;
+        for (const e of await repo.readIndex(latest.objects.index)) inMemory.set(e.key, e);
+      }
+    }
+    for (const incomplete of listing.incomplete) {
+      for (const e of await repo.readJournals(incomplete.id)) inMemory.set(e.key, e);
+    }
+    return new RepositoryHoldings(repo, sortedIndex, inMemory);
   }
-  const held = new Map<string, IndexEntry>();
-  if (candidates.size === 0) return held;
-  for await (const info of repo.store.list(layout.objectsPrefix)) {
-    const key = info.key.slice(layout.objectsPrefix.length);
-    const entry = candidates.get(key);
-    if (entry && entry.size === info.size) held.set(key, entry);
+
+  /** A fresh lookup (its own cursors over the index and the objects/ listing). */
+  lookup(): HeldLookup {
+    if (!this.sortedIndex && this.inMemory.size === 0) return { get: async () => undefined, close: async () => undefined };
+    const index = this.sortedIndex && new Cursor(this.repo.streamIndex(this.sortedIndex));
+    const prefix = layout.objectsPrefix;
+    const present = new Cursor(mapKeys(inKeyOrder(this.repo.store.list(prefix), `the listing of ${this.repo.description}`), (key) => key.slice(prefix.length)));
+    return {
+      get: async (key) => {
+        const fromIndex = await index?.seek(key);
+        const info = await present.seek(key);
+        const candidate = this.inMemory.get(key) ?? fromIndex;
+        return candidate && info && info.size === candidate.size ? candidate : undefined;
+      },
+      close: async () => {
+        await index?.close();
+        await present.close();
+      },
+    };
   }
-  return held;
+}
+
+/** A lookup over a key-ordered file of index entries (a pass's output). */
+export function entriesLookup(path: string): HeldLookup {
+  const cursor = new Cursor(readEntries(path));
+  return { get: (key) => cursor.seek(key), close: () => cursor.close() };
+}
+
+async function* mapKeys(items: AsyncIterable<ObjectInfo>, rename: (key: string) => string): AsyncGenerator<ObjectInfo> {
+  for await (const info of items) yield { ...info, key: rename(info.key) };
+}
+
+/** Entries (or plan items) written by a RowWriter, read back in order. */
+export async function* readEntries(path: string): AsyncGenerator<IndexEntry> {
+  for await (const row of readRows(path)) yield { key: row[0] as string, size: row[1] as number, sha256: row[2] as string };
+}
+
+export async function* readPlan(path: string): AsyncGenerator<PlanItem> {
+  for await (const row of readRows(path)) yield row.length > 2 ? { key: row[0] as string, size: row[1] as number, sha256: row[2] as string } : { key: row[0] as string, size: row[1] as number };
+}
+
+export interface PlanCounts {
+  objects: number;
+  bytes: number;
+  missingObjects: number;
+  missingBytes: number;
+}
+
+/**
+ * One merge pass: every listed object, in key order, marked held (with its checksum) or to copy.
+ * Written to `out` when given; `onListed` sees each listed object first (the quiescence check).
+ */
+export async function planCopy(
+  listing: AsyncIterable<ObjectInfo>,
+  held: HeldLookup,
+  out?: RowWriter,
+  onListed?: (info: ObjectInfo) => Promise<void>,
+): Promise<PlanCounts> {
+  const counts: PlanCounts = { objects: 0, bytes: 0, missingObjects: 0, missingBytes: 0 };
+  try {
+    for await (const info of inKeyOrder(listing, 'the cluster bucket listing')) {
+      await onListed?.(info);
+      counts.objects++;
+      counts.bytes += info.size;
+      const entry = await held.get(info.key);
+      if (entry && entry.size === info.size) {
+        await out?.write([entry.key, entry.size, entry.sha256]);
+      } else {
+        counts.missingObjects++;
+        counts.missingBytes += info.size;
+        await out?.write([info.key, info.size]);
+      }
+    }
+  } finally {
+    await held.close();
+  }
+  return counts;
 }
 
 /** Lists every object of the cluster's store, with a total for progress. */
@@ -109,24 +216,51 @@ export class ServerSideCopier {
   }
 }
 
-/**
- * Copies every listed object the repository does not hold yet, streaming with a checksum, and
- * returns index entries for all listed objects. `held` gains the copied objects.
- */
-export async function copyMissingObjects(options: {
+interface CopyContext {
   source: ObjectStore;
   repo: Repository;
-  objects: ObjectInfo[];
-  held: Map<string, IndexEntry>;
+  signal?: AbortSignal;
+  retry?: RetryPolicy;
+  serverSide?: ServerSideCopier;
+}
+
+/** Copies one object (server-side when possible, else streamed with a checksum), retrying transient faults. */
+async function copyOne(ctx: CopyContext, info: ObjectInfo): Promise<IndexEntry & { serverSide: boolean }> {
+  const { source, repo, signal } = ctx;
+  return withRetry(
+    async () => {
+      const copied = await ctx.serverSide?.copy(repo, info, signal);
+      if (copied) {
+        if (copied.size !== info.size) throw new StoreError(`object ${info.key} was ${info.size} bytes when listed but ${copied.size} when copied; it changed during the backup`, false);
+        return { key: info.key, ...copied, serverSide: true };
+      }
+      const body = await source.get(info.key, signal);
+      const { bytes, sha256 } = await pipeWithDigest(body, (digest, putSignal) => repo.store.put(layout.object(info.key), digest, { size: info.size }, putSignal), signal).catch(
+        (err: unknown) => {
+          throw asRetryable(err, `copying ${info.key}`, signal);
+        },
+      );
+      if (bytes !== info.size) throw new StoreError(`object ${info.key} was ${info.size} bytes when listed but ${bytes} when read; it changed during the backup`, false);
+      return { key: info.key, size: bytes, sha256, serverSide: false };
+    },
+    ctx.retry ?? defaultRetryPolicy,
+    signal,
+  );
+}
+
+export interface CopyOptions extends CopyContext {
   concurrency: number;
   journal: CopyJournal;
   emit: EventSink;
   phase: PhaseName;
-  signal?: AbortSignal;
-  retry?: RetryPolicy;
-  serverSide?: ServerSideCopier;
-}): Promise<CopyResult> {
-  const { source, repo, held, signal } = options;
+}
+
+/**
+ * Copies every listed object the repository does not hold yet, streaming with a checksum, and
+ * returns index entries for all listed objects. `held` gains the copied objects.
+ */
+export async function copyMissingObjects(options: CopyOptions & { objects: ObjectInfo[]; held: Map<string, IndexEntry> }): Promise<CopyResult> {
+  const { held } = options;
   const missing = options.objects.filter((o) => held.get(o.key)?.size !== o.size);
   const progress = new ProgressReporter(options.emit, options.phase, missing.length, missing.reduce((n, o) => n + o.size, 0));
   let newBytes = 0;
@@ -136,32 +270,14 @@ export async function copyMissingObjects(options: {
       missing,
       options.concurrency,
       async (info) => {
-        const entry = await withRetry(
-          async () => {
-            const copied = await options.serverSide?.copy(repo, info, signal);
-            if (copied) {
-              if (copied.size !== info.size) throw new StoreError(`object ${info.key} was ${info.size} bytes when listed but ${copied.size} when copied; it changed during the backup`, false);
-              serverSideCount++;
-              return { key: info.key, ...copied };
-            }
-            const body = await source.get(info.key, signal);
-            const { bytes, sha256 } = await pipeWithDigest(body, (digest, putSignal) => repo.store.put(layout.object(info.key), digest, { size: info.size }, putSignal), signal).catch(
-              (err: unknown) => {
-                throw asRetryable(err, `copying ${info.key}`, signal);
-              },
-            );
-            if (bytes !== info.size) throw new StoreError(`object ${info.key} was ${info.size} bytes when listed but ${bytes} when read; it changed during the backup`, false);
-            return { key: info.key, size: bytes, sha256 };
-          },
-          options.retry ?? defaultRetryPolicy,
-          signal,
-        );
+        const { serverSide, ...entry } = await copyOne(options, info);
+        if (serverSide) serverSideCount++;
         held.set(info.key, entry);
         options.journal.record(entry);
         newBytes += entry.size;
         progress.add(1, entry.size);
       },
-      signal,
+      options.signal,
     );
   } catch (err) {
     // Also on failure: what was copied and checked is recorded, so the next run does not copy it
@@ -173,6 +289,84 @@ export async function copyMissingObjects(options: {
   progress.flush();
   const entries = options.objects.map((o) => held.get(o.key)!);
   return { entries, newCount: missing.length, newBytes, serverSideCount };
+}
+
+/** Results waiting to be written in key order; a copy that is slow holds back at most this many. */
+const ORDER_WINDOW = 4096;
+
+/**
+ * Carries out a plan in key order: objects marked held pass through, the others are copied with
+ * `concurrency` copies in flight. Every entry is written to `out` in the plan's (key) order, so the
+ * output is itself a key-ordered index; memory is bounded by the window, not by the plan's length.
+ */
+export async function copyPlanned(options: CopyOptions & { plan: AsyncIterable<PlanItem>; total: { objects: number; bytes: number }; out?: RowWriter }): Promise<{ count: number; bytes: number; newCount: number; newBytes: number; serverSideCount: number }> {
+  const { signal } = options;
+  const progress = new ProgressReporter(options.emit, options.phase, options.total.objects, options.total.bytes);
+  const result = { count: 0, bytes: 0, newCount: 0, newBytes: 0, serverSideCount: 0 };
+  const window: Array<{ entry?: IndexEntry; settled?: Promise<void> }> = [];
+  const inFlight = new Set<Promise<void>>();
+  let failure: { error: unknown } | undefined;
+
+  const writeReady = async (): Promise<void> => {
+    while (window.length > 0) {
+      const head = window[0]!;
+      if (!head.entry) {
+        if (window.length < ORDER_WINDOW || !head.settled) return;
+        await head.settled;
+        if (!head.entry) return;
+      }
+      window.shift();
+      result.count++;
+      result.bytes += head.entry.size;
+      await options.out?.write([head.entry.key, head.entry.size, head.entry.sha256]);
+    }
+  };
+
+  try {
+    for await (const item of options.plan) {
+      if (failure) break;
+      signal?.throwIfAborted();
+      if (item.sha256 !== undefined) {
+        window.push({ entry: { key: item.key, size: item.size, sha256: item.sha256 } });
+      } else {
+        while (inFlight.size >= options.concurrency) await Promise.race(inFlight);
+        if (failure) break;
+        const slot: { entry?: IndexEntry; settled?: Promise<void> } = {};
+        const settled = copyOne(options, item).then(
+          ({ serverSide, ...entry }) => {
+            slot.entry = entry;
+            if (serverSide) result.serverSideCount++;
+            result.newCount++;
+            result.newBytes += entry.size;
+            options.journal.record(entry);
+            progress.add(1, entry.size);
+          },
+          (error: unknown) => {
+            failure ??= { error };
+          },
+        );
+        slot.settled = settled;
+        inFlight.add(settled);
+        void settled.finally(() => inFlight.delete(settled));
+        window.push(slot);
+      }
+      await writeReady();
+    }
+    await Promise.all(inFlight);
+    if (failure) throw failure.error;
+    signal?.throwIfAborted();
+    for (const slot of window) await slot.settled;
+    await writeReady();
+  } catch (err) {
+    await Promise.allSettled(inFlight);
+    // Also on failure: what was copied and checked is recorded, so the next run does not copy it
+    // again. A journal that cannot be written must not hide the error that stopped the copy.
+    await options.journal.flush().catch(() => undefined);
+    throw err;
+  }
+  await options.journal.flush();
+  progress.flush();
+  return result;
 }
 
 /** A stream that breaks mid-copy (reset, truncated body) is worth another try; an abort is not. */

@@ -8,8 +8,9 @@ export interface PlanInputs {
   holdDuringDump: boolean;
   /** pg_database_size of every database to dump. */
   databaseBytes: number;
-  /** Objects in the cluster's store. */
+  /** Objects in the cluster's store, and their bytes. */
   objects: number;
+  bytes?: number;
   /** Objects the repository does not hold yet, and their bytes. */
   missingObjects: number;
   missingBytes: number;

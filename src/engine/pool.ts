@@ -3,17 +3,24 @@
  * at the first failure or when `signal` aborts, waits for those in flight, then throws the failure.
  */
 export async function forEachConcurrently<T>(
-  items: Iterable<T>,
+  items: Iterable<T> | AsyncIterable<T>,
   concurrency: number,
   work: (item: T) => Promise<void>,
   signal?: AbortSignal,
 ): Promise<void> {
-  const iterator = items[Symbol.iterator]();
+  // An async source (a streamed index) is pulled one item at a time, so it is never read ahead.
+  const iterator = Symbol.asyncIterator in items ? items[Symbol.asyncIterator]() : items[Symbol.iterator]();
   let failure: { error: unknown } | undefined;
   const worker = async (): Promise<void> => {
     for (;;) {
       if (failure || signal?.aborted) return;
-      const next = iterator.next();
+      let next: IteratorResult<T>;
+      try {
+        next = await iterator.next();
+      } catch (error) {
+        failure ??= { error };
+        return;
+      }
       if (next.done) return;
       try {
         await work(next.value);

@@ -1,7 +1,8 @@
 import { isNotFound, StoreError } from '../objectstore/store.js';
 import { digestOf } from '../repository/digest.js';
 import type { Manifest } from '../repository/manifest.js';
-import { layout, type IndexEntry, type Repository } from '../repository/repository.js';
+import { layout, RepositoryError, type IndexEntry, type Repository } from '../repository/repository.js';
+import { Cursor, inKeyOrder, KeyOrderError } from '../objectstore/sorted.js';
 import { ProgressReporter, type EventSink } from './events.js';
 import { forEachConcurrently } from './pool.js';
 
@@ -46,10 +47,76 @@ export async function verifyBackup(options: { repo: Repository; manifest: Manife
   const { repo, manifest, emit, signal } = options;
   const started = performance.now();
   const problems: VerifyProblem[] = [];
+  const { orphans, indexReadable } = await crossCheck(repo, manifest, problems);
+  for (const db of manifest.databases) {
+    const problem = await checkStoredFile(repo, db.file, db, signal);
+    if (problem) problems.push({ item: `dump of database ${db.name} (${db.file})`, problem });
+  }
+  const progress = new ProgressReporter(emit, 'verify', manifest.objects.count, manifest.objects.bytes);
+  let checkedObjects = 0;
+  if (indexReadable) {
+    // The index streams again, feeding the checks: memory does not grow with the number of objects.
+    await forEachConcurrently(
+      repo.streamIndex(manifest.objects.index),
+      options.concurrency,
+      async (entry) => {
+        const problem = await checkStoredFile(repo, layout.object(entry.key), entry, signal);
+        if (problem) problems.push({ item: `object ${entry.key}`, problem });
+        checkedObjects++;
+        progress.add(1, entry.size);
+      },
+      signal,
+    );
+  }
+  progress.flush();
+  return {
+    id: manifest.id,
+    ok: problems.length === 0,
+    problems,
+    checked: { dumps: manifest.databases.length, objects: checkedObjects, bytes: progress.bytes },
+    orphans,
+    ms: Math.round(performance.now() - started),
+  };
+}
+
+/**
+ * Every referenced key must be in the index; index entries nobody references are orphans. Both
+ * files are key-ordered, so they are merged as streams (each checked against its checksum as it
+ * ends). Backups sealed before indexes were key-ordered are compared in memory instead.
+ */
+async function crossCheck(repo: Repository, manifest: Manifest, problems: VerifyProblem[]): Promise<{ orphans: number; indexReadable: boolean }> {
+  const broken: { index?: string; referenced?: string } = {};
+  const missing: string[] = [];
+  let orphans = 0;
+  try {
+    const index = new Cursor(inKeyOrder(endOnError(repo.streamIndex(manifest.objects.index), (m) => (broken.index = m)), manifest.objects.index.file));
+    try {
+      const referenced = endOnError(repo.streamReferenced(manifest.referenced), (m) => (broken.referenced = m));
+      for await (const { key } of inKeyOrder(keyed(referenced), manifest.referenced.file)) {
+        if (!(await index.seek(key, () => orphans++))) missing.push(key);
+      }
+      await index.drain(() => orphans++);
+    } finally {
+      await index.close();
+    }
+  } catch (err) {
+    if (!(err instanceof KeyOrderError)) throw err;
+    return crossCheckInMemory(repo, manifest, problems);
+  }
+  if (broken.index) problems.push({ item: manifest.objects.index.file, problem: broken.index });
+  if (broken.referenced) problems.push({ item: manifest.referenced.file, problem: broken.referenced });
+  // Keys "missing" from an index that could not be read whole say nothing.
+  if (!broken.index) for (const key of missing) problems.push({ item: `object ${key}`, problem: 'referenced by the pachyderm database but not in the backup index' });
+  return { orphans, indexReadable: !broken.index };
+}
+
+async function crossCheckInMemory(repo: Repository, manifest: Manifest, problems: VerifyProblem[]): Promise<{ orphans: number; indexReadable: boolean }> {
   let entries: IndexEntry[] = [];
+  let indexReadable = true;
   try {
     entries = await repo.readIndex(manifest.objects.index);
   } catch (err) {
+    indexReadable = false;
     problems.push({ item: manifest.objects.index.file, problem: (err as Error).message });
   }
   let referenced: string[] = [];
@@ -59,33 +126,23 @@ export async function verifyBackup(options: { repo: Repository; manifest: Manife
     problems.push({ item: manifest.referenced.file, problem: (err as Error).message });
   }
   const byKey = new Set(entries.map((e) => e.key));
-  if (entries.length > 0 || problems.length === 0) {
+  if (indexReadable) {
     for (const key of referenced) if (!byKey.has(key)) problems.push({ item: `object ${key}`, problem: 'referenced by the pachyderm database but not in the backup index' });
   }
-  for (const db of manifest.databases) {
-    const problem = await checkStoredFile(repo, db.file, db, signal);
-    if (problem) problems.push({ item: `dump of database ${db.name} (${db.file})`, problem });
-  }
   const referencedSet = new Set(referenced);
-  const orphans = entries.filter((e) => !referencedSet.has(e.key)).length;
-  const progress = new ProgressReporter(emit, 'verify', entries.length, entries.reduce((n, e) => n + e.size, 0));
-  await forEachConcurrently(
-    entries,
-    options.concurrency,
-    async (entry) => {
-      const problem = await checkStoredFile(repo, layout.object(entry.key), entry, signal);
-      if (problem) problems.push({ item: `object ${entry.key}`, problem });
-      progress.add(1, entry.size);
-    },
-    signal,
-  );
-  progress.flush();
-  return {
-    id: manifest.id,
-    ok: problems.length === 0,
-    problems,
-    checked: { dumps: manifest.databases.length, objects: entries.length, bytes: progress.bytes },
-    orphans,
-    ms: Math.round(performance.now() - started),
-  };
+  return { orphans: entries.filter((e) => !referencedSet.has(e.key)).length, indexReadable };
+}
+
+/** Ends a stream at its first read error, handing the message to `onError` (a finding, not a crash). */
+async function* endOnError<T>(items: AsyncIterable<T>, onError: (message: string) => void): AsyncGenerator<T> {
+  try {
+    yield* items;
+  } catch (err) {
+    if (err instanceof RepositoryError || err instanceof StoreError) onError((err as Error).message);
+    else throw err;
+  }
+}
+
+async function* keyed(keys: AsyncIterable<string>): AsyncGenerator<{ key: string }> {
+  for await (const key of keys) yield { key };
 }

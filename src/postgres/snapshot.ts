@@ -66,12 +66,23 @@ export class DatabaseSnapshot {
     return countTables(this.client, this.server, this.database);
   }
 
-  /** Referenced chunk keys, or an empty list when this is not a Pachyderm metadata database. */
-  async referencedKeys(): Promise<string[]> {
+  /**
+   * Referenced chunk keys in key order (none when this is not a Pachyderm metadata database),
+   * fetched through a cursor in batches, so millions of keys never sit in memory at once.
+   */
+  async *referencedKeys(batch = 10_000): AsyncGenerator<string> {
     const { rows: exists } = await this.client.query(`SELECT to_regclass('storage.chunk_objects') IS NOT NULL AS present`);
-    if (!exists[0]?.present) return [];
-    const { rows } = await this.client.query<{ key: string }>(REFERENCED_KEYS_SQL);
-    return rows.map((r) => r.key);
+    if (!exists[0]?.present) return;
+    await this.client.query(`DECLARE pachbackup_referenced NO SCROLL CURSOR FOR ${REFERENCED_KEYS_SQL}`);
+    try {
+      for (;;) {
+        const { rows } = await this.client.query<{ key: string }>(`FETCH ${batch} FROM pachbackup_referenced`);
+        for (const row of rows) yield row.key;
+        if (rows.length < batch) break;
+      }
+    } finally {
+      await this.client.query('CLOSE pachbackup_referenced');
+    }
   }
 
   async close(): Promise<void> {

@@ -5,6 +5,7 @@
  * and names what is still writing when it is not quiet.
  */
 import { setTimeout as sleep } from 'node:timers/promises';
+import { Cursor, inKeyOrder, readRows, RowWriter, ScratchDir } from '../objectstore/sorted.js';
 import type { ObjectInfo, ObjectStore } from '../objectstore/store.js';
 import { connect, type PgServer } from '../postgres/connection.js';
 
@@ -57,16 +58,26 @@ export async function checkQuiescent(opts: QuiescenceOptions): Promise<Quiescenc
 export class QuiescenceCheck {
   private constructor(
     private readonly opts: QuiescenceOptions,
-    private readonly first: Map<string, ObjectInfo>,
+    private readonly scratch: ScratchDir,
+    private readonly firstListing: string,
     private readonly startedAt: number,
     /** Other sessions found at the start (empty when quiet). */
     readonly sessionProblems: string[],
   ) {}
 
+  /** Lists the bucket (to a scratch file: memory does not grow with the bucket) and looks for other sessions. */
   static async begin(opts: QuiescenceOptions): Promise<QuiescenceCheck> {
     const startedAt = Date.now();
-    const first = await listingOf(opts.store);
-    return new QuiescenceCheck(opts, first, startedAt, await otherSessions(opts));
+    const scratch = await ScratchDir.create();
+    try {
+      const out = new RowWriter(scratch.file('quiescence-listing'));
+      for await (const info of inKeyOrder(opts.store.list(), `the listing of ${opts.store.description}`)) await out.write([info.key, info.size, info.etag ?? null]);
+      await out.close();
+      return new QuiescenceCheck(opts, scratch, out.path, startedAt, await otherSessions(opts));
+    } catch (err) {
+      await scratch.remove();
+      throw err;
+    }
   }
 
   /** Waits until the settle interval since `begin` has passed. */
@@ -77,8 +88,57 @@ export class QuiescenceCheck {
 
   /** Problems found comparing a second listing of the bucket with the first (empty when identical). */
   async compare(second: AsyncIterable<ObjectInfo> | Iterable<ObjectInfo>): Promise<string[]> {
-    return compareWithListing(this.opts.store, second, this.first, Date.now() - this.startedAt);
+    const comparer = this.comparer();
+    for await (const info of second) await comparer.add(info);
+    return comparer.finish();
   }
+
+  /**
+   * Compares a second listing fed one object at a time, in key order (so it can ride along another
+   * pass over the bucket), with the first; `finish` names what was added, changed or removed.
+   */
+  comparer(): { add(info: ObjectInfo): Promise<void>; finish(): Promise<string[]> } {
+    const first = new Cursor(firstListingOf(this.firstListing));
+    const added: string[] = [];
+    const changed: string[] = [];
+    const removed: string[] = [];
+    const counts = { added: 0, changed: 0, removed: 0 };
+    const note = (list: string[], kind: keyof typeof counts, text: string): void => {
+      if (counts[kind]++ < MAX_NAMED) list.push(text);
+    };
+    const onRemoved = (before: ObjectInfo): void => note(removed, 'removed', before.key);
+    return {
+      add: async (info) => {
+        const before = await first.seek(info.key, onRemoved);
+        if (!before) note(added, 'added', `${info.key} (${info.size} bytes)`);
+        else if (before.size !== info.size || before.etag !== info.etag) {
+          note(changed, 'changed', `${info.key} (${before.size} → ${info.size} bytes${before.etag !== info.etag ? ', new etag' : ''})`);
+        }
+      },
+      finish: async () => {
+        try {
+          await first.drain(onRemoved);
+        } finally {
+          await first.close();
+          await this.close();
+        }
+        if (counts.added + counts.changed + counts.removed === 0) return [];
+        const part = (label: keyof typeof counts, items: string[]): string | undefined =>
+          counts[label] === 0 ? undefined : `${counts[label]} ${label}: ${items.join(', ')}${counts[label] > items.length ? ', …' : ''}`;
+        const parts = [part('added', added), part('changed', changed), part('removed', removed)].filter((p): p is string => p !== undefined);
+        return [`the object store ${this.opts.store.description} changed between two listings ${Date.now() - this.startedAt} ms apart, so something is still writing: ${parts.join('; ')}`];
+      },
+    };
+  }
+
+  /** Removes the first listing's scratch file (also done by `finish`). */
+  async close(): Promise<void> {
+    await this.scratch.remove();
+  }
+}
+
+async function* firstListingOf(path: string): AsyncGenerator<ObjectInfo> {
+  for await (const row of readRows(path)) yield row[2] === null ? { key: row[0] as string, size: row[1] as number } : { key: row[0] as string, size: row[1] as number, etag: row[2] as string };
 }
 
 /** Other client sessions on the database: background workers (autovacuum, ...) do not count. */
@@ -113,31 +173,4 @@ async function otherSessions(opts: QuiescenceOptions): Promise<string[]> {
   return [
     `${offenders.length} other client(s) still connected to database "${opts.database}", so something may still be writing: ${described.join('; ')}${more}`,
   ];
-}
-
-async function listingOf(store: ObjectStore): Promise<Map<string, ObjectInfo>> {
-  const objects = new Map<string, ObjectInfo>();
-  for await (const info of store.list()) objects.set(info.key, info);
-  return objects;
-}
-
-/** Compares a second listing with the first as it streams, so only the first is held in memory. */
-async function compareWithListing(store: ObjectStore, second: AsyncIterable<ObjectInfo> | Iterable<ObjectInfo>, first: Map<string, ObjectInfo>, apartMs: number): Promise<string[]> {
-  const added: string[] = [];
-  const changed: string[] = [];
-  const seen = new Set<string>();
-  for await (const info of second) {
-    seen.add(info.key);
-    const before = first.get(info.key);
-    if (!before) added.push(`${info.key} (${info.size} bytes)`);
-    else if (before.size !== info.size || before.etag !== info.etag) {
-      changed.push(`${info.key} (${before.size} → ${info.size} bytes${before.etag !== info.etag ? ', new etag' : ''})`);
-    }
-  }
-  const removed = [...first.keys()].filter((k) => !seen.has(k));
-  if (added.length + changed.length + removed.length === 0) return [];
-  const part = (label: string, items: string[]): string | undefined =>
-    items.length === 0 ? undefined : `${items.length} ${label}: ${items.slice(0, MAX_NAMED).join(', ')}${items.length > MAX_NAMED ? ', …' : ''}`;
-  const parts = [part('added', added), part('changed', changed), part('removed', removed)].filter((p): p is string => p !== undefined);
-  return [`the object store ${store.description} changed between two listings ${apartMs} ms apart, so something is still writing: ${parts.join('; ')}`];
 }

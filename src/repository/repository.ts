@@ -1,10 +1,11 @@
 import { randomBytes } from 'node:crypto';
 import { Readable } from 'node:stream';
-import { gunzipSync, gzipSync } from 'node:zlib';
+import { createInterface } from 'node:readline';
+import { createGunzip, createGzip, gunzipSync, gzipSync } from 'node:zlib';
 import { z } from 'zod';
 import { NotFoundError, PreconditionFailedError, type ObjectStore } from '../objectstore/store.js';
 import { redactHelmSecrets } from '../pachyderm/helmValues.js';
-import { pipeWithDigest, sha256Hex } from './digest.js';
+import { DigestStream, pipeWithDigest, sha256Hex } from './digest.js';
 import {
   ENCRYPTION_CONFIG_KEY,
   EncryptingStore,
@@ -331,18 +332,78 @@ export class Repository {
     }
     const out: IndexEntry[] = [];
     for (const line of text.split('\n')) {
-      if (line === '') continue;
-      const row = safeJson(line);
-      if (!Array.isArray(row) || typeof row[0] !== 'string' || typeof row[1] !== 'number' || typeof row[2] !== 'string') {
-        throw new RepositoryError(`${where} is corrupt: bad entry ${line.slice(0, 80)}`);
-      }
-      out.push({ key: row[0], size: row[1], sha256: row[2] });
+      if (line !== '') out.push(parseIndexLine(line, where));
     }
     return out;
   }
 
   async readIndex(ref: FileRef): Promise<IndexEntry[]> {
     return this.parseIndex(await this.readVerified(ref), ref.file);
+  }
+
+  /**
+   * Writes a gzip file of lines as they are produced, without holding them: the index and the
+   * referenced-key list of a backup with millions of objects stream through here.
+   */
+  async writeLinesGz(path: string, lines: AsyncIterable<string>, signal?: AbortSignal): Promise<FileRef & { count: number }> {
+    let count = 0;
+    async function* text(): AsyncGenerator<Buffer> {
+      let batch: string[] = [];
+      for await (const line of lines) {
+        count++;
+        batch.push(line);
+        if (batch.length >= 1024) {
+          yield Buffer.from(`${batch.join('\n')}\n`);
+          batch = [];
+        }
+      }
+      if (batch.length > 0) yield Buffer.from(`${batch.join('\n')}\n`);
+    }
+    const gzip = createGzip();
+    const source = Readable.from(text());
+    source.on('error', (err) => gzip.destroy(err));
+    const ref = await this.writeStream(path, source.pipe(gzip), signal);
+    return { ...ref, count };
+  }
+
+  /** Streams an index file's entries; its size and SHA-256 are checked when it ends (a mismatch throws then). */
+  async *streamIndex(ref: FileRef): AsyncGenerator<IndexEntry> {
+    for await (const line of this.streamLinesGz(ref)) yield parseIndexLine(line, ref.file);
+  }
+
+  /** Streams a referenced-key list, checked like streamIndex. */
+  async *streamReferenced(ref: FileRef): AsyncGenerator<string> {
+    yield* this.streamLinesGz(ref);
+  }
+
+  private async *streamLinesGz(ref: FileRef): AsyncGenerator<string> {
+    let body: Readable;
+    try {
+      body = await this.store.get(ref.file);
+    } catch (err) {
+      if (err instanceof NotFoundError) throw new RepositoryError(`${ref.file} is missing from ${this.description}`);
+      throw err;
+    }
+    const digest = new DigestStream();
+    const gunzip = createGunzip();
+    body.on('error', (err) => digest.destroy(err));
+    digest.on('error', (err) => gunzip.destroy(err));
+    body.pipe(digest).pipe(gunzip);
+    const lines = createInterface({ input: gunzip, crlfDelay: Infinity });
+    try {
+      for await (const line of lines) if (line !== '') yield line;
+    } catch (err) {
+      if (digest.bytes !== ref.size || (err as NodeJS.ErrnoException).code?.startsWith('Z_')) {
+        throw new RepositoryError(`${ref.file} is corrupt: ${(err as Error).message}`);
+      }
+      throw err;
+    } finally {
+      lines.close();
+      body.destroy();
+    }
+    if (digest.bytes !== ref.size || digest.sha256 !== ref.sha256) {
+      throw new RepositoryError(`${ref.file} is corrupt: expected ${ref.size} bytes with SHA-256 ${ref.sha256.slice(0, 12)}…, found ${digest.bytes} bytes with ${digest.sha256.slice(0, 12)}…`);
+    }
   }
 
   async writeReferenced(id: string, keys: string[]): Promise<FileRef & { count: number }> {
@@ -442,6 +503,14 @@ export class Repository {
     });
     return stored;
   }
+}
+
+function parseIndexLine(line: string, where: string): IndexEntry {
+  const row = safeJson(line);
+  if (!Array.isArray(row) || typeof row[0] !== 'string' || typeof row[1] !== 'number' || typeof row[2] !== 'string') {
+    throw new RepositoryError(`${where} is corrupt: bad entry ${line.slice(0, 80)}`);
+  }
+  return { key: row[0], size: row[1], sha256: row[2] };
 }
 
 function safeJson(text: string): unknown {

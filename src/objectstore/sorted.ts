@@ -1,0 +1,193 @@
+/**
+ * Key-ordered streams, so a backup's memory does not grow with the number of objects: every
+ * listing (S3 ListObjectsV2, the directory store), every index the repository writes and the
+ * referenced-key list the database returns are in one order — UTF-8 byte order, which is Unicode
+ * code point order — and are merged as streams instead of being held in maps. What must outlive a
+ * pass goes to a scratch file on local disk, one JSON array per line.
+ */
+import { once } from 'node:events';
+import { createReadStream, createWriteStream, type WriteStream } from 'node:fs';
+import { mkdtemp, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { createInterface } from 'node:readline';
+
+/**
+ * Compares two keys in UTF-8 byte order (= code point order). JavaScript's `<` compares UTF-16
+ * code units, which agrees except between a surrogate pair (U+10000 and up) and U+E000–U+FFFF.
+ */
+export function compareKeys(a: string, b: string): number {
+  const n = Math.min(a.length, b.length);
+  for (let i = 0; i < n; i++) {
+    const x = a.charCodeAt(i);
+    const y = b.charCodeAt(i);
+    if (x === y) continue;
+    if (x >= 0xd800 && y >= 0xd800) {
+      // Surrogates (D800–DFFF) stand for code points above FFFF: they sort after E000–FFFF.
+      const rank = (c: number): number => (c >= 0xd800 && c <= 0xdfff ? c + 0x2000 : c >= 0xe000 ? c - 0x800 : c);
+      return rank(x) - rank(y);
+    }
+    return x - y;
+  }
+  return a.length - b.length;
+}
+
+export class KeyOrderError extends Error {
+  override name = 'KeyOrderError';
+}
+
+/** Passes items through, failing if a key is not strictly greater than the one before it. */
+export async function* inKeyOrder<T extends { key: string }>(items: AsyncIterable<T> | Iterable<T>, what: string): AsyncGenerator<T> {
+  let previous: string | undefined;
+  for await (const item of items) {
+    if (previous !== undefined && compareKeys(previous, item.key) >= 0) {
+      throw new KeyOrderError(`${what} is not in key order (${JSON.stringify(item.key)} after ${JSON.stringify(previous)}); pachbackup needs listings in UTF-8 byte order, as S3 returns them`);
+    }
+    previous = item.key;
+    yield item;
+  }
+}
+
+/** A forward-only reader of a key-ordered stream: `seek` returns the item with a key, skipping smaller ones. */
+export class Cursor<T extends { key: string }> {
+  readonly #iterator: AsyncIterator<T>;
+  #head: T | undefined;
+  #started = false;
+  #done = false;
+
+  constructor(items: AsyncIterable<T>) {
+    this.#iterator = items[Symbol.asyncIterator]();
+  }
+
+  /** The next item not yet passed, without consuming it; undefined at the end. */
+  async peek(): Promise<T | undefined> {
+    if (!this.#started) {
+      this.#started = true;
+      await this.#advance();
+    }
+    return this.#head;
+  }
+
+  /** Skips every item with a key below `key`, calling `skipped` for each; returns the item with `key`, if any. */
+  async seek(key: string, skipped?: (item: T) => void): Promise<T | undefined> {
+    for (let head = await this.peek(); head; head = await this.peek()) {
+      const order = compareKeys(head.key, key);
+      if (order > 0) return undefined;
+      await this.#advance();
+      if (order === 0) return head;
+      skipped?.(head);
+    }
+    return undefined;
+  }
+
+  /** Consumes what is left, calling `skipped` for each item. */
+  async drain(skipped: (item: T) => void): Promise<void> {
+    for (let head = await this.peek(); head; head = await this.peek()) {
+      await this.#advance();
+      skipped(head);
+    }
+  }
+
+  async close(): Promise<void> {
+    if (!this.#done) await this.#iterator.return?.();
+    this.#done = true;
+  }
+
+  async #advance(): Promise<void> {
+    if (this.#done) {
+      this.#head = undefined;
+      return;
+    }
+    const next = await this.#iterator.next();
+    if (next.done) {
+      this.#done = true;
+      this.#head = undefined;
+    } else {
+      this.#head = next.value;
+    }
+  }
+}
+
+/** Merges two key-ordered streams into one (a key in both is taken from `a`). */
+export async function* mergeByKey<T extends { key: string }>(a: AsyncIterable<T>, b: AsyncIterable<T> | Iterable<T>): AsyncGenerator<T> {
+  const left = new Cursor(a);
+  const right = new Cursor(toAsync(b));
+  try {
+    for (;;) {
+      const x = await left.peek();
+      const y = await right.peek();
+      if (!x && !y) return;
+      const order = !y ? -1 : !x ? 1 : compareKeys(x.key, y.key);
+      if (order <= 0) {
+        await left.seek(x!.key);
+        if (order === 0) await right.seek(y!.key);
+        yield x!;
+      } else {
+        await right.seek(y!.key);
+        yield y!;
+      }
+    }
+  } finally {
+    await left.close();
+    await right.close();
+  }
+}
+
+async function* toAsync<T>(items: AsyncIterable<T> | Iterable<T>): AsyncGenerator<T> {
+  yield* items;
+}
+
+/** A directory of scratch files for one run, removed with everything in it by `remove()`. */
+export class ScratchDir {
+  #seq = 0;
+  private constructor(readonly path: string) {}
+
+  static async create(base = tmpdir()): Promise<ScratchDir> {
+    return new ScratchDir(await mkdtemp(join(base, 'pachbackup-scratch-')));
+  }
+
+  /** A new file name in the directory (the file is created by its writer). */
+  file(name: string): string {
+    return join(this.path, `${String(++this.#seq).padStart(3, '0')}-${name}.jsonl`);
+  }
+
+  async remove(): Promise<void> {
+    await rm(this.path, { recursive: true, force: true });
+  }
+}
+
+/** Writes rows (JSON arrays) to a scratch file, one per line, waiting whenever the disk is behind. */
+export class RowWriter {
+  readonly #out: WriteStream;
+  #failed: Error | undefined;
+  rows = 0;
+
+  constructor(readonly path: string) {
+    this.#out = createWriteStream(path);
+    this.#out.on('error', (err) => {
+      this.#failed = err;
+    });
+  }
+
+  async write(row: unknown[]): Promise<void> {
+    if (this.#failed) throw this.#failed;
+    this.rows++;
+    if (!this.#out.write(`${JSON.stringify(row)}\n`)) await once(this.#out, 'drain');
+  }
+
+  async close(): Promise<void> {
+    this.#out.end();
+    if (!this.#out.closed) await once(this.#out, 'close');
+    if (this.#failed) throw this.#failed;
+  }
+}
+
+/** Reads back the rows a RowWriter wrote. */
+export async function* readRows(path: string): AsyncGenerator<unknown[]> {
+  const lines = createInterface({ input: createReadStream(path), crlfDelay: Infinity });
+  try {
+    for await (const line of lines) if (line !== '') yield JSON.parse(line) as unknown[];
+  } finally {
+    lines.close();
+  }
+}

@@ -1,0 +1,151 @@
+/**
+ * The key-ordered streams a backup merges instead of holding maps (src/objectstore/sorted.ts), and
+ * the ordered copy built on them (copyPlanned): real files in a temporary directory, a real
+ * directory store as the source and a real repository.
+ */
+import assert from 'node:assert/strict';
+import { randomBytes } from 'node:crypto';
+import { mkdir, mkdtemp, readdir, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { after, before, describe, test } from 'node:test';
+import { copyPlanned, CopyJournal, readEntries, type PlanItem } from '../src/engine/objects.js';
+import { FsObjectStore } from '../src/objectstore/fs.js';
+import { compareKeys, Cursor, inKeyOrder, KeyOrderError, mergeByKey, readRows, RowWriter, ScratchDir } from '../src/objectstore/sorted.js';
+import { sha256Hex } from '../src/repository/digest.js';
+import { Repository } from '../src/repository/repository.js';
+
+async function collect<T>(items: AsyncIterable<T>): Promise<T[]> {
+  const out: T[] = [];
+  for await (const item of items) out.push(item);
+  return out;
+}
+
+/** Random strings over ASCII, Latin, BMP private-use (E000–FFFF) and astral (surrogate pairs) characters. */
+function randomKey(): string {
+  const pools = [
+    () => String.fromCharCode(0x21 + Math.floor(Math.random() * 90)),
+    () => String.fromCharCode(0xc0 + Math.floor(Math.random() * 0x40)),
+    () => String.fromCharCode(0xe000 + Math.floor(Math.random() * 0x1fff)),
+    () => String.fromCodePoint(0x10000 + Math.floor(Math.random() * 0x1000)),
+  ];
+  let key = '';
+  const length = 1 + Math.floor(Math.random() * 6);
+  for (let i = 0; i < length; i++) key += pools[Math.floor(Math.random() * pools.length)]!();
+  return key;
+}
+
+describe('key order', () => {
+  test('compareKeys orders keys exactly as their UTF-8 bytes (the order S3 lists in)', () => {
+    const keys = Array.from({ length: 3000 }, randomKey);
+    const byBytes = [...keys].sort((a, b) => Buffer.compare(Buffer.from(a), Buffer.from(b)));
+    const byCompare = [...keys].sort(compareKeys);
+    assert.deepEqual(byCompare, byBytes);
+    // The case JavaScript's own comparison gets wrong: U+FFFD sorts before U+10000 in UTF-8.
+    assert.ok(compareKeys('\ufffd', '\u{10000}') < 0);
+    assert.ok('\ufffd' > '\u{10000}', 'UTF-16 code unit order disagrees, which is why compareKeys exists');
+  });
+
+  test('inKeyOrder passes ordered input and names the first key out of order', async () => {
+    const ok = await collect(inKeyOrder([{ key: 'a' }, { key: 'b' }, { key: 'c/d' }], 'test listing'));
+    assert.equal(ok.length, 3);
+    await assert.rejects(collect(inKeyOrder([{ key: 'a' }, { key: 'c' }, { key: 'b' }], 'test listing')), (err: Error) => {
+      assert.ok(err instanceof KeyOrderError);
+      assert.match(err.message, /test listing is not in key order \("b" after "c"\)/);
+      return true;
+    });
+    await assert.rejects(collect(inKeyOrder([{ key: 'a' }, { key: 'a' }], 'dup')), KeyOrderError);
+  });
+
+  test('Cursor.seek finds keys in ascending lookups and reports the ones skipped; mergeByKey merges two ordered streams', async () => {
+    async function* items(keys: string[]): AsyncGenerator<{ key: string }> {
+      for (const key of keys) yield { key };
+    }
+    const cursor = new Cursor(items(['a', 'c', 'e', 'g']));
+    const skipped: string[] = [];
+    assert.equal((await cursor.seek('a'))?.key, 'a');
+    assert.equal(await cursor.seek('b'), undefined);
+    assert.equal((await cursor.seek('e', (i) => skipped.push(i.key)))?.key, 'e');
+    await cursor.drain((i) => skipped.push(i.key));
+    assert.deepEqual(skipped, ['c', 'g']);
+    const merged = await collect(mergeByKey(items(['a', 'c', 'd', 'x']), [{ key: 'b' }, { key: 'd' }, { key: 'z' }]));
+    assert.deepEqual(
+      merged.map((m) => m.key),
+      ['a', 'b', 'c', 'd', 'x', 'z'],
+    );
+  });
+
+  test('RowWriter and readRows round-trip rows through a scratch file; the scratch directory is removed whole', async () => {
+    const scratch = await ScratchDir.create();
+    const out = new RowWriter(scratch.file('rows'));
+    const rows = Array.from({ length: 5000 }, (_, i) => [`k${String(i).padStart(5, '0')}`, i, i % 2 === 0 ? sha256Hex(String(i)) : null]);
+    for (const row of rows) await out.write(row);
+    await out.close();
+    assert.equal(out.rows, 5000);
+    assert.deepEqual(await collect(readRows(out.path)), rows);
+    await scratch.remove();
+    await assert.rejects(readdir(scratch.path), /ENOENT/);
+  });
+});
+
+describe('copyPlanned', () => {
+  let work: string;
+  let source: FsObjectStore;
+  let repo: Repository;
+  const objects = new Map<string, Buffer>();
+  before(async () => {
+    work = await mkdtemp(join(tmpdir(), 'pachbackup-sorted-'));
+    await mkdir(join(work, 'source'));
+    await mkdir(join(work, 'repository'));
+    source = new FsObjectStore(join(work, 'source'));
+    for (let i = 0; i < 300; i++) {
+      // Sizes vary a lot, so copies finish out of order.
+      const data = randomBytes(i % 7 === 0 ? 200_000 : 100 + i);
+      const key = `chunk/${sha256Hex(String(i)).slice(0, 16)}`;
+      objects.set(key, data);
+      await source.put(key, data);
+    }
+    repo = new Repository(new FsObjectStore(join(work, 'repository')));
+  });
+  after(async () => rm(work, { recursive: true, force: true }));
+
+  test('copies what the plan marks missing, passes held entries through, and writes every entry in key order', async () => {
+    const keys = [...objects.keys()].sort(compareKeys);
+    // Every third object is "held" already, with its checksum; the rest are copied.
+    const plan: PlanItem[] = keys.map((key, i) => (i % 3 === 0 ? { key, size: objects.get(key)!.length, sha256: sha256Hex(objects.get(key)!) } : { key, size: objects.get(key)!.length }));
+    const scratch = await ScratchDir.create();
+    const out = new RowWriter(scratch.file('index'));
+    const missing = plan.filter((p) => !p.sha256);
+    const result = await copyPlanned({
+      source,
+      repo,
+      concurrency: 8,
+      journal: new CopyJournal(repo, 'test-backup'),
+      emit: () => undefined,
+      phase: 'copy',
+      plan: (async function* () {
+        yield* plan;
+      })(),
+      total: { objects: missing.length, bytes: missing.reduce((n, p) => n + p.size, 0) },
+      out,
+    });
+    await out.close();
+    assert.equal(result.newCount, missing.length);
+    assert.equal(result.count, keys.length);
+    const written = await collect(readEntries(out.path));
+    assert.deepEqual(
+      written.map((e) => e.key),
+      keys,
+      'the output is in key order although copies finished out of order',
+    );
+    for (const e of written) {
+      assert.equal(e.sha256, sha256Hex(objects.get(e.key)!), `checksum of ${e.key}`);
+      assert.equal(e.size, objects.get(e.key)!.length);
+    }
+    for (const item of missing) {
+      const copied = Buffer.concat(await collect((await repo.store.get(`objects/${item.key}`)) as AsyncIterable<Buffer>));
+      assert.ok(copied.equals(objects.get(item.key)!), `${item.key} copied byte for byte`);
+    }
+    await scratch.remove();
+  });
+});
