@@ -1,9 +1,10 @@
-import { createWriteStream } from 'node:fs';
+import { createWriteStream, type Dirent } from 'node:fs';
 import { mkdir, open, readdir, rename, rm, stat, unlink } from 'node:fs/promises';
 import { dirname, join, sep } from 'node:path';
 import { Readable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import { randomBytes } from 'node:crypto';
+import { compareKeys } from './sorted.js';
 import { NotFoundError, PreconditionFailedError, StoreError, type ObjectInfo, type ObjectStore, type PutOptions } from './store.js';
 
 const TEMP_MARK = '.pbtmp-';
@@ -29,33 +30,48 @@ export class FsObjectStore implements ObjectStore {
     if (!info.isDirectory()) throw new StoreError(`${this.description} is not a directory`, false);
   }
 
+  /**
+   * Walks the tree in key order (S3's: UTF-8 bytes), one directory at a time: a directory sorts
+   * as its name plus '/', which places its keys exactly where they fall among its siblings'. Only
+   * one directory's names are held at once, and each file is stat'ed as it is reached.
+   */
   async *list(prefix = ''): AsyncIterable<ObjectInfo> {
-    const entries: ObjectInfo[] = [];
-    await this.walk('', prefix, entries);
-    // S3 lists in UTF-8 byte order; each key is encoded once, not on every comparison.
-    const keyed = entries.map((e) => ({ e, bytes: Buffer.from(e.key) }));
-    keyed.sort((a, b) => Buffer.compare(a.bytes, b.bytes));
-    for (const { e } of keyed) yield e;
+    yield* this.walk('', prefix);
   }
 
-  private async walk(relDir: string, prefix: string, out: ObjectInfo[]): Promise<void> {
+  private async *walk(relDir: string, prefix: string): AsyncGenerator<ObjectInfo> {
     // Only descend into directories that can hold keys with the prefix.
     if (relDir !== '' && !prefix.startsWith(relDir) && !relDir.startsWith(prefix)) return;
-    let names;
+    let entries: Dirent[] | undefined;
     try {
-      names = await readdir(join(this.root, relDir), { withFileTypes: true });
+      entries = await readdir(join(this.root, relDir), { withFileTypes: true });
     } catch (err) {
       if ((err as NodeJS.ErrnoException).code === 'ENOENT') return;
       throw wrapFsError(err, `listing ${this.description}`);
     }
-    for (const entry of names) {
-      const rel = relDir === '' ? entry.name : `${relDir}${entry.name}`;
-      if (entry.isDirectory()) {
-        await this.walk(`${rel}/`, prefix, out);
-      } else if (entry.isFile() && !entry.name.includes(TEMP_MARK) && rel.startsWith(prefix)) {
-        const info = await stat(join(this.root, rel));
-        out.push({ key: rel, size: info.size, etag: `${info.mtimeMs}-${info.size}` });
+    const names: string[] = [];
+    for (const entry of entries) {
+      if (entry.isDirectory()) names.push(`${entry.name}/`);
+      else if (entry.isFile() && !entry.name.includes(TEMP_MARK)) names.push(entry.name);
+    }
+    entries = undefined; // only the names are kept while the directory is walked
+    names.sort(compareKeys);
+    for (const name of names) {
+      const rel = `${relDir}${name}`;
+      if (name.endsWith('/')) {
+        yield* this.walk(rel, prefix);
+        continue;
       }
+      if (!rel.startsWith(prefix)) continue;
+      let info;
+      try {
+        info = await stat(join(this.root, rel));
+      } catch (err) {
+        // Removed since the directory was read: a listing taken a moment later would not have it either.
+        if ((err as NodeJS.ErrnoException).code === 'ENOENT') continue;
+        throw wrapFsError(err, `listing ${this.description}`);
+      }
+      yield { key: rel, size: info.size, etag: `${info.mtimeMs}-${info.size}` };
     }
   }
 

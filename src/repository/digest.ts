@@ -38,9 +38,15 @@ export async function pipeWithDigest(
   signal?: AbortSignal,
 ): Promise<{ bytes: number; sha256: string }> {
   const digest = new DigestStream();
+  // One controller per call, fed by the caller's signal through a listener removed at the end.
+  // (AbortSignal.any would be simpler, but Node keeps a combined signal that has listeners alive
+  // as long as its source: with a run-long source that held every copy's streams, ~20 KB each.)
   const local = new AbortController();
-  const consumerSignal = signal ? AbortSignal.any([signal, local.signal]) : local.signal;
+  const consumerSignal = local.signal;
   setMaxListeners(0, consumerSignal);
+  const forward = (): void => local.abort(signal!.reason);
+  if (signal?.aborted) forward();
+  else signal?.addEventListener('abort', forward, { once: true });
   const consumer = consume(digest, consumerSignal).catch((err: unknown) => {
     body.destroy(err as Error);
     digest.destroy(err as Error);
@@ -54,6 +60,7 @@ export async function pipeWithDigest(
   const aborted = new Promise<never>((_, reject) => consumerSignal.addEventListener('abort', () => reject(consumerSignal.reason), { once: true }));
   aborted.catch(() => undefined);
   const [produced, consumed] = await Promise.allSettled([producer, Promise.race([consumer, aborted])]);
+  signal?.removeEventListener('abort', forward);
   if (produced.status === 'rejected') throw produced.reason;
   if (consumed.status === 'rejected') throw consumed.reason;
   return { bytes: digest.bytes, sha256: digest.sha256 };
