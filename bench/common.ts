@@ -482,7 +482,8 @@ export interface BenchCluster {
   /** Grows the pachyderm database to about `mib` MiB with fileset rows. */
   growDatabase(mib: number): Promise<void>;
   /** Writes a pachbackup config with the repository at `repository` (a bucket name or a directory). */
-  writeConfig(file: string, repository: string, backup?: Record<string, unknown>): Promise<string>;
+  /** `backup` and `pause` are merged into the config's sections of those names. */
+  writeConfig(file: string, repository: string, backup?: Record<string, unknown>, pause?: Record<string, unknown>): Promise<string>;
   stop(): Promise<void>;
 }
 
@@ -531,7 +532,7 @@ export async function createBenchCluster(options: { store: ClusterStore; objects
         keys.push(...added);
       },
       growDatabase: (mib) => growDatabase(pg, mib),
-      async writeConfig(file, repository, backup = {}) {
+      async writeConfig(file, repository, backup = {}, pause = {}) {
         const config = {
           cluster: {
             postgres: { host: pg.host, port: pg.port, user: pg.user, password: { env: 'PBBENCH_PGPASSWORD' }, sslmode: 'disable', binDir: pg.binDir },
@@ -540,7 +541,7 @@ export async function createBenchCluster(options: { store: ClusterStore; objects
           },
           repository: storeConfig(repository),
           // The benchmark has no pachd: pausing and resuming are no-op commands, for every contender.
-          pause: { strategy: 'command', command: { pause: ['true'], resume: ['true'], timeoutSeconds: 60 } },
+          pause: { strategy: 'command', command: { pause: ['true'], resume: ['true'], timeoutSeconds: 60 }, ...pause },
           backup: { concurrency: 16, ...backup },
         };
         await mkdir(dirname(file), { recursive: true });

@@ -3,7 +3,10 @@
  *
  * - the manual runbook: pause, pg_dump both databases to files, copy the whole bucket to a backup
  *   bucket (`rclone copy`, or `aws s3 sync`), resume; the downtime is pause to resume;
- * - pachbackup paused with pre-copy (the default): downtime from its summary;
+ * - pachbackup paused with pre-copy (the default): downtime from its summary (pause start to
+ *   resume); the cluster is resumed once the snapshot is exported and the objects are copied, and
+ *   pg_dump then reads the exported snapshot while the cluster runs;
+ * - the same with `pause.holdDuringDump: true`: pg_dump inside the pause (the order before 17087be);
  * - pachbackup paused without pre-copy: what the pre-copy saves;
  * - pachbackup online: no pause at all; its total time.
  *
@@ -45,7 +48,7 @@ const flags = parseFlags('downtime: the manual runbook vs pachbackup paused (wit
   concurrency: { default: '16', help: 'objects in flight, for pachbackup and the runbook copy' },
   rounds: { default: '1', help: 'runs per contender (order alternates between rounds; medians reported)' },
   'runbook-copy': { default: 'rclone', help: 'the runbook copy tool: rclone (rclone copy within one remote) or aws (aws s3 sync)' },
-  'dump-variants': { default: 'yes', help: 'also time pg_dump variants of the pachyderm database (what the snapshot phase could cost)' },
+  'dump-variants': { default: 'yes', help: 'also time pg_dump variants of the pachyderm database (what the dump phase could cost)' },
 });
 const scale = numberFlag(flags.scale, 'scale');
 const objectSize = Math.round(numberFlag(flags['object-size'], 'object-size'));
@@ -57,8 +60,10 @@ const databaseMiB = Math.max(1, Math.round(200 * scale));
 interface Outcome {
   downtimeMs: number | null;
   totalMs: number;
-  /** Time of the pause spent on the databases, and on the objects. */
+  /** Time spent dumping the databases (inside the pause or not, see dumpInPause), and copying objects inside the pause. */
   dumpMs: number;
+  /** Whether the dump ran between pause and resume; null without a pause. */
+  dumpInPause: boolean | null;
   objectsInPauseMs: number;
   clientCpuSeconds: number;
   detail: string;
@@ -110,22 +115,27 @@ try {
       if (landed.count !== c.keys.length) throw new Error(`runbook copy: ${landed.count} objects in ${target}, expected ${c.keys.length}`);
       await rm(join(work, `pachyderm-${target}.dump`), { force: true });
       await rm(join(work, `dex-${target}.dump`), { force: true });
-      return { downtimeMs, totalMs: downtimeMs, dumpMs, objectsInPauseMs: copyMs, clientCpuSeconds: cpu, detail: 'everything inside the pause' };
+      return { downtimeMs, totalMs: downtimeMs, dumpMs, dumpInPause: true, objectsInPauseMs: copyMs, clientCpuSeconds: cpu, detail: 'everything inside the pause' };
     },
   };
 
-  const pachbackup = (name: string, args: string[]): Contender => ({
+  const pachbackup = (name: string, args: string[], pause: Record<string, unknown> = {}): Contender => ({
     name,
     async run(target) {
-      const config = await c.writeConfig(join(work, `${target}.yaml`), target, { concurrency });
+      const config = await c.writeConfig(join(work, `${target}.yaml`), target, { concurrency }, pause);
       const m = await runPachbackup(config, ['backup', ...args], c.env);
       const r = m.result as { downtimeMs: number | null; totalMs: number; copyPath: string; phases: Array<{ name: string; ms: number }>; objects: { count: number; newCount: number } };
       if (r.objects.count !== c.keys.length) throw new Error(`${name}: backup holds ${r.objects.count} objects, expected ${c.keys.length}`);
       const phase = (n: string): number => r.phases.filter((p) => p.name === n).reduce((sum, p) => sum + p.ms, 0);
+      // Phases are listed in the order they ran: the dump was inside the pause if it came before the resume.
+      const resumeAt = r.phases.findIndex((p) => p.name === 'resume');
+      const dumpAt = r.phases.findIndex((p) => p.name === 'dump');
+      if (dumpAt < 0) throw new Error(`${name}: no dump phase in the summary (phases ${r.phases.map((p) => p.name).join(', ')})`);
       return {
         downtimeMs: r.downtimeMs,
         totalMs: r.totalMs,
-        dumpMs: phase('snapshot'),
+        dumpMs: phase('dump'),
+        dumpInPause: resumeAt < 0 ? null : dumpAt < resumeAt,
         objectsInPauseMs: r.downtimeMs === null ? 0 : phase('copy'),
         clientCpuSeconds: m.cpuSeconds,
         detail: `copy path ${r.copyPath}; phases ${r.phases.map((p) => `${p.name} ${fixed(p.ms / 1000, 1)}`).join(', ')}`,
@@ -136,6 +146,7 @@ try {
   const contenders: Contender[] = [
     runbook,
     pachbackup('pachbackup paused, pre-copy', ['--mode', 'paused']),
+    pachbackup('pachbackup paused, pre-copy, dump held in the pause (pause.holdDuringDump)', ['--mode', 'paused'], { holdDuringDump: true }),
     pachbackup('pachbackup paused, no pre-copy', ['--mode', 'paused', '--no-precopy']),
     pachbackup('pachbackup online', ['--mode', 'online']),
   ];
@@ -158,6 +169,9 @@ try {
   }
 
   const med = (name: string, pick: (o: Outcome) => number): number => median(outcomes.get(name)!.map(pick));
+  /** The contenders whose dumps ran inside the pause (true), after it (false), or without one (null), as measured. */
+  const whereDumped = (inPause: boolean | null): string =>
+    contenders.filter((x) => outcomes.get(x.name)!.some((o) => o.dumpInPause === inPause)).map((x) => x.name).join('; ') || 'none';
   const runbookDowntime = med(runbook.name, (o) => o.downtimeMs ?? 0);
   const rows: Cell[][] = contenders.map((x) => {
     const downtime = med(x.name, (o) => o.downtimeMs ?? NaN);
@@ -177,18 +191,20 @@ try {
     rows,
     notes: [
       `scale ${scale}; concurrency ${concurrency}; ${rounds} round(s), medians; objects and repository buckets on one Ceph RGW (memstore), PostgreSQL ${c.pg.majorVersion} local`,
-      'databases s: the runbook\'s two pg_dump runs one after the other; pachbackup\'s snapshot phase (both databases dumped in parallel, streamed into the repository)',
-      'objects during pause s: the runbook\'s full bucket copy; pachbackup\'s copy phase (re-list the bucket, copy what changed since the pre-copy, check referenced keys)',
+      'downtime s: pause to resume; for pachbackup the summary\'s downtimeMs (pause, snapshot, copy, [dump,] resume phases)',
+      'databases s: the runbook\'s two pg_dump runs one after the other (default compression, as the runbook writes them); pachbackup\'s dump phase (both databases dumped in parallel from the snapshots exported in the pause, backup.dumpCompression: default 1, streamed into the repository)',
+      `databases s inside the pause: ${whereDumped(true)}; after the resume, cluster running: ${whereDumped(false)}; no pause: ${whereDumped(null)}`,
+      'objects during pause s: the runbook\'s full bucket copy; pachbackup\'s copy phase (the rest of the quiescence settle interval, the bucket listing that is the quiescence check\'s second, copy what changed since the pre-copy, check referenced keys)',
       ...[...outcomes.entries()].filter(([n]) => n !== runbook.name).map(([n, o]) => `${n}: ${o[0]?.detail ?? ''}`),
       ...machineNotes(),
     ],
   });
 
   if (flags['dump-variants'] === 'yes') {
-    // What the snapshot phase could cost with other pg_dump settings (pachbackup uses custom format, default compression).
+    // What the dump phase could cost with other pg_dump settings (pachbackup: custom format, backup.dumpCompression, default 1).
     const variants: Array<{ name: string; args: (file: string) => string[] }> = [
-      { name: 'custom format, default compression (what pachbackup and the runbook use)', args: (f) => ['--format=custom', `--file=${f}`] },
-      { name: 'custom format, --compress=1', args: (f) => ['--format=custom', '--compress=1', `--file=${f}`] },
+      { name: 'custom format, default compression (what the runbook uses)', args: (f) => ['--format=custom', `--file=${f}`] },
+      { name: 'custom format, --compress=1 (what pachbackup uses by default)', args: (f) => ['--format=custom', '--compress=1', `--file=${f}`] },
       { name: 'custom format, --compress=0', args: (f) => ['--format=custom', '--compress=0', `--file=${f}`] },
       { name: 'directory format, --jobs=2, default compression', args: (f) => ['--format=directory', '--jobs=2', `--file=${f}`] },
     ];

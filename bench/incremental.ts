@@ -124,6 +124,7 @@ try {
     notes: [
       `scale ${scale}; concurrency ${concurrency}; cluster bucket and repository on one Ceph RGW (memstore); pachbackup times are the summary's totalMs (preflight to seal), peers' are process wall time`,
       'first ÷ unchanged: the first run\'s time over the faster of the second and third',
+      'an unchanged backup still dumps every database (phase dump: pg_dump at backup.dumpCompression, default 1, from the snapshot exported in the pause, after the resume unless pause.holdDuringDump), so its time grows with the database',
       ...details,
       ...machineNotes(),
     ],
