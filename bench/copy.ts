@@ -121,6 +121,7 @@ const flags = parseFlags('copy: object copy S3→S3 on one Ceph RGW, pachbackup 
   'proxy-scale': { default: '1', help: 'object count of the proxy set relative to the small set' },
   'small-store': { default: 'memstore', help: 'OSD store for the small set: memstore or bluestore' },
   'large-store': { default: 'bluestore', help: 'OSD store for the large set (memstore holds ~2.5× the data in RAM)' },
+  'worker-node-args': { default: '', help: 'extra node flags for the pachbackup workers, space-separated, e.g. --worker-node-args="--cpu-prof --cpu-prof-dir=/tmp/prof"' },
   contenders: { default: 'pachbackup-stream,rclone-stream,pachbackup-server-side,rclone-server-side,aws-s3-sync', help: 'contenders to run' },
 });
 const scale = numberFlag(flags.scale, 'scale');
@@ -137,7 +138,7 @@ function contenders(ceph: BenchCeph, awsVars: Record<string, string>): Contender
   const rclone = (endpoint: string): Record<string, string> => rcloneEnv(endpoint, ceph, ['ceph', 'src', 'dst'], join(work, 'rclone.conf'));
   const pachbackup = (serverSide: boolean): Contender['command'] => (endpoint, source, target) => ({
     command: process.execPath,
-    args: [SELF, 'worker', JSON.stringify({ endpoint, source, target, concurrency, serverSide } satisfies WorkerSpec)],
+    args: [...flags['worker-node-args'].split(' ').filter(Boolean), SELF, 'worker', JSON.stringify({ endpoint, source, target, concurrency, serverSide } satisfies WorkerSpec)],
     env: { ...process.env, ...creds },
   });
   const all: Contender[] = [

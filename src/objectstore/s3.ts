@@ -1,3 +1,4 @@
+import { createHash } from 'node:crypto';
 import { Agent as HttpAgent } from 'node:http';
 import { Agent as HttpsAgent } from 'node:https';
 import { Readable } from 'node:stream';
@@ -19,7 +20,7 @@ import {
 } from '@aws-sdk/client-s3';
 import { Upload } from '@aws-sdk/lib-storage';
 import type { Secret } from '../config/secret.js';
-import { S3Http } from './s3http.js';
+import { readSmallBody, S3Http, S3HttpError } from './s3http.js';
 import { NotFoundError, PreconditionFailedError, StoreError, type ObjectInfo, type ObjectStore, type PutOptions } from './store.js';
 
 export interface S3StoreOptions {
@@ -55,6 +56,8 @@ export class S3ObjectStore implements ObjectStore {
    * only the SDK does.
    */
   readonly #http: S3Http | undefined;
+  /** Whether CopyObject responses carry the copy's SHA-256; undefined until the first copy tells. */
+  #copyGivesSha256: boolean | undefined;
 
   constructor(readonly options: S3StoreOptions) {
     this.bucket = options.bucket;
@@ -220,11 +223,10 @@ export class S3ObjectStore implements ObjectStore {
     const CopySource = encodeURI(`${source.bucket}/${source.prefix}${sourceKey}`).replace(/[+?#]/g, (c) => encodeURIComponent(c));
     const opts = signal ? { abortSignal: signal } : {};
     try {
+      if (size <= COPY_OBJECT_LIMIT && this.#http && source.#http) return await this.#copyThin(source, sourceKey, Key, CopySource, size, signal);
       if (size <= COPY_OBJECT_LIMIT) {
         const out = await this.client.send(new CopyObjectCommand({ Bucket: this.bucket, Key, CopySource, ChecksumAlgorithm: 'SHA256' }), opts);
-        const b64 = out.CopyObjectResult?.ChecksumSHA256;
-        // A composite checksum of a multipart source carries a part-count suffix and is not the object's SHA-256.
-        return b64 && !b64.includes('-') ? { sha256: Buffer.from(b64, 'base64').toString('hex') } : {};
+        return sha256OfCopy(out.CopyObjectResult?.ChecksumSHA256);
       }
       const { UploadId } = await this.client.send(new CreateMultipartUploadCommand({ Bucket: this.bucket, Key }), opts);
       try {
@@ -246,6 +248,58 @@ export class S3ObjectStore implements ObjectStore {
     } catch (err) {
       throw this.classify(err, `server-side copy of ${sourceKey}`);
     }
+  }
+
+  /**
+   * CopyObject on the thin path. Once the service has shown it returns no SHA-256 for copies (Ceph
+   * Pacific), the source is read and hashed while the service copies, and the copy is made
+   * conditional on the ETag of the version read (`x-amz-copy-source-if-match`): the SHA-256 is
+   * then that of exactly the bytes copied, with the read overlapping the copy instead of a
+   * read-back of the copy after it.
+   */
+  async #copyThin(source: S3ObjectStore, sourceKey: string, Key: string, copySource: string, size: number, signal?: AbortSignal): Promise<{ sha256?: string }> {
+    const http = this.#http!;
+    const copy = async (headers: Record<string, string>): Promise<{ sha256?: string }> => {
+      const res = await http.send({ method: 'PUT', key: Key, headers: { 'x-amz-copy-source': copySource, 'x-amz-checksum-algorithm': 'SHA256', ...headers }, ...(signal ? { signal } : {}) });
+      const body = await readSmallBody(res);
+      // CopyObject can fail after its 200 status line: the error is then in the body.
+      const code = /<Error>[\s\S]*?<Code>([^<]*)<\/Code>/.exec(body)?.[1];
+      if (code) throw new S3HttpError(code, `PUT ${Key}: ${code} in the body of a 200 response to CopyObject`);
+      return sha256OfCopy(/<ChecksumSHA256>([^<]*)<\/ChecksumSHA256>/.exec(body)?.[1]);
+    };
+    if (this.#copyGivesSha256 !== false) {
+      const result = await copy({});
+      this.#copyGivesSha256 ??= result.sha256 !== undefined;
+      return result;
+    }
+    const read = await source.#http!.send({ method: 'GET', key: source.prefix + sourceKey, ...(signal ? { signal } : {}) });
+    const etag = read.headers.etag;
+    if (!etag) {
+      read.destroy();
+      return copy({});
+    }
+    const hashing = (async () => {
+      const hash = createHash('sha256');
+      let bytes = 0;
+      for await (const chunk of read as AsyncIterable<Buffer>) {
+        hash.update(chunk);
+        bytes += chunk.length;
+      }
+      return { bytes, sha256: hash.digest('hex') };
+    })();
+    const copying = copy({ 'x-amz-copy-source-if-match': etag });
+    const [hashed, copied] = await Promise.allSettled([hashing, copying]);
+    if (copied.status === 'rejected') {
+      read.destroy();
+      // The source changed between the read and the copy: another try reads the new version.
+      if (statusOf(copied.reason) === 412) throw new StoreError(`${sourceKey} changed while it was copied server-side`, true, { cause: copied.reason });
+      throw copied.reason;
+    }
+    if (hashed.status === 'rejected') throw new StoreError(`reading ${sourceKey} to checksum its server-side copy: ${(hashed.reason as Error).message}`, true, { cause: hashed.reason });
+    if (hashed.value.bytes !== size) {
+      throw new StoreError(`object ${sourceKey} was ${size} bytes when listed but ${hashed.value.bytes} when copied; it changed during the backup`, false);
+    }
+    return { sha256: hashed.value.sha256 };
   }
 
   /** Whether `other` is served by the same S3 service, so objects can be copied between them server-side. */
@@ -282,6 +336,11 @@ export class S3ObjectStore implements ObjectStore {
     const retryable = status === undefined || status === 408 || status === 429 || status >= 500 || name === 'TimeoutError' || name === 'RequestTimeout';
     return new StoreError(`${doing}: ${name}${status ? ` (HTTP ${status})` : ''}: ${message}`, retryable, { cause: err });
   }
+}
+
+/** A composite checksum of a multipart source carries a part-count suffix and is not the object's SHA-256. */
+function sha256OfCopy(b64: string | undefined): { sha256?: string } {
+  return b64 && !b64.includes('-') ? { sha256: Buffer.from(b64, 'base64').toString('hex') } : {};
 }
 
 function statusOf(err: unknown): number | undefined {

@@ -164,7 +164,7 @@ export class S3Http {
         }
         // A refusal may come before a stream body was sent whole: stop sending it once the error is read.
         const stop = (): void => void (outgoing.writableFinished ? undefined : outgoing.destroy());
-        readErrorBody(res).then(
+        readSmallBody(res).then(
           (body) => {
             stop();
             reject(errorFromResponse(req, status, res, body));
@@ -257,7 +257,8 @@ function sendStream(body: Readable, outgoing: NodeJS.WritableStream & { destroye
   });
 }
 
-async function readErrorBody(res: IncomingMessage): Promise<string> {
+/** Reads a small response body (an error, a CopyObject result) as text, keeping at most 64 KiB. */
+export async function readSmallBody(res: IncomingMessage): Promise<string> {
   let size = 0;
   const chunks: Buffer[] = [];
   for await (const chunk of res as AsyncIterable<Buffer>) {
