@@ -11,7 +11,7 @@ import { createServer, type IncomingMessage, type Server } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { Readable } from 'node:stream';
 import { after, before, describe, test } from 'node:test';
-import { GetObjectCommand, PutObjectCommand, S3Client } from '@aws-sdk/client-s3';
+import { GetObjectCommand, ListObjectsV2Command, PutObjectCommand, S3Client } from '@aws-sdk/client-s3';
 import { Secret } from '../src/config/secret.js';
 import { startFaultProxy } from '../src/objectstore/faultProxy.js';
 import { S3ObjectStore } from '../src/objectstore/s3.js';
@@ -109,6 +109,31 @@ function protocolSuite(name: string, start: () => Promise<S3TestServer | string>
       } finally {
         client.destroy();
       }
+    });
+
+    // s3rver cannot make continuation tokens under OpenSSL 3 (its legacy cipher fails, for the SDK too).
+    test('a listing of more than one page (1,005 keys) yields every key once, in order, with the sizes and ETags the SDK lists', { skip: name === 's3rver' ? 's3rver cannot paginate on this Node' : false }, async () => {
+      const s = need();
+      const store = s3Store(s.endpoint, s, bucket, { prefix: 'pages' });
+      const keys = Array.from({ length: 1005 }, (_, i) => `k/${String(i).padStart(5, '0')}${i % 7 === 0 ? ' &<>"\'' : ''}`);
+      for (let i = 0; i < keys.length; i += 32) await Promise.all(keys.slice(i, i + 32).map((key, j) => store.put(key, Buffer.alloc((i + j) % 50, 1))));
+      const listed = [];
+      for await (const info of store.list('k/')) listed.push(info);
+      const client = new S3Client(s.clientConfig);
+      const viaSdk = [];
+      try {
+        let token: string | undefined;
+        do {
+          const page = await client.send(new ListObjectsV2Command({ Bucket: bucket, Prefix: 'pages/k/', ContinuationToken: token }));
+          for (const item of page.Contents ?? []) viaSdk.push({ key: item.Key!.slice('pages/'.length), size: item.Size, etag: item.ETag });
+          token = page.IsTruncated ? page.NextContinuationToken : undefined;
+        } while (token);
+      } finally {
+        client.destroy();
+      }
+      assert.equal(listed.length, keys.length);
+      assert.deepEqual(listed.map((o) => o.key), [...keys].sort((a, b) => Buffer.compare(Buffer.from(a), Buffer.from(b))));
+      assert.deepEqual(listed, viaSdk);
     });
 
     test('a missing key: get throws NotFoundError naming it, stat returns undefined', async () => {

@@ -35,8 +35,10 @@ export interface S3HttpOptions {
 
 export interface S3HttpRequest {
   method: 'GET' | 'PUT' | 'HEAD';
-  /** The full object key (the store prefix included), unencoded. */
+  /** The full object key (the store prefix included), unencoded; '' for the bucket itself (a listing). */
   key: string;
+  /** Query parameters, unencoded. */
+  query?: Record<string, string>;
   headers?: Record<string, string>;
   body?: Buffer | Readable;
   /** Required with a stream body: it is sent as Content-Length, and a stream that ends short or runs long fails the request. */
@@ -50,6 +52,10 @@ export type S3HttpResponse = IncomingMessage;
 /** Payload hash sent for stream bodies, whose bytes are not known before they are sent. */
 const UNSIGNED_PAYLOAD = 'UNSIGNED-PAYLOAD';
 const EMPTY_SHA256 = createHash('sha256').digest('hex');
+/** Keys made only of characters SigV4 leaves unencoded (and '/'). */
+const PLAIN_KEY = /^[A-Za-z0-9\-._~/]*$/;
+/** Bytes of a stream body buffered for sending before its producer is paused. */
+const PUT_BUFFER = 1024 * 1024;
 /** Longest error body read to find the S3 error code. */
 const MAX_ERROR_BODY = 64 * 1024;
 
@@ -92,7 +98,9 @@ export class S3Http {
 
   /** The encoded request path of `key`: every segment URI-encoded per SigV4, '/' kept. */
   pathOf(key: string): string {
-    return `${this.#pathPrefix}/${key.split('/').map(uriEncode).join('/')}`;
+    if (key === '') return this.#pathPrefix || '/';
+    // Chunk keys need no encoding: skip the per-segment work for them.
+    return `${this.#pathPrefix}/${PLAIN_KEY.test(key) ? key : key.split('/').map(uriEncode).join('/')}`;
   }
 
   /**
@@ -103,6 +111,13 @@ export class S3Http {
   async send(req: S3HttpRequest): Promise<S3HttpResponse> {
     const creds = await this.options.credentials();
     const path = this.pathOf(req.key);
+    // Canonical query: parameters sorted by name, names and values URI-encoded ('/' too).
+    const query = req.query
+      ? Object.keys(req.query)
+          .sort()
+          .map((name) => `${uriEncode(name)}=${uriEncode(req.query![name]!)}`)
+          .join('&')
+      : '';
     const payloadHash = req.body === undefined ? EMPTY_SHA256 : Buffer.isBuffer(req.body) ? createHash('sha256').update(req.body).digest('hex') : UNSIGNED_PAYLOAD;
     const amzDate = this.#amzDate();
     const headers: OutgoingHttpHeaders = { host: this.#host, 'x-amz-content-sha256': payloadHash, 'x-amz-date': amzDate };
@@ -112,7 +127,7 @@ export class S3Http {
     let canonicalHeaders = '';
     for (const name of signedNames) canonicalHeaders += `${name}:${String(headers[name]).trim().replace(/\s+/g, ' ')}\n`;
     const signedHeaders = signedNames.join(';');
-    const canonicalRequest = `${req.method}\n${path}\n\n${canonicalHeaders}\n${signedHeaders}\n${payloadHash}`;
+    const canonicalRequest = `${req.method}\n${path}\n${query}\n${canonicalHeaders}\n${signedHeaders}\n${payloadHash}`;
     const date = amzDate.slice(0, 8);
     const stringToSign = `AWS4-HMAC-SHA256\n${amzDate}\n${date}/${this.#scope}\n${createHash('sha256').update(canonicalRequest).digest('hex')}`;
     const signature = createHmac('sha256', this.#key(creds.secretAccessKey, date)).update(stringToSign).digest('hex');
@@ -120,7 +135,7 @@ export class S3Http {
     const length = Buffer.isBuffer(req.body) ? req.body.length : req.contentLength;
     if (length !== undefined) headers['content-length'] = length;
     else if (req.body !== undefined) throw new S3HttpError('MissingContentLength', `${req.method} ${req.key}: a stream body needs a known length`);
-    return this.#exchange(req, path, headers, length);
+    return this.#exchange(req, query ? `${path}?${query}` : path, headers, length);
   }
 
   #exchange(req: S3HttpRequest, path: string, headers: OutgoingHttpHeaders, length: number | undefined): Promise<S3HttpResponse> {
@@ -232,7 +247,7 @@ export class S3Http {
  * Writes a stream body of a declared length. A body that runs past the length or ends short fails
  * at once, instead of sending a corrupt request or leaving the server waiting for the rest.
  */
-function sendStream(body: Readable, outgoing: NodeJS.WritableStream & { destroyed: boolean }, length: number, fail: (err: Error) => void): void {
+function sendStream(body: Readable, outgoing: NodeJS.WritableStream & { writableLength: number }, length: number, fail: (err: Error) => void): void {
   let sent = 0;
   const onData = (chunk: Buffer): void => {
     sent += chunk.length;
@@ -241,7 +256,9 @@ function sendStream(body: Readable, outgoing: NodeJS.WritableStream & { destroye
       fail(new Error(`the body ran past its declared length of ${length} bytes`));
       return;
     }
-    if (!outgoing.write(chunk)) {
+    // Keep reading while up to PUT_BUFFER bytes wait to be sent, so the download feeding the body
+    // does not stop and start with every 64 KiB the socket has not taken yet.
+    if (!outgoing.write(chunk) && outgoing.writableLength >= PUT_BUFFER) {
       body.pause();
       outgoing.once('drain', () => body.resume());
     }
@@ -257,15 +274,59 @@ function sendStream(body: Readable, outgoing: NodeJS.WritableStream & { destroye
   });
 }
 
-/** Reads a small response body (an error, a CopyObject result) as text, keeping at most 64 KiB. */
-export async function readSmallBody(res: IncomingMessage): Promise<string> {
+/** Reads a response body (an error, a CopyObject result, a listing page) as text, keeping at most `limit` bytes. */
+export async function readSmallBody(res: IncomingMessage, limit = MAX_ERROR_BODY): Promise<string> {
   let size = 0;
   const chunks: Buffer[] = [];
   for await (const chunk of res as AsyncIterable<Buffer>) {
-    if (size < MAX_ERROR_BODY) chunks.push(chunk);
+    if (size < limit) chunks.push(chunk);
     size += chunk.length;
   }
   return Buffer.concat(chunks).toString('utf8');
+}
+
+/** The text of an XML element's content: entities and character references decoded. */
+export function xmlText(raw: string): string {
+  if (!raw.includes('&')) return raw;
+  return raw.replace(/&(amp|lt|gt|quot|apos|#x[0-9a-fA-F]+|#[0-9]+);/g, (_, entity: string) => {
+    switch (entity) {
+      case 'amp':
+        return '&';
+      case 'lt':
+        return '<';
+      case 'gt':
+        return '>';
+      case 'quot':
+        return '"';
+      case 'apos':
+        return "'";
+      default:
+        return String.fromCodePoint(entity[1] === 'x' ? parseInt(entity.slice(2), 16) : parseInt(entity.slice(1), 10));
+    }
+  });
+}
+
+/** One page of a ListObjectsV2 response. */
+export interface ListPage {
+  objects: { key: string; size: number; etag?: string }[];
+  nextToken: string | undefined;
+}
+
+/** Parses a ListObjectsV2 result (no encoding-type), as the SDK would. */
+export function parseListPage(xml: string): ListPage {
+  const objects: ListPage['objects'] = [];
+  const contents = /<Contents>([\s\S]*?)<\/Contents>/g;
+  for (let m = contents.exec(xml); m; m = contents.exec(xml)) {
+    const item = m[1]!;
+    const key = /<Key>([\s\S]*?)<\/Key>/.exec(item)?.[1];
+    if (key === undefined) continue;
+    const size = /<Size>(\d+)<\/Size>/.exec(item)?.[1];
+    const etag = /<ETag>([\s\S]*?)<\/ETag>/.exec(item)?.[1];
+    objects.push({ key: xmlText(key), size: size === undefined ? 0 : Number(size), ...(etag ? { etag: xmlText(etag) } : {}) });
+  }
+  const truncated = /<IsTruncated>\s*true\s*<\/IsTruncated>/.test(xml);
+  const token = /<NextContinuationToken>([\s\S]*?)<\/NextContinuationToken>/.exec(xml)?.[1];
+  return { objects, nextToken: truncated && token ? xmlText(token) : undefined };
 }
 
 function errorFromResponse(req: S3HttpRequest, status: number, res: IncomingMessage, body: string): S3HttpError {
