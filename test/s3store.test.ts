@@ -179,9 +179,11 @@ function protocolSuite(name: string, start: () => Promise<S3TestServer | string>
       const bodies = keys.map((key, i) => ({ key, body: randomBytes(5000 + i) }));
       for (const { key, body } of bodies) await source.put(key, body);
       let withSha256 = 0;
+      let firstHadSha256: boolean | undefined;
       // One after another: the first copy tells whether the service returns SHA-256s; later ones use what it told.
       for (const { key, body } of bodies) {
         const result = await target.copyFrom(source, key, key, body.length);
+        firstHadSha256 ??= result.sha256 !== undefined;
         if (result.sha256 !== undefined) {
           withSha256++;
           assert.equal(result.sha256, sha256Hex(body), `SHA-256 returned for the copy of ${key}`);
@@ -190,6 +192,10 @@ function protocolSuite(name: string, start: () => Promise<S3TestServer | string>
       }
       // A service without copy checksums gives none for the first copy only; after it, the source is hashed during the copy.
       assert.ok(withSha256 >= bodies.length - 1, `${withSha256} of ${bodies.length} copies came with a SHA-256`);
+      if (!firstHadSha256) {
+        // Unchanged sources: every later copy is checked by the read that overlapped it, none read back.
+        assert.deepEqual(target.copyChecks, { overlapped: bodies.length - 1, readBack: 0 });
+      }
     });
 
     test('a server-side copy of a source that does not exist: NotFound, not a retryable error', async () => {

@@ -20,7 +20,7 @@ import {
 } from '@aws-sdk/client-s3';
 import { Upload } from '@aws-sdk/lib-storage';
 import type { Secret } from '../config/secret.js';
-import { parseListPage, readSmallBody, S3Http, S3HttpError, type ListPage } from './s3http.js';
+import { parseListPage, readSmallBody, S3Http, S3HttpError, xmlText, type ListPage } from './s3http.js';
 import { NotFoundError, PreconditionFailedError, StoreError, type ObjectInfo, type ObjectStore, type PutOptions } from './store.js';
 
 export interface S3StoreOptions {
@@ -58,6 +58,8 @@ export class S3ObjectStore implements ObjectStore {
    * only the SDK does.
    */
   readonly #http: S3Http | undefined;
+  /** Server-side copies hashed from the source read during the copy, and those read back afterwards. */
+  readonly copyChecks = { overlapped: 0, readBack: 0 };
   /** Whether CopyObject responses carry the copy's SHA-256; undefined until the first copy tells. */
   #copyGivesSha256: boolean | undefined;
 
@@ -275,54 +277,42 @@ export class S3ObjectStore implements ObjectStore {
 
   /**
    * CopyObject on the thin path. Once the service has shown it returns no SHA-256 for copies (Ceph
-   * Pacific), the source is read and hashed while the service copies, and the copy is made
-   * conditional on the ETag of the version read (`x-amz-copy-source-if-match`): the SHA-256 is
-   * then that of exactly the bytes copied, with the read overlapping the copy instead of a
-   * read-back of the copy after it.
+   * Pacific), the source is read and hashed while the service copies it, both requests at once.
+   * When the copy's ETag equals the ETag of the version read, the SHA-256 is that of the bytes
+   * copied; otherwise (the source changed in between, or the service gives copies new ETags) the
+   * copy is read back and hashed, as before.
    */
   async #copyThin(source: S3ObjectStore, sourceKey: string, Key: string, copySource: string, size: number, signal?: AbortSignal): Promise<{ sha256?: string }> {
     const http = this.#http!;
-    const copy = async (headers: Record<string, string>): Promise<{ sha256?: string }> => {
-      const res = await http.send({ method: 'PUT', key: Key, headers: { 'x-amz-copy-source': copySource, 'x-amz-checksum-algorithm': 'SHA256', ...headers }, ...(signal ? { signal } : {}) });
+    const withSignal = signal ? { signal } : {};
+    const copying = (async () => {
+      const res = await http.send({ method: 'PUT', key: Key, headers: { 'x-amz-copy-source': copySource, 'x-amz-checksum-algorithm': 'SHA256' }, ...withSignal });
       const body = await readSmallBody(res);
       // CopyObject can fail after its 200 status line: the error is then in the body.
       const code = /<Error>[\s\S]*?<Code>([^<]*)<\/Code>/.exec(body)?.[1];
       if (code) throw new S3HttpError(code, `PUT ${Key}: ${code} in the body of a 200 response to CopyObject`);
-      return sha256OfCopy(/<ChecksumSHA256>([^<]*)<\/ChecksumSHA256>/.exec(body)?.[1]);
-    };
-    if (this.#copyGivesSha256 !== false) {
-      const result = await copy({});
-      this.#copyGivesSha256 ??= result.sha256 !== undefined;
-      return result;
-    }
-    const read = await source.#http!.send({ method: 'GET', key: source.prefix + sourceKey, ...(signal ? { signal } : {}) });
-    const etag = read.headers.etag;
-    if (!etag) {
-      read.destroy();
-      return copy({});
-    }
-    const hashing = (async () => {
-      const hash = createHash('sha256');
-      let bytes = 0;
-      for await (const chunk of read as AsyncIterable<Buffer>) {
-        hash.update(chunk);
-        bytes += chunk.length;
-      }
-      return { bytes, sha256: hash.digest('hex') };
+      const etag = /<ETag>([^<]*)<\/ETag>/.exec(body)?.[1];
+      return { ...sha256OfCopy(/<ChecksumSHA256>([^<]*)<\/ChecksumSHA256>/.exec(body)?.[1]), etag: etag === undefined ? undefined : xmlText(etag) };
     })();
-    const copying = copy({ 'x-amz-copy-source-if-match': etag });
-    const [hashed, copied] = await Promise.allSettled([hashing, copying]);
-    if (copied.status === 'rejected') {
-      read.destroy();
-      // The source changed between the read and the copy: another try reads the new version.
-      if (statusOf(copied.reason) === 412) throw new StoreError(`${sourceKey} changed while it was copied server-side`, true, { cause: copied.reason });
-      throw copied.reason;
+    if (this.#copyGivesSha256 !== false) {
+      const result = await copying;
+      this.#copyGivesSha256 ??= result.sha256 !== undefined;
+      return result.sha256 ? { sha256: result.sha256 } : {};
     }
-    if (hashed.status === 'rejected') throw new StoreError(`reading ${sourceKey} to checksum its server-side copy: ${(hashed.reason as Error).message}`, true, { cause: hashed.reason });
-    if (hashed.value.bytes !== size) {
-      throw new StoreError(`object ${sourceKey} was ${size} bytes when listed but ${hashed.value.bytes} when copied; it changed during the backup`, false);
+    const reading = source.#http!.send({ method: 'GET', key: source.prefix + sourceKey, ...withSignal }).then(async (res) => ({ etag: res.headers.etag, ...(await hashBody(res)) }));
+    const [read, copied] = await Promise.allSettled([reading, copying]);
+    if (copied.status === 'rejected') throw copied.reason;
+    let hashed: { bytes: number; sha256: string } | undefined = read.status === 'fulfilled' && sameEtag(read.value.etag, copied.value.etag) ? read.value : undefined;
+    if (hashed) this.copyChecks.overlapped++;
+    else {
+      this.copyChecks.readBack++;
+      const reason = read.status === 'rejected' ? `reading the source failed (${(read.reason as Error).message})` : 'the source read has another ETag than the copy';
+      hashed = await hashBody(await http.send({ method: 'GET', key: Key, ...withSignal })).catch((err: unknown) => {
+        throw new StoreError(`reading back the server-side copy of ${sourceKey} (${reason}): ${(err as Error).message}`, true, { cause: err });
+      });
     }
-    return { sha256: hashed.value.sha256 };
+    if (hashed.bytes !== size) throw new StoreError(`object ${sourceKey} was ${size} bytes when listed but ${hashed.bytes} when copied; it changed during the backup`, false);
+    return { sha256: hashed.sha256 };
   }
 
   /** Whether `other` is served by the same S3 service, so objects can be copied between them server-side. */
@@ -359,6 +349,22 @@ export class S3ObjectStore implements ObjectStore {
     const retryable = status === undefined || status === 408 || status === 429 || status >= 500 || name === 'TimeoutError' || name === 'RequestTimeout';
     return new StoreError(`${doing}: ${name}${status ? ` (HTTP ${status})` : ''}: ${message}`, retryable, { cause: err });
   }
+}
+
+/** ETags compared without their quotes, which some services (Ceph) leave out of CopyObject results. */
+function sameEtag(a: string | undefined, b: string | undefined): boolean {
+  const bare = (etag: string | undefined): string => (etag ?? '').replace(/^"|"$/g, '');
+  return bare(a) !== '' && bare(a) === bare(b);
+}
+
+async function hashBody(body: AsyncIterable<Buffer>): Promise<{ bytes: number; sha256: string }> {
+  const hash = createHash('sha256');
+  let bytes = 0;
+  for await (const chunk of body) {
+    hash.update(chunk);
+    bytes += chunk.length;
+  }
+  return { bytes, sha256: hash.digest('hex') };
 }
 
 /** A composite checksum of a multipart source carries a part-count suffix and is not the object's SHA-256. */
