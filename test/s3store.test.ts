@@ -207,6 +207,29 @@ function protocolSuite(name: string, start: () => Promise<S3TestServer | string>
       }
     });
 
+    test('without keys in the config, the thin path signs with the SDK default chain (here the environment)', { skip: name === 's3rver' ? 's3rver accepts any signature' : false }, async () => {
+      const s = need();
+      const names = ['AWS_ACCESS_KEY_ID', 'AWS_SECRET_ACCESS_KEY', 'AWS_SESSION_TOKEN', 'AWS_PROFILE'] as const;
+      const saved = Object.fromEntries(names.map((n) => [n, process.env[n]]));
+      const chainStore = (): S3ObjectStore =>
+        new S3ObjectStore({ bucket, prefix: 'chain', endpoint: s.endpoint, region: s.region, forcePathStyle: true, checksums: 'when_required', requestTimeoutSeconds: 30 });
+      try {
+        for (const n of names) delete process.env[n];
+        process.env['AWS_ACCESS_KEY_ID'] = s.accessKeyId;
+        process.env['AWS_SECRET_ACCESS_KEY'] = `not-${s.secretAccessKey}`;
+        await assert.rejects(chainStore().put('k', Buffer.from('x')), (err: unknown) => err instanceof StoreError && /access denied/.test(err.message));
+        process.env['AWS_SECRET_ACCESS_KEY'] = s.secretAccessKey;
+        const store = chainStore();
+        await store.put('k', Buffer.from('from the chain'));
+        assert.equal((await readAll(await store.get('k'))).toString(), 'from the chain');
+      } finally {
+        for (const n of names) {
+          if (saved[n] === undefined) delete process.env[n];
+          else process.env[n] = saved[n];
+        }
+      }
+    });
+
     if (name === 'Ceph RGW') {
       test('If-None-Match: a second conditional put of a key is refused with PreconditionFailedError', async () => {
         const s = need();
