@@ -88,6 +88,23 @@ describe('key order', () => {
   });
 });
 
+describe('scratch directories', () => {
+  test('a new scratch directory removes those of processes no longer running, and keeps those of live ones', async () => {
+    const base = await mkdtemp(join(tmpdir(), 'pachbackup-scratchbase-'));
+    try {
+      // A pid above the kernel's maximum (4194304) cannot be running.
+      await mkdir(join(base, 'pachbackup-scratch-9999999-abcdef'));
+      await mkdir(join(base, `pachbackup-scratch-${process.pid}-live`));
+      await mkdir(join(base, 'unrelated'));
+      const scratch = await ScratchDir.create(base);
+      const left = (await readdir(base)).sort();
+      assert.deepEqual(left, [`pachbackup-scratch-${process.pid}-live`, scratch.path.slice(base.length + 1), 'unrelated'].sort());
+    } finally {
+      await rm(base, { recursive: true, force: true });
+    }
+  });
+});
+
 describe('copyPlanned', () => {
   let work: string;
   let source: FsObjectStore;

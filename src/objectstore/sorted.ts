@@ -7,7 +7,7 @@
  */
 import { once } from 'node:events';
 import { createReadStream, createWriteStream, type WriteStream } from 'node:fs';
-import { mkdtemp, rm } from 'node:fs/promises';
+import { mkdtemp, readdir, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { createInterface } from 'node:readline';
@@ -137,13 +137,44 @@ async function* toAsync<T>(items: AsyncIterable<T> | Iterable<T>): AsyncGenerato
   yield* items;
 }
 
+const SCRATCH_PREFIX = 'pachbackup-scratch-';
+
+async function removeAbandoned(base: string): Promise<void> {
+  let names: string[];
+  try {
+    names = await readdir(base);
+  } catch {
+    return;
+  }
+  for (const name of names) {
+    const pid = Number(/^pachbackup-scratch-(\d+)-/.exec(name)?.[1]);
+    if (!pid || pid === process.pid || isRunning(pid)) continue;
+    await rm(join(base, name), { recursive: true, force: true }).catch(() => undefined);
+  }
+}
+
+function isRunning(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (err) {
+    // EPERM: it runs, as another user.
+    return (err as NodeJS.ErrnoException).code === 'EPERM';
+  }
+}
+
 /** A directory of scratch files for one run, removed with everything in it by `remove()`. */
 export class ScratchDir {
   #seq = 0;
   private constructor(readonly path: string) {}
 
+  /**
+   * Creates `pachbackup-scratch-<pid>-<random>` under `base`, first removing directories that
+   * processes no longer running left behind (a backup killed with -9 cannot clean up after itself).
+   */
   static async create(base = tmpdir()): Promise<ScratchDir> {
-    return new ScratchDir(await mkdtemp(join(base, 'pachbackup-scratch-')));
+    await removeAbandoned(base);
+    return new ScratchDir(await mkdtemp(join(base, `${SCRATCH_PREFIX}${process.pid}-`)));
   }
 
   /** A new file name in the directory (the file is created by its writer). */
