@@ -1,7 +1,9 @@
-import { createHash, createHmac } from 'node:crypto';
+import { createHash, createHmac, type Hash, type Hmac } from 'node:crypto';
 import { request as httpRequest, type Agent as HttpAgent, type IncomingMessage, type OutgoingHttpHeaders } from 'node:http';
 import { request as httpsRequest, type Agent as HttpsAgent } from 'node:https';
 import type { Readable } from 'node:stream';
+import { SignatureV4 } from '@smithy/signature-v4';
+import type { SourceData } from '@smithy/types';
 
 /**
  * A thin signed-HTTP path for the S3 requests a copy makes per object (GET, PUT, HEAD, and
@@ -51,6 +53,24 @@ export type S3HttpResponse = IncomingMessage;
 
 /** Payload hash sent for stream bodies, whose bytes are not known before they are sent. */
 const UNSIGNED_PAYLOAD = 'UNSIGNED-PAYLOAD';
+
+function bytesOf(data: SourceData): string | Uint8Array {
+  return typeof data === 'string' || data instanceof Uint8Array ? data : ArrayBuffer.isView(data) ? new Uint8Array(data.buffer, data.byteOffset, data.byteLength) : new Uint8Array(data);
+}
+
+/** node:crypto in the hash interface the SDK's signer takes (SHA-256, or HMAC-SHA-256 with a secret). */
+class NodeSha256 {
+  readonly #hash: Hash | Hmac;
+  constructor(secret?: SourceData) {
+    this.#hash = secret === undefined ? createHash('sha256') : createHmac('sha256', bytesOf(secret));
+  }
+  update(data: SourceData): void {
+    this.#hash.update(bytesOf(data));
+  }
+  async digest(): Promise<Uint8Array> {
+    return this.#hash.digest();
+  }
+}
 const EMPTY_SHA256 = createHash('sha256').digest('hex');
 /** Keys made only of characters SigV4 leaves unencoded (and '/'). */
 const PLAIN_KEY = /^[A-Za-z0-9\-._~/]*$/;
@@ -79,9 +99,7 @@ export class S3Http {
   readonly #host: string;
   /** Everything before the encoded key in the request path: base path, and `/bucket` in path style. */
   readonly #pathPrefix: string;
-  readonly #scope: string;
-  #signingKey: { secret: string; date: string; key: Buffer } | undefined;
-  #clock: { second: number; amzDate: string } | undefined;
+  readonly #signer: SignatureV4;
 
   constructor(readonly options: S3HttpOptions) {
     const url = new URL(options.endpoint ?? `https://s3.${options.region}.amazonaws.com`);
@@ -93,7 +111,7 @@ export class S3Http {
     this.#port = url.port ? Number(url.port) : undefined;
     this.#host = url.port ? `${this.#hostname}:${url.port}` : this.#hostname;
     this.#pathPrefix = virtualHost ? basePath : `${basePath}/${uriEncode(options.bucket)}`;
-    this.#scope = `${options.region}/s3/aws4_request`;
+    this.#signer = new SignatureV4({ service: 's3', region: options.region, credentials: options.credentials, sha256: NodeSha256, uriEscapePath: false, applyChecksum: false });
   }
 
   /** The encoded request path of `key`: every segment URI-encoded per SigV4, '/' kept. */
@@ -109,29 +127,19 @@ export class S3Http {
    * carries the S3 error code, after the error body was read (so the socket is reused).
    */
   async send(req: S3HttpRequest): Promise<S3HttpResponse> {
-    const creds = await this.options.credentials();
     const path = this.pathOf(req.key);
-    // Canonical query: parameters sorted by name, names and values URI-encoded ('/' too).
+    const payloadHash = req.body === undefined ? EMPTY_SHA256 : Buffer.isBuffer(req.body) ? createHash('sha256').update(req.body).digest('hex') : UNSIGNED_PAYLOAD;
+    const unsigned: Record<string, string> = { host: this.#host, 'x-amz-content-sha256': payloadHash };
+    if (req.headers) for (const name in req.headers) unsigned[name.toLowerCase()] = String(req.headers[name]);
+    // SigV4 by the SDK's own signer: the path is already encoded per segment (S3 signs it as sent).
+    const signed = await this.#signer.sign({ method: req.method, protocol: this.#secure ? 'https:' : 'http:', hostname: this.#hostname, path, query: req.query ?? {}, headers: unsigned });
+    const headers: OutgoingHttpHeaders = { ...signed.headers };
     const query = req.query
       ? Object.keys(req.query)
           .sort()
           .map((name) => `${uriEncode(name)}=${uriEncode(req.query![name]!)}`)
           .join('&')
       : '';
-    const payloadHash = req.body === undefined ? EMPTY_SHA256 : Buffer.isBuffer(req.body) ? createHash('sha256').update(req.body).digest('hex') : UNSIGNED_PAYLOAD;
-    const amzDate = this.#amzDate();
-    const headers: OutgoingHttpHeaders = { host: this.#host, 'x-amz-content-sha256': payloadHash, 'x-amz-date': amzDate };
-    if (creds.sessionToken) headers['x-amz-security-token'] = creds.sessionToken;
-    if (req.headers) for (const name in req.headers) headers[name.toLowerCase()] = req.headers[name];
-    const signedNames = Object.keys(headers).sort();
-    let canonicalHeaders = '';
-    for (const name of signedNames) canonicalHeaders += `${name}:${String(headers[name]).trim().replace(/\s+/g, ' ')}\n`;
-    const signedHeaders = signedNames.join(';');
-    const canonicalRequest = `${req.method}\n${path}\n${query}\n${canonicalHeaders}\n${signedHeaders}\n${payloadHash}`;
-    const date = amzDate.slice(0, 8);
-    const stringToSign = `AWS4-HMAC-SHA256\n${amzDate}\n${date}/${this.#scope}\n${createHash('sha256').update(canonicalRequest).digest('hex')}`;
-    const signature = createHmac('sha256', this.#key(creds.secretAccessKey, date)).update(stringToSign).digest('hex');
-    headers.authorization = `AWS4-HMAC-SHA256 Credential=${creds.accessKeyId}/${date}/${this.#scope}, SignedHeaders=${signedHeaders}, Signature=${signature}`;
     const length = Buffer.isBuffer(req.body) ? req.body.length : req.contentLength;
     if (length !== undefined) headers['content-length'] = length;
     else if (req.body !== undefined) throw new S3HttpError('MissingContentLength', `${req.method} ${req.key}: a stream body needs a known length`);
@@ -220,26 +228,6 @@ export class S3Http {
       else if (Buffer.isBuffer(body)) outgoing.end(body);
       else sendStream(body, outgoing, length ?? 0, (err) => fail(new S3HttpError('RequestBodyError', `${req.method} ${req.key}: ${err.message}`, undefined, { cause: err })));
     });
-  }
-
-  #amzDate(): string {
-    const now = Date.now();
-    const second = Math.floor(now / 1000);
-    if (this.#clock?.second !== second) {
-      this.#clock = { second, amzDate: new Date(second * 1000).toISOString().replace(/[-:]/g, '').replace(/\.\d{3}/, '') };
-    }
-    return this.#clock.amzDate;
-  }
-
-  /** The SigV4 signing key of a day, derived once per day and secret. */
-  #key(secret: string, date: string): Buffer {
-    if (this.#signingKey?.date !== date || this.#signingKey.secret !== secret) {
-      const kDate = createHmac('sha256', `AWS4${secret}`).update(date).digest();
-      const kRegion = createHmac('sha256', kDate).update(this.options.region).digest();
-      const kService = createHmac('sha256', kRegion).update('s3').digest();
-      this.#signingKey = { secret, date, key: createHmac('sha256', kService).update('aws4_request').digest() };
-    }
-    return this.#signingKey.key;
   }
 }
 
