@@ -4,7 +4,7 @@ import { StoreError, type ObjectInfo, type ObjectStore } from '../objectstore/st
 import { digestOf, pipeWithDigest } from '../repository/digest.js';
 import type { FileRef } from '../repository/manifest.js';
 import { layout, type BackupListing, type IndexEntry, type Repository } from '../repository/repository.js';
-import { Cursor, inKeyOrder, KeyOrderError, readRows, type RowWriter } from '../objectstore/sorted.js';
+import { compareKeys, Cursor, inKeyOrder, KeyOrderError, readRows, type RowWriter } from '../objectstore/sorted.js';
 import { ProgressReporter, type EventSink, type PhaseName } from './events.js';
 import { forEachConcurrently } from './pool.js';
 
@@ -76,6 +76,37 @@ export class RepositoryHoldings {
         await present.close();
       },
     };
+  }
+}
+
+/**
+ * A sealed backup's index as a key-ordered stream, to be read as many times as needed. One pass
+ * at open checks its checksum and its order; an index written before indexes were key-ordered is
+ * read into memory and sorted instead.
+ */
+export class IndexSource {
+  private constructor(
+    private readonly repo: Repository,
+    private readonly ref: FileRef,
+    private readonly sortedInMemory: IndexEntry[] | undefined,
+  ) {}
+
+  static async open(repo: Repository, ref: FileRef): Promise<IndexSource> {
+    try {
+      for await (const _ of inKeyOrder(repo.streamIndex(ref), ref.file));
+      return new IndexSource(repo, ref, undefined);
+    } catch (err) {
+      if (!(err instanceof KeyOrderError)) throw err;
+      return new IndexSource(repo, ref, (await repo.readIndex(ref)).sort((a, b) => compareKeys(a.key, b.key)));
+    }
+  }
+
+  entries(): AsyncIterable<IndexEntry> {
+    if (!this.sortedInMemory) return this.repo.streamIndex(this.ref);
+    const entries = this.sortedInMemory;
+    return (async function* () {
+      yield* entries;
+    })();
   }
 }
 

@@ -2,7 +2,7 @@ import { writeFile } from 'node:fs/promises';
 import type { Config, ObjectStoreConfig, PostgresConfig } from '../config/schema.js';
 import { openStore } from '../objectstore/open.js';
 import { withRetry, defaultRetryPolicy } from '../objectstore/retry.js';
-import { StoreError, type ObjectStore } from '../objectstore/store.js';
+import { StoreError, type ObjectInfo, type ObjectStore } from '../objectstore/store.js';
 import { locationsOverlap } from '../objectstore/url.js';
 import { REDACTED, rewriteHelmValues } from '../pachyderm/helmValues.js';
 import { childEnv, connect, describeServer, pgServer, type PgServer } from '../postgres/connection.js';
@@ -12,12 +12,13 @@ import { findPgTool, startTool, stopTool, toolVersion } from '../postgres/tools.
 import { pipeWithDigest } from '../repository/digest.js';
 import type { Manifest } from '../repository/manifest.js';
 import { acquireLock, type LockHandle } from '../repository/lock.js';
-import { layout, type IndexEntry, type Repository } from '../repository/repository.js';
+import { layout, RepositoryError, type Repository } from '../repository/repository.js';
 import { PreflightError, openRepository } from './context.js';
 import { PhaseRunner, ProgressReporter, type EventSink } from './events.js';
-import { asRetryable } from './objects.js';
+import { asRetryable, IndexSource } from './objects.js';
+import { Cursor, inKeyOrder, readRows, RowWriter, ScratchDir } from '../objectstore/sorted.js';
 import { forEachConcurrently } from './pool.js';
-import { checkStoredFile } from './verify.js';
+import { checkStoredFile, crossCheck, type VerifyProblem } from './verify.js';
 
 export interface RestoreTargets {
   postgres: PostgresConfig;
@@ -90,16 +91,20 @@ async function restoreUnderLock(options: RestoreOptions, lockBox: { lock?: LockH
     await repo.open(false);
     lockBox.lock = await acquireLock(repo.store, 'read', { command: `pachbackup restore ${options.backup}` }, { onEvent: emit });
     const manifest = await repo.resolve(options.backup);
-    const entries = await repo.readIndex(manifest.objects.index);
-    const referenced = await repo.readReferenced(manifest.referenced);
-    const indexed = new Set(entries.map((e) => e.key));
-    const unheld = referenced.filter((k) => !indexed.has(k));
-    if (unheld.length > 0) throw new RestoreError(`backup ${manifest.id} is incomplete: ${unheld.length} referenced object(s) are not in its index, e.g. ${unheld[0]}; it cannot be restored`);
+    // Index and referenced keys are merged as key-ordered streams: memory does not grow with the backup.
+    const found: VerifyProblem[] = [];
+    await crossCheck(repo, manifest, found);
+    const broken = found.find((p) => !p.item.startsWith('object '));
+    if (broken) throw new RepositoryError(broken.problem);
+    if (found.length > 0) {
+      throw new RestoreError(`backup ${manifest.id} is incomplete: ${found.length} referenced object(s) are not in its index, e.g. ${found[0]!.item.slice('object '.length)}; it cannot be restored`);
+    }
+    const index = await IndexSource.open(repo, manifest.objects.index);
     for (const db of manifest.databases) {
       const problem = await checkStoredFile(repo, db.file, db, signal);
       if (problem) throw new RestoreError(`backup ${manifest.id}: the dump of database ${db.name} (${db.file}) is ${problem}; restore refused, nothing was changed. Run pachbackup verify ${manifest.id}`);
     }
-    await assertObjectsPresent(repo, entries, manifest.id);
+    await assertObjectsPresent(repo, index, manifest.id);
 
     const target = pgServer(targets.postgres, 'restore.postgres');
     const pgRestore = findPgTool('pg_restore', targets.postgres.binDir);
@@ -160,21 +165,24 @@ async function restoreUnderLock(options: RestoreOptions, lockBox: { lock?: LockH
       emit({ type: 'warning', message: `backup ${manifest.id} kept no Helm values, so ${targets.helmValuesOut} will not be written` });
     }
     for (const { db, target: name } of mapping) plan.push(`restore database ${db.name} (${db.size} bytes dump, ${db.tables.length} tables) into "${name}" on ${describeServer(target)}`);
-    plan.push(`copy ${entries.length} objects (${entries.reduce((n, e) => n + e.size, 0)} bytes) into ${out.store.description}, checking each SHA-256`);
+    plan.push(`copy ${manifest.objects.count} objects (${manifest.objects.bytes} bytes) into ${out.store.description}, checking each SHA-256`);
     if (helmValues !== undefined && targets.helmValuesOut) plan.push(`write Helm values rewritten for the targets to ${targets.helmValuesOut}`);
-    return { repo, manifest, entries, target, pgRestore, mapping, existing, out: out.store, helmValues };
+    return { repo, manifest, index, target, pgRestore, mapping, existing, out: out.store, helmValues };
   });
-  const { repo, manifest, entries, target, pgRestore, mapping, out } = pre;
+  const { repo, manifest, index, target, pgRestore, mapping, out } = pre;
+  const objects = { count: manifest.objects.count, bytes: manifest.objects.bytes };
   const base = { id: manifest.id, plan, phases: phases.timings, helmValuesOut: null, checks: [] as string[] };
   if (options.dryRun) {
-    return { ...base, dryRun: true, databases: [], objects: { count: entries.length, bytes: entries.reduce((n, e) => n + e.size, 0) }, totalMs: Math.round(performance.now() - started) };
+    return { ...base, dryRun: true, databases: [], objects, totalMs: Math.round(performance.now() - started) };
   }
 
   // Everything this restore creates, so a failure can take it back and leave no half-restored target.
   const createdDatabases: string[] = [];
-  const writtenKeys: string[] = [];
+  // Keys written to the target go to a scratch file (not memory), for the rollback.
+  const scratch = await ScratchDir.create();
+  const written = new RowWriter(scratch.file('restored-keys'));
   try {
-    await phases.run('restore-objects', () => restoreObjects(repo, out, entries, writtenKeys, options.concurrency, emit, signal));
+    await phases.run('restore-objects', () => restoreObjects(repo, out, index, objects, written, options.concurrency, emit, signal));
     const databases = await phases.run('restore-databases', async () => {
       const done: RestoreSummary['databases'] = [];
       for (const { db, target: name } of mapping) {
@@ -200,37 +208,81 @@ async function restoreUnderLock(options: RestoreOptions, lockBox: { lock?: LockH
         emit({ type: 'info', message: `wrote ${targets.helmValuesOut} (${rewrite.changes.map((c) => c.path).join(', ')})` });
       });
     }
-    const checks = await phases.run('check', () => checkRestored(entries, target, mapping, out));
-    return { ...base, dryRun: false, databases, objects: { count: entries.length, bytes: entries.reduce((n, e) => n + e.size, 0) }, helmValuesOut, checks, totalMs: Math.round(performance.now() - started) };
+    const checks = await phases.run('check', () => checkRestored(index, objects, target, mapping, out));
+    return { ...base, dryRun: false, databases, objects, helmValuesOut, checks, totalMs: Math.round(performance.now() - started) };
   } catch (err) {
-    emit({ type: 'warning', message: `restore failed; removing what it created (${createdDatabases.length} database(s), ${writtenKeys.length} object(s))` });
+    emit({ type: 'warning', message: `restore failed; removing what it created (${createdDatabases.length} database(s), ${written.rows} object(s))` });
     for (const name of createdDatabases) await dropDatabase(target, name).catch(() => undefined);
-    await out.remove(writtenKeys).catch(() => undefined);
+    await removeWritten(out, written).catch(() => undefined);
     throw err;
+  } finally {
+    await written.close().catch(() => undefined);
+    await scratch.remove();
   }
 }
 
-async function assertObjectsPresent(repo: Repository, entries: IndexEntry[], id: string): Promise<void> {
-  const sizes = new Map<string, number>();
-  for await (const info of repo.store.list(layout.objectsPrefix)) sizes.set(info.key.slice(layout.objectsPrefix.length), info.size);
-  const absent = entries.filter((e) => sizes.get(e.key) === undefined);
-  const wrong = entries.filter((e) => sizes.get(e.key) !== undefined && sizes.get(e.key) !== e.size);
-  if (absent.length > 0 || wrong.length > 0) {
-    const first = absent[0] ? `missing ${absent[0].key}` : `wrong size ${wrong[0]!.key}`;
-    throw new RestoreError(`backup ${id} cannot be restored: ${absent.length} object(s) missing and ${wrong.length} of the wrong size in the repository (${first}); restore refused, nothing was changed. Run pachbackup verify ${id}`);
+/** Removes every key the restore wrote, read back from its scratch file in batches. */
+async function removeWritten(out: ObjectStore, written: RowWriter): Promise<void> {
+  await written.close();
+  let batch: string[] = [];
+  for await (const [key] of readRows(written.path) as AsyncIterable<[string]>) {
+    batch.push(key);
+    if (batch.length >= 1000) {
+      await out.remove(batch);
+      batch = [];
+    }
+  }
+  if (batch.length > 0) await out.remove(batch);
+}
+
+/** Every indexed object must be in the repository with its size: the index merged with the objects/ listing. */
+async function assertObjectsPresent(repo: Repository, index: IndexSource, id: string): Promise<void> {
+  const present = new Cursor(keysUnder(repo.store.list(layout.objectsPrefix), layout.objectsPrefix));
+  let absent = 0;
+  let wrong = 0;
+  let first: string | undefined;
+  try {
+    for await (const e of index.entries()) {
+      const info = await present.seek(e.key);
+      if (!info) {
+        absent++;
+        first ??= `missing ${e.key}`;
+      } else if (info.size !== e.size) {
+        wrong++;
+        first ??= `wrong size ${e.key}`;
+      }
+    }
+  } finally {
+    await present.close();
+  }
+  if (absent > 0 || wrong > 0) {
+    throw new RestoreError(`backup ${id} cannot be restored: ${absent} object(s) missing and ${wrong} of the wrong size in the repository (${first}); restore refused, nothing was changed. Run pachbackup verify ${id}`);
   }
 }
 
-async function restoreObjects(repo: Repository, out: ObjectStore, entries: IndexEntry[], written: string[], concurrency: number, emit: EventSink, signal?: AbortSignal): Promise<void> {
-  const progress = new ProgressReporter(emit, 'restore-objects', entries.length, entries.reduce((n, e) => n + e.size, 0));
+async function* keysUnder(items: AsyncIterable<ObjectInfo>, prefix: string): AsyncGenerator<ObjectInfo> {
+  for await (const info of inKeyOrder(items, 'the repository listing')) yield { ...info, key: info.key.slice(prefix.length) };
+}
+
+async function restoreObjects(
+  repo: Repository,
+  out: ObjectStore,
+  index: IndexSource,
+  total: { count: number; bytes: number },
+  written: RowWriter,
+  concurrency: number,
+  emit: EventSink,
+  signal?: AbortSignal,
+): Promise<void> {
+  const progress = new ProgressReporter(emit, 'restore-objects', total.count, total.bytes);
   await forEachConcurrently(
-    entries,
+    index.entries(),
     concurrency,
     async (entry) => {
       await withRetry(
         async () => {
           const body = await repo.store.get(layout.object(entry.key), signal);
-          written.push(entry.key);
+          await written.write([entry.key]);
           const { bytes, sha256 } = await pipeWithDigest(body, (digest, putSignal) => out.put(entry.key, digest, { size: entry.size }, putSignal), signal).catch((err: unknown) => {
             throw asRetryable(err, `restoring ${entry.key}`, signal);
           });
@@ -275,7 +327,8 @@ async function pgRestoreFromRepository(
 
 /** Compares the restored result with the manifest: rows per table and objects (count and bytes). */
 async function checkRestored(
-  entries: IndexEntry[],
+  index: IndexSource,
+  total: { count: number; bytes: number },
   server: PgServer,
   mapping: Array<{ db: Manifest['databases'][number]; target: string }>,
   out: ObjectStore,
@@ -297,18 +350,23 @@ async function checkRestored(
     }
     checks.push(`database "${name}": ${db.tables.length} tables, ${db.tables.reduce((n, t) => n + t.rows, 0)} rows, all counts equal the backup`);
   }
-  const expected = new Map(entries.map((e) => [e.key, e.size]));
+  // The target's listing merged with the index: both in key order.
   let count = 0;
   let bytes = 0;
-  for await (const info of out.list()) {
-    if (expected.get(info.key) === info.size) {
-      count++;
-      bytes += info.size;
+  const restored = new Cursor(inKeyOrder(out.list(), `the listing of ${out.description}`));
+  try {
+    for await (const e of index.entries()) {
+      const info = await restored.seek(e.key);
+      if (info?.size === e.size) {
+        count++;
+        bytes += info.size;
+      }
     }
+  } finally {
+    await restored.close();
   }
-  const wantBytes = entries.reduce((n, e) => n + e.size, 0);
-  if (count !== entries.length || bytes !== wantBytes) {
-    throw new RestoreError(`the target store holds ${count} of the backup's ${entries.length} objects (${bytes} of ${wantBytes} bytes)`);
+  if (count !== total.count || bytes !== total.bytes) {
+    throw new RestoreError(`the target store holds ${count} of the backup's ${total.count} objects (${bytes} of ${total.bytes} bytes)`);
   }
   checks.push(`objects: ${count} objects, ${bytes} bytes, all present with the backup's sizes (contents checked by SHA-256 while copied)`);
   return checks;

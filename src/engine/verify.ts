@@ -84,7 +84,7 @@ export async function verifyBackup(options: { repo: Repository; manifest: Manife
  * files are key-ordered, so they are merged as streams (each checked against its checksum as it
  * ends). Backups sealed before indexes were key-ordered are compared in memory instead.
  */
-async function crossCheck(repo: Repository, manifest: Manifest, problems: VerifyProblem[]): Promise<{ orphans: number; indexReadable: boolean }> {
+export async function crossCheck(repo: Repository, manifest: Manifest, problems: VerifyProblem[]): Promise<{ orphans: number; indexReadable: boolean }> {
   const broken: { index?: string; referenced?: string } = {};
   const missing: string[] = [];
   let orphans = 0;

@@ -206,8 +206,9 @@ export class RowWriter {
     if (!this.#out.write(`${JSON.stringify(row)}\n`)) await once(this.#out, 'drain');
   }
 
+  /** Flushes and closes the file; safe to call again. */
   async close(): Promise<void> {
-    this.#out.end();
+    if (!this.#out.writableEnded) this.#out.end();
     if (!this.#out.closed) await once(this.#out, 'close');
     if (this.#failed) throw this.#failed;
   }
