@@ -34,41 +34,31 @@ export interface HeldLookup {
 export class RepositoryHoldings {
   private constructor(
     private readonly repo: Repository,
-    private readonly sortedIndex: FileRef | undefined,
-    private readonly inMemory: Map<string, IndexEntry>,
+    private readonly index: IndexSource | undefined,
+    private readonly journaled: Map<string, IndexEntry>,
   ) {}
 
   static async load(repo: Repository, listing: BackupListing): Promise<RepositoryHoldings> {
-    const inMemory = new Map<string, IndexEntry>();
-    let sortedIndex: FileRef | undefined;
     const latest = listing.sealed[listing.sealed.length - 1];
-    if (latest) {
-      // One pass checks the index's checksum (before anything is paused) and its order.
-      try {
-        for await (const _ of inKeyOrder(repo.streamIndex(latest.objects.index), latest.objects.index.file));
-        sortedIndex = latest.objects.index;
-      } catch (err) {
-        if (!(err instanceof KeyOrderError)) throw err;
-        for (const e of await repo.readIndex(latest.objects.index)) inMemory.set(e.key, e);
-      }
-    }
+    // Opening checks the index's checksum (before anything is paused) and its order.
+    const index = latest && (await IndexSource.open(repo, latest.objects.index));
+    const journaled = new Map<string, IndexEntry>();
     for (const incomplete of listing.incomplete) {
-      for (const e of await repo.readJournals(incomplete.id)) inMemory.set(e.key, e);
+      for (const e of await repo.readJournals(incomplete.id)) journaled.set(e.key, e);
     }
-    return new RepositoryHoldings(repo, sortedIndex, inMemory);
+    return new RepositoryHoldings(repo, index, journaled);
   }
 
   /** A fresh lookup (its own cursors over the index and the objects/ listing). */
   lookup(): HeldLookup {
-    if (!this.sortedIndex && this.inMemory.size === 0) return { get: async () => undefined, close: async () => undefined };
-    const index = this.sortedIndex && new Cursor(this.repo.streamIndex(this.sortedIndex));
-    const prefix = layout.objectsPrefix;
-    const present = new Cursor(mapKeys(inKeyOrder(this.repo.store.list(prefix), `the listing of ${this.repo.description}`), (key) => key.slice(prefix.length)));
+    if (!this.index && this.journaled.size === 0) return { get: async () => undefined, close: async () => undefined };
+    const index = this.index && new Cursor(this.index.entries());
+    const present = new Cursor(repositoryObjects(this.repo));
     return {
       get: async (key) => {
         const fromIndex = await index?.seek(key);
         const info = await present.seek(key);
-        const candidate = this.inMemory.get(key) ?? fromIndex;
+        const candidate = this.journaled.get(key) ?? fromIndex;
         return candidate && info && info.size === candidate.size ? candidate : undefined;
       },
       close: async () => {
@@ -77,6 +67,12 @@ export class RepositoryHoldings {
       },
     };
   }
+}
+
+/** The objects the repository holds, keyed as in the cluster bucket, in key order. */
+export async function* repositoryObjects(repo: Repository): AsyncGenerator<ObjectInfo> {
+  const prefix = layout.objectsPrefix;
+  for await (const info of inKeyOrder(repo.store.list(prefix), `the listing of ${repo.description}`)) yield { ...info, key: info.key.slice(prefix.length) };
 }
 
 /**
@@ -91,7 +87,9 @@ export class IndexSource {
     private readonly sortedInMemory: IndexEntry[] | undefined,
   ) {}
 
-  static async open(repo: Repository, ref: FileRef): Promise<IndexSource> {
+  /** `ordered`: a pass already proved this index key-ordered and intact (verify's crossCheck), so none is needed here. */
+  static async open(repo: Repository, ref: FileRef, ordered = false): Promise<IndexSource> {
+    if (ordered) return new IndexSource(repo, ref, undefined);
     try {
       for await (const _ of inKeyOrder(repo.streamIndex(ref), ref.file));
       return new IndexSource(repo, ref, undefined);
@@ -114,10 +112,6 @@ export class IndexSource {
 export function entriesLookup(path: string): HeldLookup {
   const cursor = new Cursor(readEntries(path));
   return { get: (key) => cursor.seek(key), close: () => cursor.close() };
-}
-
-async function* mapKeys(items: AsyncIterable<ObjectInfo>, rename: (key: string) => string): AsyncGenerator<ObjectInfo> {
-  for await (const info of items) yield { ...info, key: rename(info.key) };
 }
 
 /** Entries (or plan items) written by a RowWriter, read back in order. */

@@ -15,7 +15,7 @@ import { acquireLock, type LockHandle } from '../repository/lock.js';
 import { layout, RepositoryError, type Repository } from '../repository/repository.js';
 import { PreflightError, openRepository } from './context.js';
 import { PhaseRunner, ProgressReporter, type EventSink } from './events.js';
-import { asRetryable, IndexSource } from './objects.js';
+import { asRetryable, IndexSource, repositoryObjects } from './objects.js';
 import { Cursor, inKeyOrder, readRows, RowWriter, ScratchDir } from '../objectstore/sorted.js';
 import { forEachConcurrently } from './pool.js';
 import { checkStoredFile, crossCheck, type VerifyProblem } from './verify.js';
@@ -93,13 +93,13 @@ async function restoreUnderLock(options: RestoreOptions, lockBox: { lock?: LockH
     const manifest = await repo.resolve(options.backup);
     // Index and referenced keys are merged as key-ordered streams: memory does not grow with the backup.
     const found: VerifyProblem[] = [];
-    await crossCheck(repo, manifest, found);
+    const { indexOrdered } = await crossCheck(repo, manifest, found);
     const broken = found.find((p) => !p.item.startsWith('object '));
     if (broken) throw new RepositoryError(broken.problem);
     if (found.length > 0) {
       throw new RestoreError(`backup ${manifest.id} is incomplete: ${found.length} referenced object(s) are not in its index, e.g. ${found[0]!.item.slice('object '.length)}; it cannot be restored`);
     }
-    const index = await IndexSource.open(repo, manifest.objects.index);
+    const index = await IndexSource.open(repo, manifest.objects.index, indexOrdered);
     for (const db of manifest.databases) {
       const problem = await checkStoredFile(repo, db.file, db, signal);
       if (problem) throw new RestoreError(`backup ${manifest.id}: the dump of database ${db.name} (${db.file}) is ${problem}; restore refused, nothing was changed. Run pachbackup verify ${manifest.id}`);
@@ -237,7 +237,7 @@ async function removeWritten(out: ObjectStore, written: RowWriter): Promise<void
 
 /** Every indexed object must be in the repository with its size: the index merged with the objects/ listing. */
 async function assertObjectsPresent(repo: Repository, index: IndexSource, id: string): Promise<void> {
-  const present = new Cursor(keysUnder(repo.store.list(layout.objectsPrefix), layout.objectsPrefix));
+  const present = new Cursor(repositoryObjects(repo));
   let absent = 0;
   let wrong = 0;
   let first: string | undefined;
@@ -260,9 +260,6 @@ async function assertObjectsPresent(repo: Repository, index: IndexSource, id: st
   }
 }
 
-async function* keysUnder(items: AsyncIterable<ObjectInfo>, prefix: string): AsyncGenerator<ObjectInfo> {
-  for await (const info of inKeyOrder(items, 'the repository listing')) yield { ...info, key: info.key.slice(prefix.length) };
-}
 
 async function restoreObjects(
   repo: Repository,

@@ -84,7 +84,7 @@ export async function verifyBackup(options: { repo: Repository; manifest: Manife
  * files are key-ordered, so they are merged as streams (each checked against its checksum as it
  * ends). Backups sealed before indexes were key-ordered are compared in memory instead.
  */
-export async function crossCheck(repo: Repository, manifest: Manifest, problems: VerifyProblem[]): Promise<{ orphans: number; indexReadable: boolean }> {
+export async function crossCheck(repo: Repository, manifest: Manifest, problems: VerifyProblem[]): Promise<{ orphans: number; indexReadable: boolean; indexOrdered: boolean }> {
   const broken: { index?: string; referenced?: string } = {};
   const missing: string[] = [];
   let orphans = 0;
@@ -101,13 +101,13 @@ export async function crossCheck(repo: Repository, manifest: Manifest, problems:
     }
   } catch (err) {
     if (!(err instanceof KeyOrderError)) throw err;
-    return crossCheckInMemory(repo, manifest, problems);
+    return { ...(await crossCheckInMemory(repo, manifest, problems)), indexOrdered: false };
   }
   if (broken.index) problems.push({ item: manifest.objects.index.file, problem: broken.index });
   if (broken.referenced) problems.push({ item: manifest.referenced.file, problem: broken.referenced });
   // Keys "missing" from an index that could not be read whole say nothing.
   if (!broken.index) for (const key of missing) problems.push({ item: `object ${key}`, problem: 'referenced by the pachyderm database but not in the backup index' });
-  return { orphans, indexReadable: !broken.index };
+  return { orphans, indexReadable: !broken.index, indexOrdered: !broken.index };
 }
 
 async function crossCheckInMemory(repo: Repository, manifest: Manifest, problems: VerifyProblem[]): Promise<{ orphans: number; indexReadable: boolean }> {

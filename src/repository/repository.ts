@@ -1,7 +1,7 @@
 import { randomBytes } from 'node:crypto';
 import { Readable } from 'node:stream';
 import { createInterface } from 'node:readline';
-import { createGunzip, createGzip, gunzipSync, gzipSync } from 'node:zlib';
+import { createGunzip, createGzip, gunzipSync } from 'node:zlib';
 import { z } from 'zod';
 import { NotFoundError, PreconditionFailedError, type ObjectStore } from '../objectstore/store.js';
 import { redactHelmSecrets } from '../pachyderm/helmValues.js';
@@ -316,10 +316,10 @@ export class Repository {
     return data;
   }
 
+  /** Writes an index from entries held in memory (tests, small tools); backups stream theirs through writeLinesGz. */
   async writeIndex(path: string, entries: Iterable<IndexEntry>): Promise<FileRef> {
-    const lines: string[] = [];
-    for (const e of entries) lines.push(JSON.stringify([e.key, e.size, e.sha256]));
-    return this.writeBuffer(path, gzipSync(Buffer.from(lines.length ? `${lines.join('\n')}\n` : '')));
+    const { count: _count, ...ref } = await this.writeLinesGz(path, linesOf(entries, (e) => JSON.stringify([e.key, e.size, e.sha256])));
+    return ref;
   }
 
   /** Parses an index or journal file's bytes (already checked by the caller where a reference exists). */
@@ -407,8 +407,7 @@ export class Repository {
   }
 
   async writeReferenced(id: string, keys: string[]): Promise<FileRef & { count: number }> {
-    const ref = await this.writeBuffer(layout.referenced(id), gzipSync(Buffer.from(keys.length ? `${keys.join('\n')}\n` : '')));
-    return { ...ref, count: keys.length };
+    return this.writeLinesGz(layout.referenced(id), linesOf(keys, (k) => k));
   }
 
   async readReferenced(ref: FileRef): Promise<string[]> {
@@ -503,6 +502,10 @@ export class Repository {
     });
     return stored;
   }
+}
+
+async function* linesOf<T>(items: Iterable<T>, line: (item: T) => string): AsyncGenerator<string> {
+  for (const item of items) yield line(item);
 }
 
 function parseIndexLine(line: string, where: string): IndexEntry {
