@@ -315,16 +315,17 @@ async function backupUnderLock(options: BackupOptions, lockBox: { lock?: LockHan
     // The index streams from the scratch file, merged with the objects fetched by key, in key order.
     let bytes = 0;
     const indexLines = async function* (): AsyncGenerator<string> {
+      bytes = 0; // counted again if a retry writes the index again
       for await (const e of mergeByKey(readEntries(indexEntries!), unlistedEntries.sort((a, b) => compareKeys(a.key, b.key)))) {
         bytes += e.size;
         yield JSON.stringify([e.key, e.size, e.sha256]);
       }
     };
-    const { count: entryCount, ...indexRef } = await repo.writeLinesGz(layout.index(id), indexLines(), signal);
+    const { count: entryCount, ...indexRef } = await repo.writeLinesGz(layout.index(id), indexLines, signal);
     const referencedLines = async function* (): AsyncGenerator<string> {
       for await (const [key] of readRows(referenced!.path) as AsyncIterable<[string]>) yield key;
     };
-    const referencedRef = await repo.writeLinesGz(layout.referenced(id), referencedLines(), signal);
+    const referencedRef = await repo.writeLinesGz(layout.referenced(id), referencedLines, signal);
     let helmRef: (FileRef & { redacted: boolean }) | null = null;
     if (pre.helmValues) helmRef = await repo.writeHelmValues(id, pre.helmValues);
     if (pre.serverSide?.disabled) emit({ type: 'info', message: `server-side copy was not possible (${pre.serverSide.reason}); objects were streamed` });

@@ -3,6 +3,7 @@ import { Readable } from 'node:stream';
 import { createInterface } from 'node:readline';
 import { createGunzip, createGzip, gunzipSync } from 'node:zlib';
 import { z } from 'zod';
+import { defaultRetryPolicy, withRetry } from '../objectstore/retry.js';
 import { NotFoundError, PreconditionFailedError, type ObjectStore } from '../objectstore/store.js';
 import { redactHelmSecrets } from '../pachyderm/helmValues.js';
 import { DigestStream, pipeWithDigest, sha256Hex } from './digest.js';
@@ -318,7 +319,7 @@ export class Repository {
 
   /** Writes an index from entries held in memory (tests, small tools); backups stream theirs through writeLinesGz. */
   async writeIndex(path: string, entries: Iterable<IndexEntry>): Promise<FileRef> {
-    const { count: _count, ...ref } = await this.writeLinesGz(path, linesOf(entries, (e) => JSON.stringify([e.key, e.size, e.sha256])));
+    const { count: _count, ...ref } = await this.writeLinesGz(path, () => linesOf(entries, (e) => JSON.stringify([e.key, e.size, e.sha256])));
     return ref;
   }
 
@@ -345,7 +346,13 @@ export class Repository {
    * Writes a gzip file of lines as they are produced, without holding them: the index and the
    * referenced-key list of a backup with millions of objects stream through here.
    */
-  async writeLinesGz(path: string, lines: AsyncIterable<string>, signal?: AbortSignal): Promise<FileRef & { count: number }> {
+  async writeLinesGz(path: string, lines: () => AsyncIterable<string>, signal?: AbortSignal): Promise<FileRef & { count: number }> {
+    // A streamed put cannot be replayed by the store's retries: a transient fault (503 SlowDown)
+    // writes the whole file again, from a fresh pass over `lines`.
+    return withRetry(() => this.#writeLinesGzOnce(path, lines(), signal), defaultRetryPolicy, signal);
+  }
+
+  async #writeLinesGzOnce(path: string, lines: AsyncIterable<string>, signal?: AbortSignal): Promise<FileRef & { count: number }> {
     let count = 0;
     async function* text(): AsyncGenerator<Buffer> {
       let batch: string[] = [];
@@ -407,7 +414,7 @@ export class Repository {
   }
 
   async writeReferenced(id: string, keys: string[]): Promise<FileRef & { count: number }> {
-    return this.writeLinesGz(layout.referenced(id), linesOf(keys, (k) => k));
+    return this.writeLinesGz(layout.referenced(id), () => linesOf(keys, (k) => k));
   }
 
   async readReferenced(ref: FileRef): Promise<string[]> {
