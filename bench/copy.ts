@@ -14,7 +14,8 @@ import { rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { objectStoreSchema } from '../src/config/schema.js';
-import { copyMissingObjects, CopyJournal, listSource, ServerSideCopier } from '../src/engine/objects.js';
+import { copyMissingObjects, CopyJournal, listSource, ServerSideCopier, ServiceMd5 } from '../src/engine/objects.js';
+import { algorithmOf } from '../src/repository/checksum.js';
 import { openStore } from '../src/objectstore/open.js';
 import { layout, Repository, type IndexEntry } from '../src/repository/repository.js';
 import {
@@ -60,11 +61,15 @@ interface WorkerSpec {
   target: string;
   concurrency: number;
   serverSide: boolean;
+  /** `backup.serviceChecksums`: let the service check MD5s (the default) or hash every byte here. */
+  serviceChecksums: boolean;
 }
 
 interface WorkerReport {
   copied: number;
   serverSide: number;
+  /** Objects whose checksum is the MD5 the service checked (the rest were hashed with SHA-256 here). */
+  md5: number;
   copyMs: number;
 }
 
@@ -90,7 +95,7 @@ async function copyWorker(spec: WorkerSpec): Promise<WorkerReport> {
   let serverSide: ServerSideCopier | undefined;
   if (spec.serverSide) {
     const copier = openStore(storeConfig(spec.target), 'repository', { maxSockets: spec.concurrency * 2 }).s3!;
-    serverSide = new ServerSideCopier((key, size, signal) => copier.copyFrom(source.s3!, key, layout.object(key), size, signal));
+    serverSide = new ServerSideCopier((key, size, signal, sourceMd5) => copier.copyFrom(source.s3!, key, layout.object(key), size, signal, sourceMd5));
   }
   const listing = await listSource(source.store);
   const held = new Map<string, IndexEntry>();
@@ -104,9 +109,11 @@ async function copyWorker(spec: WorkerSpec): Promise<WorkerReport> {
     emit: () => undefined,
     phase: 'precopy',
     ...(serverSide ? { serverSide } : {}),
+    serviceMd5: new ServiceMd5(spec.serviceChecksums),
   });
   if (serverSide?.disabled) process.stderr.write(`server-side copy fell back to streaming: ${serverSide.reason}\n`);
-  return { copied: result.newCount, serverSide: result.serverSideCount, copyMs: Math.round(performance.now() - started) };
+  const md5 = result.entries.filter((e) => algorithmOf(e.checksum) === 'md5').length;
+  return { copied: result.newCount, serverSide: result.serverSideCount, md5, copyMs: Math.round(performance.now() - started) };
 }
 
 // ---- the benchmark
@@ -136,13 +143,15 @@ const work = await workDir('pbbench-copy-');
 function contenders(ceph: BenchCeph, awsVars: Record<string, string>): Contender[] {
   const creds = { PBBENCH_S3_KEY: ceph.accessKeyId, PBBENCH_S3_SECRET: ceph.secretAccessKey };
   const rclone = (endpoint: string): Record<string, string> => rcloneEnv(endpoint, ceph, ['ceph', 'src', 'dst'], join(work, 'rclone.conf'));
-  const pachbackup = (serverSide: boolean): Contender['command'] => (endpoint, source, target) => ({
+  const pachbackup = (serverSide: boolean, serviceChecksums = true): Contender['command'] => (endpoint, source, target) => ({
     command: process.execPath,
-    args: [...flags['worker-node-args'].split(' ').filter(Boolean), SELF, 'worker', JSON.stringify({ endpoint, source, target, concurrency, serverSide } satisfies WorkerSpec)],
+    args: [...flags['worker-node-args'].split(' ').filter(Boolean), SELF, 'worker', JSON.stringify({ endpoint, source, target, concurrency, serverSide, serviceChecksums } satisfies WorkerSpec)],
     env: { ...process.env, ...creds },
   });
   const all: Contender[] = [
     { name: 'pachbackup-stream', path: 'stream', prefix: 'objects/', command: pachbackup(false) },
+    // backup.serviceChecksums: false, every byte hashed with SHA-256 here (the only mode before 0.3).
+    { name: 'pachbackup-stream-sha256', path: 'stream', prefix: 'objects/', command: pachbackup(false, false) },
     {
       name: 'rclone-stream',
       path: 'stream',
@@ -155,6 +164,7 @@ function contenders(ceph: BenchCeph, awsVars: Record<string, string>): Contender
       }),
     },
     { name: 'pachbackup-server-side', path: 'server-side', prefix: 'objects/', command: pachbackup(true) },
+    { name: 'pachbackup-server-side-sha256', path: 'server-side', prefix: 'objects/', command: pachbackup(true, false) },
     {
       name: 'rclone-server-side',
       path: 'server-side',
@@ -206,7 +216,9 @@ async function runOnce(ceph: BenchCeph, contender: Contender, endpoint: string, 
     let note: string | undefined;
     if (command === process.execPath) {
       const report = JSON.parse(m.stdout.trim().split('\n').pop() ?? '{}') as WorkerReport;
-      if (contender.path === 'server-side' && report.serverSide !== expected.count) note = `only ${report.serverSide} of ${expected.count} copied server-side`;
+      const notes = [`${report.md5} MD5 checked by the service, ${report.copied - report.md5} SHA-256 here`];
+      if (contender.path === 'server-side' && report.serverSide !== expected.count) notes.push(`only ${report.serverSide} of ${expected.count} copied server-side`);
+      note = notes.join('; ');
     }
     log(`  ${contender.name}: ${(m.wallMs / 1000).toFixed(1)} s wall, ${m.cpuSeconds.toFixed(1)} s client CPU, ${serverCpuSeconds.toFixed(1)} s server CPU`);
     return { wallMs: m.wallMs, cpuSeconds: m.cpuSeconds, serverCpuSeconds, rssKiB: m.maxRssKiB, ...(note ? { note } : {}) };

@@ -1,2 +1,2 @@
 /** Recorded in every manifest, so a repository says which release wrote each backup. */
-export const TOOL_VERSION = '0.1.0';
+export const TOOL_VERSION = '0.2.0';

@@ -44,6 +44,8 @@ for (const { kind, label, skip } of kinds) {
       assert.equal(first.objects.count, CHUNKS);
       assert.equal(first.objects.bytes, CHUNKS * CHUNK_SIZE);
       assert.equal(first.referencedKeys, CHUNKS);
+      // On S3 every chunk is listed with its MD5 as ETag and written with Content-MD5: the service checks it, nothing is hashed here.
+      assert.equal(first.objects.md5Count, kind === 'fs' ? 0 : CHUNKS, 'objects whose checksum the S3 service checked');
       assert.deepEqual(first.databases.map((d) => d.role).sort(), ['dex', 'pachyderm']);
       assert.ok(first.downtimeMs !== null && first.downtimeMs >= 0, 'the summary gives the downtime as a number');
       assert.deepEqual(await cluster.sealedBackups(), [first.id]);
@@ -73,6 +75,18 @@ for (const { kind, label, skip } of kinds) {
       assert.equal(second.objects.heldCount, CHUNKS);
       assert.equal(await cluster.repositoryObjectCount(), heldAfterFirst, 'the repository objects/ area did not grow');
       assert.deepEqual((await cluster.sealedBackups()).sort(), [first.id, second.id].sort());
+
+      // One object of the repository replaced by other bytes of the same size: verify recomputes the
+      // recorded checksum (MD5 on S3, SHA-256 on the filesystem) and names it; a restore refuses it.
+      const damagedKey = (await cluster.sourceFingerprints()).objects.keys().next().value as string;
+      await cluster.repositoryStore().put(`objects/${damagedKey}`, Buffer.alloc(CHUNK_SIZE, 0x5a));
+      const config = await cluster.writeConfig();
+      const verify = await cluster.runCli(['--config', config, 'verify', first.id]);
+      assert.equal(verify.code, 1, describeRun(verify));
+      assert.match(`${verify.stdout}${verify.stderr}`, new RegExp(`${damagedKey.replace(/[.]/g, '\\.')}[\\s\\S]*checksum mismatch \\(${kind === 'fs' ? 'SHA-256' : 'MD5'} `), describeRun(verify));
+      const restore = await cluster.runCli(['--config', config, '--yes', 'restore', '--force', first.id]);
+      assert.equal(restore.code, 1, describeRun(restore));
+      assert.match(restore.stderr, new RegExp(`${damagedKey.replace(/[.]/g, '\\.')} in the repository does not match its recorded checksum`), describeRun(restore));
     } finally {
       await cluster.cleanup();
     }

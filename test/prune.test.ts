@@ -81,7 +81,7 @@ async function putObject(repo: Repository, n: number): Promise<IndexEntry> {
   const data = objectBytes(n);
   const key = objectKey(n);
   if (!(await repo.store.stat(layout.object(key)))) await repo.writeBuffer(layout.object(key), data);
-  return { key, size: data.length, sha256: createHash('sha256').update(data).digest('hex') };
+  return { key, size: data.length, checksum: createHash('sha256').update(data).digest('hex') };
 }
 
 async function addSealedBackup(repo: Repository, startedAt: string, objects: number[]): Promise<string> {
@@ -119,7 +119,7 @@ async function addIncompleteBackup(repo: Repository, startedAt: Date, n: number)
   const id = newBackupId(startedAt);
   const entry = await putObject(repo, n);
   await repo.writeBuffer(layout.dump(id, 'pachyderm'), Buffer.from('PGDMP partial'));
-  await repo.writeBuffer(layout.journal(id, 0), gzipSync(Buffer.from(`${JSON.stringify([entry.key, entry.size, entry.sha256])}\n`)));
+  await repo.writeBuffer(layout.journal(id, 0), gzipSync(Buffer.from(`${JSON.stringify([entry.key, entry.size, entry.checksum])}\n`)));
   return id;
 }
 

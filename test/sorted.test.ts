@@ -129,10 +129,10 @@ describe('copyPlanned', () => {
   test('copies what the plan marks missing, passes held entries through, and writes every entry in key order', async () => {
     const keys = [...objects.keys()].sort(compareKeys);
     // Every third object is "held" already, with its checksum; the rest are copied.
-    const plan: PlanItem[] = keys.map((key, i) => (i % 3 === 0 ? { key, size: objects.get(key)!.length, sha256: sha256Hex(objects.get(key)!) } : { key, size: objects.get(key)!.length }));
+    const plan: PlanItem[] = keys.map((key, i) => (i % 3 === 0 ? { key, size: objects.get(key)!.length, checksum: sha256Hex(objects.get(key)!) } : { key, size: objects.get(key)!.length }));
     const scratch = await ScratchDir.create();
     const out = new RowWriter(scratch.file('index'));
-    const missing = plan.filter((p) => !p.sha256);
+    const missing = plan.filter((p) => !p.checksum);
     const result = await copyPlanned({
       source,
       repo,
@@ -156,7 +156,7 @@ describe('copyPlanned', () => {
       'the output is in key order although copies finished out of order',
     );
     for (const e of written) {
-      assert.equal(e.sha256, sha256Hex(objects.get(e.key)!), `checksum of ${e.key}`);
+      assert.equal(e.checksum, sha256Hex(objects.get(e.key)!), `checksum of ${e.key}`);
       assert.equal(e.size, objects.get(e.key)!.length);
     }
     for (const item of missing) {

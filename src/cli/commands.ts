@@ -16,7 +16,7 @@ export function backupSummaryText(s: BackupSummary): string {
       s.databases.map((d) => [`${d.name} (${d.role})`, formatBytes(d.bytes), String(d.tables), String(d.rows)]),
     ),
     '',
-    `objects: ${s.objects.count} (${formatBytes(s.objects.bytes)}); new ${s.objects.newCount} (${formatBytes(s.objects.newBytes)}); already held ${s.objects.heldCount} (${formatBytes(s.objects.heldBytes)}); copy path: ${s.copyPath}`,
+    `objects: ${s.objects.count} (${formatBytes(s.objects.bytes)}); new ${s.objects.newCount} (${formatBytes(s.objects.newBytes)}); already held ${s.objects.heldCount} (${formatBytes(s.objects.heldBytes)}); copy path: ${s.copyPath}; checksums: ${s.objects.md5Count} MD5 checked by the S3 service, ${s.objects.count - s.objects.md5Count} SHA-256 computed here`,
     `referenced keys: ${s.referencedKeys}, all held`,
     `phases: ${s.phases.map((p) => `${p.name} ${formatMs(p.ms)}`).join(', ')}`,
     `downtime: ${s.downtimeMs === null ? 'none (cluster not paused)' : formatMs(s.downtimeMs)}; total ${formatMs(s.totalMs)}`,
@@ -73,6 +73,7 @@ export function manifestText(m: Manifest): string {
     ),
     '',
     `objects: ${m.objects.count} (${formatBytes(m.objects.bytes)}), ${m.objects.newCount} copied by this backup (${formatBytes(m.objects.newBytes)}); referenced keys ${m.referenced.count}`,
+    `checksums: ${m.objects.count - (m.objects.md5Count ?? 0)} SHA-256 computed by pachbackup, ${m.objects.md5Count ?? 0} MD5 checked by the S3 service`,
     `Helm values: ${m.helmValues ? `${m.helmValues.file}${m.helmValues.redacted ? ' (secrets redacted)' : ''}` : 'none kept'}`,
     `phases: ${m.phases.map((p) => `${p.name} ${formatMs(p.ms)}`).join(', ')}`,
   ].join('\n');

@@ -172,6 +172,13 @@ export const configSchema = z
          * times faster than pg_dump's default (6) for a slightly larger file (bench/RESULTS.md).
          */
         dumpCompression: z.number().int().min(0).max(9).default(1),
+        /**
+         * Let the S3 service check each copied object against the MD5 its listed ETag stands for
+         * (Content-MD5 on the upload, the copy's ETag for a server-side copy), so the bytes are not
+         * hashed here; the index then records `md5:` checksums. Off: SHA-256 of every object,
+         * computed by pachbackup. Objects without a plain MD5 ETag are always hashed here.
+         */
+        serviceChecksums: z.boolean().default(true),
         /** Keep the Helm values' secrets in an unencrypted repository (an encrypted one always keeps them). */
         keepHelmSecrets: z.boolean().default(false),
       })

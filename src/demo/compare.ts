@@ -29,8 +29,8 @@ export async function fingerprintStore(store: ObjectStore): Promise<Map<string, 
   const out = new Map<string, { size: number; sha256: string }>();
   for await (const info of store.list()) {
     const body = await store.get(info.key);
-    const { bytes, sha256 } = await digestOf(body);
-    out.set(info.key, { size: bytes, sha256 });
+    const { bytes, hex } = await digestOf(body);
+    out.set(info.key, { size: bytes, sha256: hex });
   }
   return out;
 }

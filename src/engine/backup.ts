@@ -18,7 +18,8 @@ import type { ObjectInfo } from '../objectstore/store.js';
 import { assertSeparateStores, openCluster, openRepository, PreflightError, type ClusterHandles } from './context.js';
 import { predictBackup, type PlanInputs, type Prediction } from './plan.js';
 import { PhaseRunner, type EventSink } from './events.js';
-import { copyMissingObjects, copyPlanned, CopyJournal, entriesLookup, planCopy, readEntries, readPlan, RepositoryHoldings, ServerSideCopier, type HeldLookup } from './objects.js';
+import { copyMissingObjects, copyPlanned, CopyJournal, entriesLookup, planCopy, readEntries, readPlan, RepositoryHoldings, ServerSideCopier, ServiceMd5, type HeldLookup } from './objects.js';
+import { algorithmOf } from '../repository/checksum.js';
 import { compareKeys, Cursor, mergeByKey, readRows, RowWriter, ScratchDir } from '../objectstore/sorted.js';
 import { openStore } from '../objectstore/open.js';
 import { defaultRetryPolicy, withRetry } from '../objectstore/retry.js';
@@ -38,7 +39,8 @@ export interface BackupSummary {
   mode: 'paused' | 'online';
   repository: string;
   databases: Array<{ name: string; role: string; bytes: number; tables: number; rows: number }>;
-  objects: { count: number; bytes: number; newCount: number; newBytes: number; heldCount: number; heldBytes: number };
+  /** `md5Count`: objects whose checksum is the MD5 the S3 service checked; the others have a SHA-256 computed here. */
+  objects: { count: number; bytes: number; newCount: number; newBytes: number; heldCount: number; heldBytes: number; md5Count: number };
   referencedKeys: number;
   /** How new objects travelled: streamed through pachbackup, copied server-side, or both. */
   copyPath: 'stream' | 'server-side' | 'mixed' | 'none';
@@ -119,6 +121,7 @@ async function backupUnderLock(options: BackupOptions, lockBox: { lock?: LockHan
   });
   const { cluster, repo, pgDump, dumpVersion, holdings, scratch } = pre;
   const journal = new CopyJournal(repo, id);
+  const serviceMd5 = new ServiceMd5(config.backup.serviceChecksums);
 
   if (mode === 'paused' && strategy.needsConfirmation && options.confirm) {
     const ok = await options.confirm(await strategy.describeTarget());
@@ -139,6 +142,7 @@ async function backupUnderLock(options: BackupOptions, lockBox: { lock?: LockHan
     emit,
     ...(copySignal ? { signal: copySignal } : {}),
     ...(pre.serverSide ? { serverSide: pre.serverSide } : {}),
+    serviceMd5,
   });
   if (config.backup.precopy || mode === 'online') {
     await phases.run('precopy', async () => {
@@ -314,11 +318,14 @@ async function backupUnderLock(options: BackupOptions, lockBox: { lock?: LockHan
     }
     // The index streams from the scratch file, merged with the objects fetched by key, in key order.
     let bytes = 0;
+    let md5Count = 0;
     const indexLines = async function* (): AsyncGenerator<string> {
       bytes = 0; // counted again if a retry writes the index again
+      md5Count = 0;
       for await (const e of mergeByKey(readEntries(indexEntries!), unlistedEntries.sort((a, b) => compareKeys(a.key, b.key)))) {
         bytes += e.size;
-        yield JSON.stringify([e.key, e.size, e.sha256]);
+        if (algorithmOf(e.checksum) === 'md5') md5Count++;
+        yield JSON.stringify([e.key, e.size, e.checksum]);
       }
     };
     const { count: entryCount, ...indexRef } = await repo.writeLinesGz(layout.index(id), indexLines, signal);
@@ -329,10 +336,12 @@ async function backupUnderLock(options: BackupOptions, lockBox: { lock?: LockHan
     let helmRef: (FileRef & { redacted: boolean }) | null = null;
     if (pre.helmValues) helmRef = await repo.writeHelmValues(id, pre.helmValues);
     if (pre.serverSide?.disabled) emit({ type: 'info', message: `server-side copy was not possible (${pre.serverSide.reason}); objects were streamed` });
+    if (serviceMd5.reason) emit({ type: 'info', message: `the S3 service refused an object against its listed ETag (${serviceMd5.reason}); the remaining objects were hashed with SHA-256 here` });
     const downtimeMs = pausedAt && resumedAt ? resumedAt.getTime() - pausedAt.getTime() : null;
     const manifest: Manifest = sealManifest({
       format: 'pachbackup-manifest',
-      formatVersion: MANIFEST_FORMAT_VERSION,
+      // Version 2 only when the index holds MD5 checksums, which a version-1 reader would misread.
+      formatVersion: md5Count > 0 ? MANIFEST_FORMAT_VERSION : 1,
       id,
       repositoryId: repo.id,
       toolVersion: TOOL_VERSION,
@@ -344,7 +353,7 @@ async function backupUnderLock(options: BackupOptions, lockBox: { lock?: LockHan
         objectStore: cluster.source.store.description,
       },
       databases: dumps.map((d) => ({ ...d.ref, role: d.role, name: d.name, serverVersion: d.serverVersion, pgDumpVersion: dumpVersion.full, tables: d.tables })),
-      objects: { index: indexRef, count: entryCount, bytes, newCount, newBytes, copyPath: copyPathOf(serverSideCount, streamedCount) },
+      objects: { index: indexRef, count: entryCount, bytes, newCount, newBytes, copyPath: copyPathOf(serverSideCount, streamedCount), md5Count },
       referenced: referencedRef,
       helmValues: helmRef,
       pause: pauseRecord && pausedAt && resumedAt ? { strategy: pauseRecord.strategy, target: pauseRecord.target, pausedAt: pausedAt.toISOString(), resumedAt: resumedAt.toISOString(), downtimeMs: downtimeMs ?? 0 } : null,
@@ -358,7 +367,7 @@ async function backupUnderLock(options: BackupOptions, lockBox: { lock?: LockHan
       mode,
       repository: repo.description,
       databases: dumps.map((d) => ({ name: d.name, role: d.role, bytes: d.ref.size, tables: d.tables.length, rows: d.tables.reduce((n, t) => n + t.rows, 0) })),
-      objects: { count: entryCount, bytes, newCount, newBytes, heldCount: entryCount - newCount, heldBytes: bytes - newBytes },
+      objects: { count: entryCount, bytes, newCount, newBytes, heldCount: entryCount - newCount, heldBytes: bytes - newBytes, md5Count },
       referencedKeys: referencedRef.count,
       copyPath: manifest.objects.copyPath,
       phases: phases.timings.map((t) => ({ ...t })),
@@ -510,7 +519,7 @@ function serverSideCopier(config: Config, cluster: ClusterHandles, concurrency: 
   if (!source || (config.repository as Record<string, unknown>).encryption) return undefined;
   const target = openStore(config.repository, 'repository', { maxSockets: concurrency * 2 }).s3;
   if (!target || !source.sameServiceAs(target)) return undefined;
-  return new ServerSideCopier((key, size, signal) => target.copyFrom(source, key, layout.object(key), size, signal));
+  return new ServerSideCopier((key, size, signal, sourceMd5) => target.copyFrom(source, key, layout.object(key), size, signal, sourceMd5));
 }
 
 function copyPathOf(serverSide: number, streamed: number): 'stream' | 'server-side' | 'mixed' | 'none' {

@@ -1,6 +1,7 @@
 import { gzipSync } from 'node:zlib';
 import { withRetry, defaultRetryPolicy, type RetryPolicy } from '../objectstore/retry.js';
-import { StoreError, type ObjectInfo, type ObjectStore } from '../objectstore/store.js';
+import { ChecksumMismatchError, md5OfEtag, StoreError, type ObjectInfo, type ObjectStore } from '../objectstore/store.js';
+import { checksumOf, isChecksum, type Checksum } from '../repository/checksum.js';
 import { digestOf, pipeWithDigest } from '../repository/digest.js';
 import type { FileRef } from '../repository/manifest.js';
 import { layout, type BackupListing, type IndexEntry, type Repository } from '../repository/repository.js';
@@ -8,11 +9,12 @@ import { compareKeys, Cursor, inKeyOrder, KeyOrderError, readRows, type RowWrite
 import { ProgressReporter, type EventSink, type PhaseName } from './events.js';
 import { forEachConcurrently } from './pool.js';
 
-/** One object of a plan: held already (with its checksum) when `sha256` is set, otherwise to be copied. */
+/** One object of a plan: held already (with its checksum) when `checksum` is set, otherwise to be copied (with the listed `etag`). */
 export interface PlanItem {
   key: string;
   size: number;
-  sha256?: string;
+  checksum?: Checksum;
+  etag?: string;
 }
 
 /** What the repository holds, asked key by key in ascending key order (each lookup is a merge step). */
@@ -116,11 +118,17 @@ export function entriesLookup(path: string): HeldLookup {
 
 /** Entries (or plan items) written by a RowWriter, read back in order. */
 export async function* readEntries(path: string): AsyncGenerator<IndexEntry> {
-  for await (const row of readRows(path)) yield { key: row[0] as string, size: row[1] as number, sha256: row[2] as string };
+  for await (const row of readRows(path)) yield { key: row[0] as string, size: row[1] as number, checksum: row[2] as Checksum };
 }
 
+/** Plan rows: `[key, size, checksum]` held, `[key, size]` or `[key, size, null, etag]` to copy. */
 export async function* readPlan(path: string): AsyncGenerator<PlanItem> {
-  for await (const row of readRows(path)) yield row.length > 2 ? { key: row[0] as string, size: row[1] as number, sha256: row[2] as string } : { key: row[0] as string, size: row[1] as number };
+  for await (const row of readRows(path)) {
+    const item: PlanItem = { key: row[0] as string, size: row[1] as number };
+    if (isChecksum(row[2])) item.checksum = row[2];
+    else if (typeof row[3] === 'string') item.etag = row[3];
+    yield item;
+  }
 }
 
 export interface PlanCounts {
@@ -148,11 +156,11 @@ export async function planCopy(
       counts.bytes += info.size;
       const entry = await held.get(info.key);
       if (entry && entry.size === info.size) {
-        await out?.write([entry.key, entry.size, entry.sha256]);
+        await out?.write([entry.key, entry.size, entry.checksum]);
       } else {
         counts.missingObjects++;
         counts.missingBytes += info.size;
-        await out?.write([info.key, info.size]);
+        await out?.write(info.etag === undefined ? [info.key, info.size] : [info.key, info.size, null, info.etag]);
       }
     }
   } finally {
@@ -195,7 +203,7 @@ export class CopyJournal {
     this.#pending = [];
     this.#lastFlush = performance.now();
     const seq = this.#seq++;
-    const data = gzipSync(Buffer.from(`${batch.map((e) => JSON.stringify([e.key, e.size, e.sha256])).join('\n')}\n`));
+    const data = gzipSync(Buffer.from(`${batch.map((e) => JSON.stringify([e.key, e.size, e.checksum])).join('\n')}\n`));
     // Journals are written one after another so a crash tears at most the last one.
     this.#flushing = this.#flushing.then(() => this.repo.writeBuffer(layout.journal(this.backupId, seq), data).then(() => undefined));
     return this.#flushing;
@@ -218,26 +226,51 @@ export interface CopyResult {
 export class ServerSideCopier {
   disabled = false;
   reason: string | undefined;
-  constructor(private readonly copyInService: (key: string, size: number, signal?: AbortSignal) => Promise<{ sha256?: string }>) {}
+  constructor(private readonly copyInService: (key: string, size: number, signal?: AbortSignal, sourceMd5?: string) => Promise<{ sha256?: string; md5?: string }>) {}
 
-  /** Copies and returns the SHA-256 (computed by the service, or by reading the copy back); undefined when off. */
-  async copy(repo: Repository, info: ObjectInfo, signal?: AbortSignal): Promise<{ size: number; sha256: string } | undefined> {
+  /**
+   * Copies and returns the checksum: the service's SHA-256, or the source's MD5 when the copy's
+   * ETag proves it (`sourceMd5` given), or else the SHA-256 of the copy read back; undefined when off.
+   */
+  async copy(repo: Repository, info: ObjectInfo, signal?: AbortSignal, sourceMd5?: string): Promise<{ size: number; checksum: Checksum } | undefined> {
     if (this.disabled) return undefined;
-    let result: { sha256?: string };
+    let result: { sha256?: string; md5?: string };
     try {
-      result = await this.copyInService(info.key, info.size, signal);
+      result = await this.copyInService(info.key, info.size, signal, sourceMd5);
     } catch (err) {
       if (err instanceof StoreError && err.retryable) throw err;
       this.disabled = true;
       this.reason = (err as Error).message;
       return undefined;
     }
-    if (result.sha256) return { size: info.size, sha256: result.sha256 };
+    if (result.sha256) return { size: info.size, checksum: result.sha256 };
+    if (result.md5) return { size: info.size, checksum: checksumOf('md5', result.md5) };
     // The service gave no checksum: read the copy back, so the index still holds a verified SHA-256.
-    const { bytes, sha256 } = await digestOf(await repo.store.get(layout.object(info.key), signal), signal).catch((err: unknown) => {
+    const { bytes, hex } = await digestOf(await repo.store.get(layout.object(info.key), signal), signal).catch((err: unknown) => {
       throw asRetryable(err, `reading back the server-side copy of ${info.key}`, signal);
     });
-    return { size: bytes, sha256 };
+    return { size: bytes, checksum: hex };
+  }
+}
+
+/**
+ * Whether copies let the S3 service check each object against the MD5 its listed ETag stands for
+ * (`Content-MD5` on the upload, or the ETag of a server-side copy) instead of hashing every byte
+ * here (`backup.serviceChecksums`). A source whose ETags turn out not to be MD5s (the service
+ * refuses a body: SSE-KMS or SSE-C objects) switches it off for the rest of the run.
+ */
+export class ServiceMd5 {
+  reason: string | undefined;
+  constructor(public enabled: boolean) {}
+
+  /** The MD5 to have the service check for this object, when there is one to trust. */
+  md5For(info: ObjectInfo): string | undefined {
+    return this.enabled ? md5OfEtag(info.etag) : undefined;
+  }
+
+  disable(reason: string): void {
+    this.enabled = false;
+    this.reason ??= reason;
   }
 }
 
@@ -247,26 +280,38 @@ interface CopyContext {
   signal?: AbortSignal;
   retry?: RetryPolicy;
   serverSide?: ServerSideCopier;
+  serviceMd5?: ServiceMd5;
 }
 
-/** Copies one object (server-side when possible, else streamed with a checksum), retrying transient faults. */
+/**
+ * Copies one object, retrying transient faults: server-side when possible; else streamed, either
+ * with the service checking the source's MD5 (nothing hashed here) or hashed with SHA-256.
+ */
 async function copyOne(ctx: CopyContext, info: ObjectInfo): Promise<IndexEntry & { serverSide: boolean }> {
   const { source, repo, signal } = ctx;
   return withRetry(
     async () => {
-      const copied = await ctx.serverSide?.copy(repo, info, signal);
+      const md5 = ctx.serviceMd5?.md5For(info);
+      const copied = await ctx.serverSide?.copy(repo, info, signal, md5);
       if (copied) {
         if (copied.size !== info.size) throw new StoreError(`object ${info.key} was ${info.size} bytes when listed but ${copied.size} when copied; it changed during the backup`, false);
         return { key: info.key, ...copied, serverSide: true };
       }
+      const checked = md5 !== undefined && info.size <= (repo.store.md5CheckedPutLimit ?? -1) ? md5 : undefined;
       const body = await source.get(info.key, signal);
-      const { bytes, sha256 } = await pipeWithDigest(body, (digest, putSignal) => repo.store.put(layout.object(info.key), digest, { size: info.size }, putSignal), signal).catch(
+      const put = { size: info.size, ...(checked ? { contentMd5: checked } : {}) };
+      const { bytes, hex } = await pipeWithDigest(body, (digest, putSignal) => repo.store.put(layout.object(info.key), digest, put, putSignal), signal, checked ? null : 'sha256').catch(
         (err: unknown) => {
+          if (err instanceof ChecksumMismatchError) {
+            // The listed ETag is not the object's MD5 (or the object changed): hash it here instead, from now on.
+            ctx.serviceMd5?.disable(`${info.key}: ${err.message}`);
+            throw new StoreError(`copying ${info.key}: ${err.message}; copying it again with a SHA-256 computed here`, true, { cause: err });
+          }
           throw asRetryable(err, `copying ${info.key}`, signal);
         },
       );
       if (bytes !== info.size) throw new StoreError(`object ${info.key} was ${info.size} bytes when listed but ${bytes} when read; it changed during the backup`, false);
-      return { key: info.key, size: bytes, sha256, serverSide: false };
+      return { key: info.key, size: bytes, checksum: checked ? checksumOf('md5', checked) : hex, serverSide: false };
     },
     ctx.retry ?? defaultRetryPolicy,
     signal,
@@ -343,7 +388,7 @@ export async function copyPlanned(options: CopyOptions & { plan: AsyncIterable<P
       window.shift();
       result.count++;
       result.bytes += head.entry.size;
-      await options.out?.write([head.entry.key, head.entry.size, head.entry.sha256]);
+      await options.out?.write([head.entry.key, head.entry.size, head.entry.checksum]);
     }
   };
 
@@ -351,8 +396,8 @@ export async function copyPlanned(options: CopyOptions & { plan: AsyncIterable<P
     for await (const item of options.plan) {
       if (failure) break;
       signal?.throwIfAborted();
-      if (item.sha256 !== undefined) {
-        window.push({ entry: { key: item.key, size: item.size, sha256: item.sha256 } });
+      if (item.checksum !== undefined) {
+        window.push({ entry: { key: item.key, size: item.size, checksum: item.checksum } });
       } else {
         while (inFlight.size >= options.concurrency) await Promise.race(inFlight);
         if (failure) break;

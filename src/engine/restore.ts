@@ -2,13 +2,14 @@ import { writeFile } from 'node:fs/promises';
 import type { Config, ObjectStoreConfig, PostgresConfig } from '../config/schema.js';
 import { openStore } from '../objectstore/open.js';
 import { withRetry, defaultRetryPolicy } from '../objectstore/retry.js';
-import { StoreError, type ObjectInfo, type ObjectStore } from '../objectstore/store.js';
+import { ChecksumMismatchError, StoreError, type ObjectInfo, type ObjectStore } from '../objectstore/store.js';
 import { locationsOverlap } from '../objectstore/url.js';
 import { REDACTED, rewriteHelmValues } from '../pachyderm/helmValues.js';
 import { childEnv, connect, describeServer, pgServer, type PgServer } from '../postgres/connection.js';
 import { createDatabase, databaseState, dropDatabase } from '../postgres/restore.js';
 import { countTables } from '../postgres/snapshot.js';
 import { findPgTool, startTool, stopTool, toolVersion } from '../postgres/tools.js';
+import { algorithmOf, digestHex } from '../repository/checksum.js';
 import { pipeWithDigest } from '../repository/digest.js';
 import type { Manifest } from '../repository/manifest.js';
 import { acquireLock, type LockHandle } from '../repository/lock.js';
@@ -101,7 +102,7 @@ async function restoreUnderLock(options: RestoreOptions, lockBox: { lock?: LockH
     }
     const index = await IndexSource.open(repo, manifest.objects.index, indexOrdered);
     for (const db of manifest.databases) {
-      const problem = await checkStoredFile(repo, db.file, db, signal);
+      const problem = await checkStoredFile(repo, db.file, { size: db.size, checksum: db.sha256 }, signal);
       if (problem) throw new RestoreError(`backup ${manifest.id}: the dump of database ${db.name} (${db.file}) is ${problem}; restore refused, nothing was changed. Run pachbackup verify ${manifest.id}`);
     }
     await assertObjectsPresent(repo, index, manifest.id);
@@ -280,12 +281,16 @@ async function restoreObjects(
         async () => {
           const body = await repo.store.get(layout.object(entry.key), signal);
           await written.write([entry.key]);
-          const { bytes, sha256 } = await pipeWithDigest(body, (digest, putSignal) => out.put(entry.key, digest, { size: entry.size }, putSignal), signal).catch((err: unknown) => {
+          // An MD5 checksum is checked by the target service itself when it can (Content-MD5): nothing to hash here.
+          const algorithm = algorithmOf(entry.checksum);
+          const serviceChecks = algorithm === 'md5' && entry.size <= (out.md5CheckedPutLimit ?? -1);
+          const damaged = `object ${entry.key} in the repository does not match its recorded checksum: the backup is damaged (run pachbackup verify)`;
+          const put = { size: entry.size, ...(serviceChecks ? { contentMd5: digestHex(entry.checksum) } : {}) };
+          const { bytes, hex } = await pipeWithDigest(body, (digest, putSignal) => out.put(entry.key, digest, put, putSignal), signal, serviceChecks ? null : algorithm).catch((err: unknown) => {
+            if (err instanceof ChecksumMismatchError) throw new StoreError(damaged, false, { cause: err });
             throw asRetryable(err, `restoring ${entry.key}`, signal);
           });
-          if (bytes !== entry.size || sha256 !== entry.sha256) {
-            throw new StoreError(`object ${entry.key} in the repository does not match its recorded checksum: the backup is damaged (run pachbackup verify)`, false);
-          }
+          if (bytes !== entry.size || (!serviceChecks && hex !== digestHex(entry.checksum))) throw new StoreError(damaged, false);
         },
         defaultRetryPolicy,
         signal,
@@ -315,7 +320,7 @@ async function pgRestoreFromRepository(
       pipeWithDigest(body, (stream) => new Promise<void>((resolve, reject) => stream.pipe(tool.child.stdin).on('finish', resolve).on('error', reject)), signal),
       tool.done,
     ]);
-    if (digest.sha256 !== db.sha256) throw new RestoreError(`the dump of ${db.name} changed while it was restored (checksum mismatch); the restore is not trustworthy`);
+    if (digest.hex !== db.sha256) throw new RestoreError(`the dump of ${db.name} changed while it was restored (checksum mismatch); the restore is not trustworthy`);
   } catch (err) {
     const cause = await stopTool(tool, err);
     throw new RestoreError(`restoring database ${name} on ${describeServer(server)}: ${(cause as Error).message ?? String(cause)}`);

@@ -1,4 +1,5 @@
 import { isNotFound, StoreError } from '../objectstore/store.js';
+import { algorithmOf, checksumOf, describeChecksum, type Checksum } from '../repository/checksum.js';
 import { digestOf } from '../repository/digest.js';
 import type { Manifest } from '../repository/manifest.js';
 import { layout, RepositoryError, type IndexEntry, type Repository } from '../repository/repository.js';
@@ -21,20 +22,21 @@ export interface VerifyReport {
   ms: number;
 }
 
-/** Reads a stored file fully and compares its size and SHA-256 with what was recorded. */
-export async function checkStoredFile(repo: Repository, path: string, expected: { size: number; sha256: string }, signal?: AbortSignal): Promise<string | undefined> {
-  let result: { bytes: number; sha256: string };
+/** Reads a stored file fully and compares its size and checksum (SHA-256, or MD5 for `md5:`) with what was recorded. */
+export async function checkStoredFile(repo: Repository, path: string, expected: { size: number; checksum: Checksum }, signal?: AbortSignal): Promise<string | undefined> {
+  let result: { bytes: number; hex: string };
   try {
-    result = await digestOf(await repo.store.get(path, signal), signal);
+    result = await digestOf(await repo.store.get(path, signal), signal, algorithmOf(expected.checksum));
   } catch (err) {
     if (isNotFound(err)) return 'missing';
     // A file that fails to decrypt or whose stream breaks permanently is a finding, not a crash.
     if (err instanceof StoreError && !err.retryable) return `unreadable: ${err.message}`;
     throw err;
   }
-  const { bytes, sha256 } = result;
+  const { bytes, hex } = result;
   if (bytes !== expected.size) return `size ${bytes} bytes, expected ${expected.size}`;
-  if (sha256 !== expected.sha256) return `checksum mismatch (SHA-256 ${sha256.slice(0, 12)}…, expected ${expected.sha256.slice(0, 12)}…): the bytes were changed or damaged`;
+  const found = checksumOf(algorithmOf(expected.checksum), hex);
+  if (found !== expected.checksum) return `checksum mismatch (${describeChecksum(found)}, expected ${describeChecksum(expected.checksum)}): the bytes were changed or damaged`;
   return undefined;
 }
 
@@ -49,7 +51,7 @@ export async function verifyBackup(options: { repo: Repository; manifest: Manife
   const problems: VerifyProblem[] = [];
   const { orphans, indexReadable } = await crossCheck(repo, manifest, problems);
   for (const db of manifest.databases) {
-    const problem = await checkStoredFile(repo, db.file, db, signal);
+    const problem = await checkStoredFile(repo, db.file, { size: db.size, checksum: db.sha256 }, signal);
     if (problem) problems.push({ item: `dump of database ${db.name} (${db.file})`, problem });
   }
   const progress = new ProgressReporter(emit, 'verify', manifest.objects.count, manifest.objects.bytes);

@@ -97,6 +97,9 @@ export class FaultStore implements ObjectStore {
     await this.before('remove', keys[0] ?? '');
     return this.inner.remove(keys);
   }
+  get md5CheckedPutLimit(): number | undefined {
+    return this.inner.md5CheckedPutLimit;
+  }
 }
 
 /** Passes the first half of the first chunk, then ends early (truncate) or errors (reset). */

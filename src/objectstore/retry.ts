@@ -80,4 +80,7 @@ export class RetryStore implements ObjectStore {
   remove(keys: string[]): Promise<void> {
     return withRetry(() => this.inner.remove(keys), this.policy);
   }
+  get md5CheckedPutLimit(): number | undefined {
+    return this.inner.md5CheckedPutLimit;
+  }
 }

@@ -21,7 +21,7 @@ import {
 import { Upload } from '@aws-sdk/lib-storage';
 import type { Secret } from '../config/secret.js';
 import { parseListPage, readSmallBody, S3Http, S3HttpError, xmlText, type ListPage } from './s3http.js';
-import { NotFoundError, PreconditionFailedError, StoreError, type ObjectInfo, type ObjectStore, type PutOptions } from './store.js';
+import { ChecksumMismatchError, md5OfEtag, NotFoundError, PreconditionFailedError, StoreError, type ObjectInfo, type ObjectStore, type PutOptions } from './store.js';
 
 export interface S3StoreOptions {
   bucket: string;
@@ -60,6 +60,8 @@ export class S3ObjectStore implements ObjectStore {
   readonly #http: S3Http | undefined;
   /** Server-side copies hashed from the source read during the copy, and those read back afterwards. */
   readonly copyChecks = { overlapped: 0, readBack: 0 };
+  /** Single PUTs carry Content-MD5 when asked, which S3 checks; multipart uploads cannot. */
+  readonly md5CheckedPutLimit = SINGLE_PUT_LIMIT;
   /** Whether CopyObject responses carry the copy's SHA-256; undefined until the first copy tells. */
   #copyGivesSha256: boolean | undefined;
 
@@ -192,17 +194,20 @@ export class S3ObjectStore implements ObjectStore {
   async put(key: string, body: Readable | Buffer, options: PutOptions = {}, signal?: AbortSignal): Promise<void> {
     const Key = this.prefix + key;
     try {
+      const contentMd5 = options.contentMd5 === undefined ? undefined : Buffer.from(options.contentMd5, 'hex').toString('base64');
       if (Buffer.isBuffer(body) || (options.size !== undefined && options.size <= SINGLE_PUT_LIMIT)) {
         if (this.#http) {
           const headers: Record<string, string> = {};
           if (options.ifNoneMatch) headers['if-none-match'] = '*';
           if (options.contentType) headers['content-type'] = options.contentType;
+          if (contentMd5) headers['content-md5'] = contentMd5;
           // A buffer is sent with its SHA-256 signed, so the service checks what it received; a stream unsigned.
           const res = await this.#http.send({ method: 'PUT', key: Key, headers, body, ...(options.size !== undefined ? { contentLength: options.size } : {}), ...(signal ? { signal } : {}) });
           res.resume();
+          if (options.contentMd5 !== undefined) await this.#confirmMd5(key, options.contentMd5, res.headers.etag);
           return;
         }
-        await this.client.send(
+        const out = await this.client.send(
           new PutObjectCommand({
             Bucket: this.bucket,
             Key,
@@ -210,12 +215,15 @@ export class S3ObjectStore implements ObjectStore {
             ContentLength: Buffer.isBuffer(body) ? body.length : options.size,
             ...(options.ifNoneMatch ? { IfNoneMatch: '*' } : {}),
             ...(options.contentType ? { ContentType: options.contentType } : {}),
+            ...(contentMd5 ? { ContentMD5: contentMd5 } : {}),
           }),
           signal ? { abortSignal: signal } : {},
         );
+        if (options.contentMd5 !== undefined) await this.#confirmMd5(key, options.contentMd5, out.ETag);
         return;
       }
       if (options.ifNoneMatch) throw new StoreError(`conditional put of ${key} needs a buffer or a known size`, false);
+      if (contentMd5) throw new StoreError(`writing ${key}: Content-MD5 needs a single PUT (a known size of at most ${SINGLE_PUT_LIMIT} bytes)`, false);
       // Multipart: an aborted or failed upload is aborted server-side, so no partial object appears.
       const upload = new Upload({
         client: this.client,
@@ -233,25 +241,44 @@ export class S3ObjectStore implements ObjectStore {
       }
     } catch (err) {
       if (statusOf(err) === 412) throw new PreconditionFailedError(`${key} already exists in ${this.description}`);
+      const name = (err as { name?: string }).name;
+      if (name === 'BadDigest' || name === 'InvalidDigest') {
+        throw new ChecksumMismatchError(`writing ${key}: ${this.description} refused the bytes (${name}): their MD5 is not the expected ${options.contentMd5}`, { cause: err });
+      }
       if (err instanceof StoreError) throw err;
       throw this.classify(err, `writing ${key}`);
     }
   }
 
   /**
+   * A service that took a Content-MD5 put must answer with that MD5 as the ETag. One that does
+   * not (it ignores Content-MD5, as some S3 look-alikes do, or its ETags are no MD5s, as with
+   * SSE-KMS) has not vouched for the bytes: the object is removed and the put fails, so the caller
+   * hashes the bytes itself instead.
+   */
+  async #confirmMd5(key: string, md5: string, etag: string | undefined): Promise<void> {
+    if (md5OfEtag(etag) === md5) return;
+    await this.remove([key]).catch(() => undefined);
+    throw new ChecksumMismatchError(`writing ${key}: ${this.description} answered a Content-MD5 put with ETag ${etag ?? '(none)'}, not the MD5 ${md5}; it does not vouch for the bytes`);
+  }
+
+  /**
    * Copies `sourceKey` of `source` to `key` of this store inside the S3 service, without the bytes
    * passing through this process. Both stores must be on the same endpoint and the credentials of
-   * this store must be able to read the source. Returns the SHA-256 when the service computed one.
+   * this store must be able to read the source. Returns the SHA-256 when the service computed one,
+   * else the MD5 when `sourceMd5` (the MD5 the source's listed ETag stands for) is given and the
+   * copy's ETag equals it: the service vouches that the copy has the bytes of that MD5. Returns
+   * neither when the caller must read the copy back to learn its checksum.
    */
-  async copyFrom(source: S3ObjectStore, sourceKey: string, key: string, size: number, signal?: AbortSignal): Promise<{ sha256?: string }> {
+  async copyFrom(source: S3ObjectStore, sourceKey: string, key: string, size: number, signal?: AbortSignal, sourceMd5?: string): Promise<{ sha256?: string; md5?: string }> {
     const Key = this.prefix + key;
     const CopySource = encodeURI(`${source.bucket}/${source.prefix}${sourceKey}`).replace(/[+?#]/g, (c) => encodeURIComponent(c));
     const opts = signal ? { abortSignal: signal } : {};
     try {
-      if (size <= COPY_OBJECT_LIMIT && this.#http && source.#http) return await this.#copyThin(source, sourceKey, Key, CopySource, size, signal);
+      if (size <= COPY_OBJECT_LIMIT && this.#http && source.#http) return await this.#copyThin(source, sourceKey, Key, CopySource, size, signal, sourceMd5);
       if (size <= COPY_OBJECT_LIMIT) {
         const out = await this.client.send(new CopyObjectCommand({ Bucket: this.bucket, Key, CopySource, ChecksumAlgorithm: 'SHA256' }), opts);
-        return sha256OfCopy(out.CopyObjectResult?.ChecksumSHA256);
+        return checksumOfCopy(out.CopyObjectResult?.ChecksumSHA256, out.CopyObjectResult?.ETag, sourceMd5);
       }
       const { UploadId } = await this.client.send(new CreateMultipartUploadCommand({ Bucket: this.bucket, Key }), opts);
       try {
@@ -280,9 +307,10 @@ export class S3ObjectStore implements ObjectStore {
    * Pacific), the source is read and hashed while the service copies it, both requests at once.
    * When the copy's ETag equals the ETag of the version read, the SHA-256 is that of the bytes
    * copied; otherwise (the source changed in between, or the service gives copies new ETags) the
-   * copy is read back and hashed, as before.
+   * copy is read back and hashed, as before. With `sourceMd5`, nothing is read: the copy's ETag
+   * is compared with it instead (see copyFrom).
    */
-  async #copyThin(source: S3ObjectStore, sourceKey: string, Key: string, copySource: string, size: number, signal?: AbortSignal): Promise<{ sha256?: string }> {
+  async #copyThin(source: S3ObjectStore, sourceKey: string, Key: string, copySource: string, size: number, signal?: AbortSignal, sourceMd5?: string): Promise<{ sha256?: string; md5?: string }> {
     const http = this.#http!;
     const withSignal = signal ? { signal } : {};
     const copying = (async () => {
@@ -292,16 +320,18 @@ export class S3ObjectStore implements ObjectStore {
       const code = /<Error>[\s\S]*?<Code>([^<]*)<\/Code>/.exec(body)?.[1];
       if (code) throw new S3HttpError(code, `PUT ${Key}: ${code} in the body of a 200 response to CopyObject`);
       const etag = /<ETag>([^<]*)<\/ETag>/.exec(body)?.[1];
-      return { ...sha256OfCopy(/<ChecksumSHA256>([^<]*)<\/ChecksumSHA256>/.exec(body)?.[1]), etag: etag === undefined ? undefined : xmlText(etag) };
+      const sha256 = /<ChecksumSHA256>([^<]*)<\/ChecksumSHA256>/.exec(body)?.[1];
+      return { sha256: sha256OfCopy(sha256), etag: etag === undefined ? undefined : xmlText(etag) };
     })();
-    if (this.#copyGivesSha256 !== false) {
+    if (this.#copyGivesSha256 !== false || sourceMd5 !== undefined) {
       const result = await copying;
       this.#copyGivesSha256 ??= result.sha256 !== undefined;
-      return result.sha256 ? { sha256: result.sha256 } : {};
+      return checksumOfCopy(result.sha256, result.etag, sourceMd5);
     }
     const reading = source.#http!.send({ method: 'GET', key: source.prefix + sourceKey, ...withSignal }).then(async (res) => ({ etag: res.headers.etag, ...(await hashBody(res)) }));
     const [read, copied] = await Promise.allSettled([reading, copying]);
     if (copied.status === 'rejected') throw copied.reason;
+    if (copied.value.sha256) return { sha256: copied.value.sha256 };
     let hashed: { bytes: number; sha256: string } | undefined = read.status === 'fulfilled' && sameEtag(read.value.etag, copied.value.etag) ? read.value : undefined;
     if (hashed) this.copyChecks.overlapped++;
     else {
@@ -368,8 +398,15 @@ async function hashBody(body: AsyncIterable<Buffer>): Promise<{ bytes: number; s
 }
 
 /** A composite checksum of a multipart source carries a part-count suffix and is not the object's SHA-256. */
-function sha256OfCopy(b64: string | undefined): { sha256?: string } {
-  return b64 && !b64.includes('-') ? { sha256: Buffer.from(b64, 'base64').toString('hex') } : {};
+function sha256OfCopy(b64: string | undefined): string | undefined {
+  return b64 && !b64.includes('-') ? Buffer.from(b64, 'base64').toString('hex') : undefined;
+}
+
+/** What a copy's response proves about its bytes: the service's SHA-256, or the source's MD5 when the copy's ETag is that MD5. */
+function checksumOfCopy(sha256: string | undefined, etag: string | undefined, sourceMd5: string | undefined): { sha256?: string; md5?: string } {
+  if (sha256) return { sha256 };
+  if (sourceMd5 !== undefined && md5OfEtag(etag) === sourceMd5) return { md5: sourceMd5 };
+  return {};
 }
 
 function statusOf(err: unknown): number | undefined {

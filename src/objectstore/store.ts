@@ -14,6 +14,12 @@ export interface PutOptions {
   /** Fail with PreconditionFailedError if the key already exists (S3 `If-None-Match: *`). */
   ifNoneMatch?: boolean;
   contentType?: string;
+  /**
+   * The MD5 (hex) the body must have. The service checks it (S3 `Content-MD5`) and refuses a body
+   * with another digest with ChecksumMismatchError, so nothing is stored. Only for puts of at
+   * most `md5CheckedPutLimit` bytes with a known `size`.
+   */
+  contentMd5?: string;
 }
 
 /**
@@ -38,6 +44,11 @@ export interface ObjectStore {
   remove(keys: string[]): Promise<void>;
   /** Checks that the store exists and is reachable; throws a StoreError saying what is wrong. */
   check(): Promise<void>;
+  /**
+   * The largest put whose `contentMd5` the service itself checks; absent when it checks none
+   * (a directory, an encrypted repository whose stored bytes are not the plaintext).
+   */
+  readonly md5CheckedPutLimit?: number;
 }
 
 /** Classified errors, so callers and the retry decorator can decide without parsing messages. */
@@ -63,6 +74,25 @@ export class PreconditionFailedError extends StoreError {
   constructor(message: string) {
     super(message, false);
     this.name = 'PreconditionFailedError';
+  }
+}
+
+/**
+ * The MD5 (hex) an S3 ETag stands for, when it has the form of one: 32 hex digits, quotes aside.
+ * A multipart ETag (`…-N`) is not the object's MD5, and an ETag of an SSE-KMS or SSE-C object is
+ * not one either although it looks like one; callers only rely on it when the service itself
+ * checks it (Content-MD5), or when a copy's ETag equals it.
+ */
+export function md5OfEtag(etag: string | undefined): string | undefined {
+  const bare = (etag ?? '').replace(/^"|"$/g, '').toLowerCase();
+  return /^[0-9a-f]{32}$/.test(bare) ? bare : undefined;
+}
+
+/** The service refused a put whose body did not have the `contentMd5` it was sent with. */
+export class ChecksumMismatchError extends StoreError {
+  constructor(message: string, options?: { cause?: unknown }) {
+    super(message, false, options);
+    this.name = 'ChecksumMismatchError';
   }
 }
 

@@ -2,23 +2,38 @@ import { createHash, type Hash } from 'node:crypto';
 import { Transform, type TransformCallback } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import { setMaxListeners } from 'node:events';
+import type { ChecksumAlgorithm } from './checksum.js';
 
-/** A pass-through stream that counts bytes and computes SHA-256 of everything that flows through it. */
+/**
+ * A pass-through stream that counts bytes and hashes everything that flows through it (SHA-256
+ * unless told otherwise; `null`: count only, when the receiving service checks the bytes itself).
+ */
 export class DigestStream extends Transform {
-  readonly #hash: Hash = createHash('sha256');
+  readonly #hash: Hash | undefined;
   bytes = 0;
   #digest: string | undefined;
 
+  constructor(readonly algorithm: ChecksumAlgorithm | null = 'sha256') {
+    super();
+    this.#hash = algorithm ? createHash(algorithm) : undefined;
+  }
+
   override _transform(chunk: Buffer, _encoding: BufferEncoding, callback: TransformCallback): void {
-    this.#hash.update(chunk);
+    this.#hash?.update(chunk);
     this.bytes += chunk.length;
     callback(null, chunk);
   }
 
+  /** The hex digest (empty when only counting); only valid once the stream has ended. */
+  get hex(): string {
+    this.#digest ??= this.#hash ? this.#hash.digest('hex') : '';
+    return this.#digest;
+  }
+
   /** The hex SHA-256; only valid once the stream has ended. */
   get sha256(): string {
-    this.#digest ??= this.#hash.digest('hex');
-    return this.#digest;
+    if (this.algorithm !== 'sha256') throw new Error(`this stream computes ${this.algorithm ?? 'no digest'}, not SHA-256`);
+    return this.hex;
   }
 }
 
@@ -36,8 +51,9 @@ export async function pipeWithDigest(
   body: NodeJS.ReadableStream & { destroy(error?: Error): unknown },
   consume: (stream: DigestStream, signal: AbortSignal) => Promise<void>,
   signal?: AbortSignal,
-): Promise<{ bytes: number; sha256: string }> {
-  const digest = new DigestStream();
+  algorithm: ChecksumAlgorithm | null = 'sha256',
+): Promise<{ bytes: number; hex: string }> {
+  const digest = new DigestStream(algorithm);
   // One controller per call, fed by the caller's signal through a listener removed at the end.
   // (AbortSignal.any would be simpler, but Node keeps a combined signal that has listeners alive
   // as long as its source: with a run-long source that held every copy's streams, ~20 KB each.)
@@ -63,10 +79,14 @@ export async function pipeWithDigest(
   signal?.removeEventListener('abort', forward);
   if (produced.status === 'rejected') throw produced.reason;
   if (consumed.status === 'rejected') throw consumed.reason;
-  return { bytes: digest.bytes, sha256: digest.sha256 };
+  return { bytes: digest.bytes, hex: digest.hex };
 }
 
-/** Reads a stream to its end, returning its length and SHA-256. */
-export async function digestOf(body: NodeJS.ReadableStream & { destroy(error?: Error): unknown }, signal?: AbortSignal): Promise<{ bytes: number; sha256: string }> {
-  return pipeWithDigest(body, (digest) => new Promise((resolve, reject) => digest.on('data', () => undefined).on('end', resolve).on('error', reject)), signal);
+/** Reads a stream to its end, returning its length and digest (SHA-256 unless told otherwise). */
+export async function digestOf(
+  body: NodeJS.ReadableStream & { destroy(error?: Error): unknown },
+  signal?: AbortSignal,
+  algorithm: ChecksumAlgorithm = 'sha256',
+): Promise<{ bytes: number; hex: string }> {
+  return pipeWithDigest(body, (digest) => new Promise((resolve, reject) => digest.on('data', () => undefined).on('end', resolve).on('error', reject)), signal, algorithm);
 }

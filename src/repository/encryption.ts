@@ -545,6 +545,8 @@ export class EncryptingStore implements ObjectStore {
 
   async put(key: string, body: Readable | Buffer, options: PutOptions = {}, signal?: AbortSignal): Promise<void> {
     if (this.isPlaintext(key)) return this.inner.put(key, body, options, signal);
+    // The service would see ciphertext: it cannot check the plaintext's MD5 (md5CheckedPutLimit is absent).
+    if (options.contentMd5 !== undefined) throw new StoreError(`writing ${key}: an encrypted repository cannot have the service check the plaintext's MD5`, false);
     const stored: PutOptions = {
       ...options,
       contentType: 'application/octet-stream',

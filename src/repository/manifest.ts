@@ -1,8 +1,12 @@
 import { z } from 'zod';
 import { sha256Hex } from './digest.js';
 
-/** Format of manifest.json. Bump when a reader of the old format could misread the new one. */
-export const MANIFEST_FORMAT_VERSION = 1;
+/**
+ * Format of manifest.json. Bump when a reader of the old format could misread the new one.
+ * 2: the object index may hold `md5:` checksums (docs/repository-format.md). A backup whose index
+ * holds none is still written as version 1, so older releases keep reading it.
+ */
+export const MANIFEST_FORMAT_VERSION = 2;
 
 const fileRef = z.object({ file: z.string(), size: z.number().int().nonnegative(), sha256: z.string().regex(/^[0-9a-f]{64}$/) });
 
@@ -37,6 +41,8 @@ export const manifestSchema = z.object({
     newCount: z.number().int().nonnegative(),
     newBytes: z.number().int().nonnegative(),
     copyPath: z.enum(['stream', 'server-side', 'mixed', 'none']),
+    /** Objects whose index checksum is the MD5 the S3 service checked (`md5:`), the rest SHA-256. Absent before format 2. */
+    md5Count: z.number().int().nonnegative().optional(),
   }),
   /** Chunk keys the pachyderm database referenced in the dump's snapshot; every one is in the index. */
   referenced: fileRef.extend({ count: z.number().int().nonnegative() }),

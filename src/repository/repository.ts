@@ -6,6 +6,7 @@ import { z } from 'zod';
 import { defaultRetryPolicy, withRetry } from '../objectstore/retry.js';
 import { NotFoundError, PreconditionFailedError, type ObjectStore } from '../objectstore/store.js';
 import { redactHelmSecrets } from '../pachyderm/helmValues.js';
+import { isChecksum, type Checksum } from './checksum.js';
 import { DigestStream, pipeWithDigest, sha256Hex } from './digest.js';
 import {
   ENCRYPTION_CONFIG_KEY,
@@ -68,7 +69,8 @@ export type RepositoryConfig = z.infer<typeof repoConfigSchema>;
 export interface IndexEntry {
   key: string;
   size: number;
-  sha256: string;
+  /** SHA-256 hex, or `md5:<hex>` when the S3 service checked the bytes (see checksum.ts). */
+  checksum: Checksum;
 }
 
 export interface BackupListing {
@@ -258,7 +260,7 @@ export class Repository {
 
   /** Streams `body` to `path`, returning its size and SHA-256 computed on the way. */
   async writeStream(path: string, body: Readable, signal?: AbortSignal): Promise<FileRef> {
-    const { bytes, sha256 } = await pipeWithDigest(body, (digest, putSignal) => this.store.put(path, digest, {}, putSignal), signal);
+    const { bytes, hex: sha256 } = await pipeWithDigest(body, (digest, putSignal) => this.store.put(path, digest, {}, putSignal), signal);
     return { file: path, size: bytes, sha256 };
   }
 
@@ -319,7 +321,7 @@ export class Repository {
 
   /** Writes an index from entries held in memory (tests, small tools); backups stream theirs through writeLinesGz. */
   async writeIndex(path: string, entries: Iterable<IndexEntry>): Promise<FileRef> {
-    const { count: _count, ...ref } = await this.writeLinesGz(path, () => linesOf(entries, (e) => JSON.stringify([e.key, e.size, e.sha256])));
+    const { count: _count, ...ref } = await this.writeLinesGz(path, () => linesOf(entries, (e) => JSON.stringify([e.key, e.size, e.checksum])));
     return ref;
   }
 
@@ -517,10 +519,10 @@ async function* linesOf<T>(items: Iterable<T>, line: (item: T) => string): Async
 
 function parseIndexLine(line: string, where: string): IndexEntry {
   const row = safeJson(line);
-  if (!Array.isArray(row) || typeof row[0] !== 'string' || typeof row[1] !== 'number' || typeof row[2] !== 'string') {
+  if (!Array.isArray(row) || typeof row[0] !== 'string' || typeof row[1] !== 'number' || !isChecksum(row[2])) {
     throw new RepositoryError(`${where} is corrupt: bad entry ${line.slice(0, 80)}`);
   }
-  return { key: row[0], size: row[1], sha256: row[2] };
+  return { key: row[0], size: row[1], checksum: row[2] };
 }
 
 function safeJson(text: string): unknown {
