@@ -15,9 +15,11 @@ import { stringify } from 'yaml';
 import { validateConfig } from '../src/config/load.js';
 import type { Config } from '../src/config/schema.js';
 import { startLocalPostgres, type LocalPostgres } from '../src/demo/localPostgres.js';
-import { createPachydermFixture } from '../src/demo/pachydermFixture.js';
+import { addChunks, createPachydermFixture } from '../src/demo/pachydermFixture.js';
+import { openRepository } from '../src/engine/context.js';
+import { pgServer } from '../src/postgres/connection.js';
 import { runBackup, type BackupSummary } from '../src/engine/backup.js';
-import { drillTargetsFromConfig, runDrill, type DrillReport } from '../src/engine/drill.js';
+import { checkReferencedKeys, drillTargetsFromConfig, runDrill, type DrillReport } from '../src/engine/drill.js';
 import type { EngineEvent } from '../src/engine/events.js';
 import { PreflightError } from '../src/engine/context.js';
 import { FsObjectStore } from '../src/objectstore/fs.js';
@@ -183,6 +185,36 @@ describe('pachbackup drill', () => {
     assert.match(metrics, /^pachbackup_last_result\{command="drill"\} 0$/m);
     assert.match(metrics, new RegExp(`^pachbackup_last_success_timestamp_seconds\\{command="drill"\\} ${lastSuccess.replace('.', '\\.')}$`, 'm'));
     await assertNothingLeft();
+  });
+
+  test('the referenced-key check (one merge over the recorded list, the database, the index and the scratch listing) names what is missing, the wrong size and what the dump references but the list does not', async () => {
+    const repo = openRepository(config);
+    const manifest = await repo.readManifest(backup.id);
+    // A scratch store as a broken restore would leave it: the first key absent, the second one byte too long.
+    const scratch = new FsObjectStore(join(work, 'check-scratch'));
+    const cluster = new FsObjectStore(join(work, 'cluster-bucket'));
+    const sorted = [...fixtureKeys].sort();
+    for (const key of sorted.slice(1)) {
+      const chunks: Buffer[] = [];
+      for await (const chunk of await cluster.get(key)) chunks.push(chunk as Buffer);
+      await scratch.put(key, key === sorted[1] ? Buffer.concat([...chunks, Buffer.from('!')]) : Buffer.concat(chunks));
+    }
+    // The source database, made to reference one chunk more than the backup recorded (undone below).
+    const extra = (await addChunks(pg, new FsObjectStore(join(work, 'elsewhere')), 1)).keys[0]!;
+    try {
+      const server = pgServer(config.restore!.postgres!, 'restore.postgres');
+      const result = await checkReferencedKeys(repo, manifest, server, 'pachyderm', scratch);
+      assert.equal(result.referenced, fixtureKeys.length);
+      assert.deepEqual(result.problems, [
+        `1 object(s) the backup records as referenced are missing from the scratch store after the restore: ${sorted[0]}`,
+        `1 object(s) the backup records as referenced have the wrong size in the scratch store: ${sorted[1]}`,
+        `2 object(s) the restored database pachyderm references are missing from the scratch store after the restore: ${[sorted[0], extra].sort().join(', ')}`,
+        `1 object(s) the restored database pachyderm references have the wrong size in the scratch store: ${sorted[1]}`,
+        `the restored database references ${fixtureKeys.length + 1} keys but the backup recorded ${fixtureKeys.length}; not recorded: ${extra}: the dump and the referenced-key list do not describe the same state`,
+      ]);
+    } finally {
+      await pg.query('pachyderm', 'DELETE FROM storage.chunk_objects WHERE gen = (SELECT max(gen) FROM storage.chunk_objects)');
+    }
   });
 });
 

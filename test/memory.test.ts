@@ -1,6 +1,6 @@
 /**
  * Issue 4, "memory bounded by concurrency, not by object count": a backup, an unchanged second
- * backup and a verify of many small objects each complete inside a V8 heap far too small to hold
+ * backup, a verify and a prune of many small objects each complete inside a V8 heap far too small to hold
  * per-object state for all of them (before the key-ordered streaming merge, a backup needed about
  * 2.5 KB of live heap per object: 40,000 objects would need ~100 MiB on top of the baseline).
  * Real PostgreSQL 15, real directory stores, the CLI as a child process with --max-old-space-size.
@@ -8,7 +8,7 @@
  */
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
-import { mkdir, writeFile } from 'node:fs/promises';
+import { mkdir, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { describeRun, TestCluster } from './helpers/cluster.js';
@@ -54,5 +54,16 @@ describe(`memory: ${OBJECTS} objects within a ${HEAP_MIB} MiB heap`, () => {
     const verify = await cluster.runCli(['--config', config, '--json', 'verify', String(second.result?.id)], { env, timeoutMs: 800_000 });
     assert.equal(verify.code, 0, describeRun(verify));
     assert.equal(verify.result?.checked.objects, total);
+
+    // A quarter of the objects leave the cluster; a third backup no longer holds them, and a prune
+    // keeping only it sweeps exactly those (the mark streams the kept index against the listing).
+    await rm(join(cluster.dirs!.cluster, 'bulk-0'), { recursive: true });
+    const third = await cluster.runCli(['--config', config, '--json', '--yes', 'backup'], { env, timeoutMs: 800_000 });
+    assert.equal(third.code, 0, describeRun(third));
+    assert.equal(third.result?.objects.count, total - OBJECTS / 4);
+    const prune = await cluster.runCli(['--config', config, '--json', 'prune', '--keep-last', '1'], { env, timeoutMs: 800_000 });
+    assert.equal(prune.code, 0, describeRun(prune));
+    assert.equal(prune.result?.removed.length, 2);
+    assert.deepEqual(prune.result?.objects && { removed: prune.result.objects.removed, kept: prune.result.objects.kept }, { removed: OBJECTS / 4, kept: total - OBJECTS / 4 });
   });
 });

@@ -6,7 +6,9 @@ import type { ObjectStore } from '../objectstore/store.js';
 import { locationsOverlap, type StoreLocation } from '../objectstore/url.js';
 import { connect, describeServer, pgServer, type PgServer } from '../postgres/connection.js';
 import { databaseState, dropDatabase } from '../postgres/restore.js';
-import { REFERENCED_KEYS_SQL } from '../postgres/snapshot.js';
+import { referencedKeysIn } from '../postgres/snapshot.js';
+import { compareKeys, Cursor, inKeyOrder } from '../objectstore/sorted.js';
+import { IndexSource } from './objects.js';
 import type { Manifest } from '../repository/manifest.js';
 import type { Repository } from '../repository/repository.js';
 import { openRepository, PreflightError } from './context.js';
@@ -227,55 +229,83 @@ function assertScratchIsolated(scratch: StoreLocation, scratchConfig: ObjectStor
 /**
  * Every key the backup records as referenced, and every key the restored `pachyderm` database
  * references, must be in the scratch store with the size the backup's index recorded.
+ *
+ * All four are key-ordered streams (the referenced-key file, a database cursor, the index, the
+ * scratch listing) merged in one pass, so memory does not grow with the number of keys.
  */
-async function checkReferencedKeys(
+export async function checkReferencedKeys(
   repo: Repository,
   manifest: Manifest,
   server: PgServer,
   restoredPachyderm: string | undefined,
   scratch: ObjectStore,
 ): Promise<{ referenced: number; problems: string[]; summary: string }> {
-  const recorded = await repo.readReferenced(manifest.referenced);
-  const sizes = new Map((await repo.readIndex(manifest.objects.index)).map((e) => [e.key, e.size]));
-  const present = new Map<string, number>();
-  for await (const info of scratch.list()) present.set(info.key, info.size);
-
-  let fromDatabase: string[] = [];
-  if (restoredPachyderm) {
-    const client = await connect(server, restoredPachyderm);
-    try {
-      const { rows } = await client.query<{ present: boolean }>(`SELECT to_regclass('storage.chunk_objects') IS NOT NULL AS present`);
-      if (rows[0]?.present) fromDatabase = (await client.query<{ key: string }>(REFERENCED_KEYS_SQL)).rows.map((r) => r.key);
-    } finally {
-      await client.end();
+  const client = restoredPachyderm ? await connect(server, restoredPachyderm) : undefined;
+  const fromDatabase = restoredPachyderm ? `the restored database ${restoredPachyderm} references` : undefined;
+  const sources = ['the backup records as referenced', fromDatabase ?? ''] as const;
+  const found = sources.map(() => ({ count: 0, missing: new Sample(), wrongSize: new Sample() }));
+  const unrecorded = new Sample();
+  const asItems = async function* (keys: AsyncIterable<string>): AsyncGenerator<{ key: string }> {
+    for await (const key of keys) yield { key };
+  };
+  const recorded = new Cursor(inKeyOrder(asItems(repo.streamReferenced(manifest.referenced)), manifest.referenced.file));
+  const index = new Cursor((await IndexSource.open(repo, manifest.objects.index)).entries());
+  const present = new Cursor(inKeyOrder(scratch.list(), `the listing of ${scratch.description}`));
+  await client?.query('BEGIN READ ONLY');
+  const referenced = new Cursor(client ? inKeyOrder(asItems(referencedKeysIn(client)), 'the referenced keys of the restored database') : asItems((async function* () {})()));
+  try {
+    for (;;) {
+      const [a, b] = [await recorded.peek(), await referenced.peek()];
+      if (!a && !b) break;
+      const key = !b || (a && compareKeys(a.key, b.key) <= 0) ? a!.key : b.key;
+      const inSource = [(await recorded.seek(key)) !== undefined, (await referenced.seek(key)) !== undefined];
+      const held = await present.seek(key);
+      const recordedSize = (await index.seek(key))?.size;
+      inSource.forEach((has, i) => {
+        if (!has) return;
+        const f = found[i]!;
+        f.count++;
+        if (!held) f.missing.add(key);
+        else if (recordedSize !== undefined && held.size !== recordedSize) f.wrongSize.add(key);
+      });
+      if (inSource[1] && !inSource[0]) unrecorded.add(key);
     }
+  } finally {
+    await Promise.all([recorded.close(), index.close(), present.close(), referenced.close().catch(() => undefined)]);
+    await client?.query('COMMIT').catch(() => undefined);
+    await client?.end().catch(() => undefined);
   }
 
   const problems: string[] = [];
-  const absent = (keys: string[]) => keys.filter((k) => present.get(k) === undefined);
-  const wrongSize = (keys: string[]) => keys.filter((k) => present.get(k) !== undefined && sizes.get(k) !== undefined && present.get(k) !== sizes.get(k));
-  const name = (keys: string[]) => `${keys.slice(0, 3).join(', ')}${keys.length > 3 ? ` and ${keys.length - 3} more` : ''}`;
-  for (const [source, keys] of [
-    ['the backup records as referenced', recorded],
-    [`the restored database ${restoredPachyderm ?? ''} references`, fromDatabase],
-  ] as const) {
-    const missing = absent(keys);
-    const wrong = wrongSize(keys);
-    if (missing.length > 0) problems.push(`${missing.length} object(s) ${source} are missing from the scratch store after the restore: ${name(missing)}`);
-    if (wrong.length > 0) problems.push(`${wrong.length} object(s) ${source} have the wrong size in the scratch store: ${name(wrong)}`);
-  }
-  const recordedSet = new Set(recorded);
-  const unrecorded = fromDatabase.filter((k) => !recordedSet.has(k));
-  if (restoredPachyderm && (unrecorded.length > 0 || fromDatabase.length !== recorded.length)) {
+  found.forEach((f, i) => {
+    if (i === 1 && !fromDatabase) return;
+    if (f.missing.count > 0) problems.push(`${f.missing.count} object(s) ${sources[i]} are missing from the scratch store after the restore: ${f.missing}`);
+    if (f.wrongSize.count > 0) problems.push(`${f.wrongSize.count} object(s) ${sources[i]} have the wrong size in the scratch store: ${f.wrongSize}`);
+  });
+  const [recordedCount, databaseCount] = [found[0]!.count, found[1]!.count];
+  if (fromDatabase && (unrecorded.count > 0 || databaseCount !== recordedCount)) {
     problems.push(
-      `the restored database references ${fromDatabase.length} keys but the backup recorded ${recorded.length}${unrecorded.length ? `; not recorded: ${name(unrecorded)}` : ''}: the dump and the referenced-key list do not describe the same state`,
+      `the restored database references ${databaseCount} keys but the backup recorded ${recordedCount}${unrecorded.count ? `; not recorded: ${unrecorded}` : ''}: the dump and the referenced-key list do not describe the same state`,
     );
   }
   return {
-    referenced: recorded.length,
+    referenced: recordedCount,
     problems,
-    summary: `referenced keys: all ${recorded.length} keys the backup recorded${restoredPachyderm ? ' (the same the restored database references)' : ''} are in the scratch store with their recorded sizes`,
+    summary: `referenced keys: all ${recordedCount} keys the backup recorded${restoredPachyderm ? ' (the same the restored database references)' : ''} are in the scratch store with their recorded sizes`,
   };
+}
+
+/** A count of keys with the first three kept, to name in a message. */
+class Sample {
+  count = 0;
+  readonly #first: string[] = [];
+  add(key: string): void {
+    this.count++;
+    if (this.#first.length < 3) this.#first.push(key);
+  }
+  toString(): string {
+    return `${this.#first.join(', ')}${this.count > 3 ? ` and ${this.count - 3} more` : ''}`;
+  }
 }
 
 /** Drops the scratch databases and removes every scratch object, then checks both are gone. */

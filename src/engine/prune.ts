@@ -1,8 +1,10 @@
+import { Cursor, readRows, RowWriter, ScratchDir } from '../objectstore/sorted.js';
 import type { ObjectStore } from '../objectstore/store.js';
 import { acquireLock, type LockHandle } from '../repository/lock.js';
 import type { Manifest } from '../repository/manifest.js';
 import { layout, type Repository } from '../repository/repository.js';
 import { PhaseRunner, ProgressReporter, type EventSink } from './events.js';
+import { IndexSource, repositoryObjects } from './objects.js';
 
 /**
  * Prune: removes the backups a retention policy does not keep, incomplete backups older than a
@@ -181,6 +183,7 @@ export async function runPrune(options: PruneOptions): Promise<PruneReport> {
   }
 
   let lock: LockHandle | undefined;
+  const scratch = await ScratchDir.create();
   try {
     const plan = await phases.run('preflight', async () => {
       await repo.open(false);
@@ -190,7 +193,7 @@ export async function runPrune(options: PruneOptions): Promise<PruneReport> {
         onEvent: emit,
       });
       emit({ type: 'info', message: `took ${lock.kind} lock ${lock.id} on ${repo.description}` });
-      return planPrune(repo, policy, options.grace, now, emit);
+      return planPrune(repo, policy, options.grace, now, emit, scratch);
     });
     const report: PruneReport = {
       dryRun: options.dryRun,
@@ -204,12 +207,12 @@ export async function runPrune(options: PruneOptions): Promise<PruneReport> {
         kept: plan.incompleteKept,
       },
       damaged: plan.damaged,
-      objects: { removed: plan.sweep.length, removedBytes: sum(plan.sweep), kept: plan.objectsKept, keptBytes: plan.objectsKeptBytes },
+      objects: { removed: plan.sweep.count, removedBytes: plan.sweep.bytes, kept: plan.objectsKept, keptBytes: plan.objectsKeptBytes },
       bytesFreed: 0,
       ms: 0,
     };
     const backupFiles = [...plan.removed, ...plan.incompleteRemoved].flatMap((b) => b.files);
-    report.bytesFreed = sum(backupFiles) + sum(plan.sweep);
+    report.bytesFreed = sum(backupFiles) + plan.sweep.bytes;
 
     if (!options.dryRun) {
       const held = lock!;
@@ -221,18 +224,14 @@ export async function runPrune(options: PruneOptions): Promise<PruneReport> {
         // 1. Manifests first: from here on the backups are no longer listed or restorable.
         const manifests = new Set(plan.removed.map((r) => layout.manifest(r.id)));
         guard();
-        await removeInBatches(repo.store, [...manifests], guard);
+        await removeInBatches(repo.store, [...manifests].map((key) => ({ key, size: 0 })), manifests.size, guard);
         crashPoint('after-manifests-deleted');
         // 2. Their other files, and incomplete backups past the grace period.
         const rest = backupFiles.filter((f) => !manifests.has(f.key));
-        await removeInBatches(repo.store, rest.map((f) => f.key), guard, 'mid-backup-files');
+        await removeInBatches(repo.store, rest, rest.length, guard, 'mid-backup-files');
         // 3. Sweep last: the mark was taken from remaining backups only, before anything was deleted.
-        const progress = new ProgressReporter(emit, 'prune', plan.sweep.length, sum(plan.sweep));
-        await removeInBatches(repo.store, plan.sweep.map((f) => f.key), guard, 'mid-sweep', (keys) => {
-          let bytes = 0;
-          for (const key of keys) bytes += plan.sweepSize.get(key) ?? 0;
-          progress.add(keys.length, bytes);
-        });
+        const progress = new ProgressReporter(emit, 'prune', plan.sweep.count, plan.sweep.bytes);
+        await removeInBatches(repo.store, sweptFiles(plan.sweep.path), plan.sweep.count, guard, 'mid-sweep', (batch) => progress.add(batch.length, sum(batch)));
         progress.flush();
       });
     }
@@ -240,7 +239,12 @@ export async function runPrune(options: PruneOptions): Promise<PruneReport> {
     return report;
   } finally {
     await lock?.release();
+    await scratch.remove();
   }
+}
+
+async function* sweptFiles(path: string): AsyncGenerator<StoredFile> {
+  for await (const [key, size] of readRows(path) as AsyncIterable<[string, number]>) yield { key, size };
 }
 
 interface PrunePlan {
@@ -249,8 +253,8 @@ interface PrunePlan {
   incompleteRemoved: Array<{ id: string; files: StoredFile[] }>;
   incompleteKept: PruneReport['incomplete']['kept'];
   damaged: PruneReport['damaged'];
-  sweep: StoredFile[];
-  sweepSize: Map<string, number>;
+  /** The objects no remaining backup needs, in a scratch file (`[key, size]` rows), and their totals. */
+  sweep: { path: string; count: number; bytes: number };
   objectsKept: number;
   objectsKeptBytes: number;
 }
@@ -261,7 +265,7 @@ interface PrunePlan {
  * incomplete backups within the grace period and of damaged backups). A kept backup whose index
  * cannot be read stops the prune here, with nothing deleted.
  */
-async function planPrune(repo: Repository, policy: RetentionPolicy, grace: Duration, now: Date, emit: EventSink): Promise<PrunePlan> {
+async function planPrune(repo: Repository, policy: RetentionPolicy, grace: Duration, now: Date, emit: EventSink, scratch: ScratchDir): Promise<PrunePlan> {
   const listing = await repo.listBackups();
   const filesById = new Map<string, StoredFile[]>();
   for await (const info of repo.store.list(layout.backupsPrefix)) {
@@ -299,17 +303,19 @@ async function planPrune(repo: Repository, policy: RetentionPolicy, grace: Durat
     emit({ type: 'warning', message: `backup ${d.id} is damaged (${d.problem}); prune keeps it and the objects its index or journals name` });
   }
 
-  // The mark: only backups that remain.
-  const marked = new Set<string>();
+  // The mark: only backups that remain. The kept indexes are key-ordered streams, merged with the
+  // (key-ordered) objects/ listing below, so memory does not grow with the number of objects;
+  // opening each checks its checksum first, so a damaged one stops the prune before any deletion.
+  const keptIndexes: IndexSource[] = [];
   for (const manifest of keptManifests) {
-    let entries;
     try {
-      entries = await repo.readIndex(manifest.objects.index);
+      keptIndexes.push(await IndexSource.open(repo, manifest.objects.index));
     } catch (err) {
       throw new PruneError(`cannot read the index of backup ${manifest.id}, which the policy keeps (${(err as Error).message}); nothing was deleted. Run pachbackup verify ${manifest.id}`);
     }
-    for (const e of entries) marked.add(e.key);
   }
+  // Journals and indexes of unsealed or damaged backups are few and small (a crashed run's copies): held in memory.
+  const marked = new Set<string>();
   for (const kept of [...incompleteKept.map((k) => k.id), ...listing.damaged.map((d) => d.id)]) {
     for (const e of await repo.readJournals(kept)) marked.add(e.key);
     try {
@@ -322,19 +328,28 @@ async function planPrune(repo: Repository, policy: RetentionPolicy, grace: Durat
     }
   }
 
-  const sweep: StoredFile[] = [];
-  const sweepSize = new Map<string, number>();
+  const sweepOut = new RowWriter(scratch.file('sweep'));
+  const sweep = { path: sweepOut.path, count: 0, bytes: 0 };
   let objectsKept = 0;
   let objectsKeptBytes = 0;
-  for await (const info of repo.store.list(layout.objectsPrefix)) {
-    const key = info.key.slice(layout.objectsPrefix.length);
-    if (marked.has(key)) {
-      objectsKept++;
-      objectsKeptBytes += info.size;
-    } else {
-      sweep.push({ key: info.key, size: info.size });
-      sweepSize.set(info.key, info.size);
+  const cursors = keptIndexes.map((index) => new Cursor(index.entries()));
+  try {
+    for await (const info of repositoryObjects(repo)) {
+      let needed = marked.has(info.key);
+      // Every cursor moves to this key (they must all pass it), whether or not an earlier one had it.
+      for (const cursor of cursors) if ((await cursor.seek(info.key)) !== undefined) needed = true;
+      if (needed) {
+        objectsKept++;
+        objectsKeptBytes += info.size;
+      } else {
+        await sweepOut.write([layout.objectsPrefix + info.key, info.size]);
+        sweep.count++;
+        sweep.bytes += info.size;
+      }
     }
+  } finally {
+    await Promise.all(cursors.map((c) => c.close()));
+    await sweepOut.close();
   }
 
   const removed = decisions
@@ -343,24 +358,32 @@ async function planPrune(repo: Repository, policy: RetentionPolicy, grace: Durat
   const kept = decisions.filter((d) => d.keep).map((d) => ({ id: d.id, startedAt: byId.get(d.id)!.startedAt, reasons: d.reasons }));
   emit({
     type: 'info',
-    message: `${describePolicy(policy)}: keeping ${kept.length} of ${listing.sealed.length} backups, removing ${removed.length}; ${incompleteRemoved.length} incomplete backup(s) older than ${grace.text} removed, ${incompleteKept.length} kept; ${sweep.length} object(s) no remaining backup needs`,
+    message: `${describePolicy(policy)}: keeping ${kept.length} of ${listing.sealed.length} backups, removing ${removed.length}; ${incompleteRemoved.length} incomplete backup(s) older than ${grace.text} removed, ${incompleteKept.length} kept; ${sweep.count} object(s) no remaining backup needs`,
   });
-  return { kept, removed, incompleteRemoved, incompleteKept, damaged: listing.damaged, sweep, sweepSize, objectsKept, objectsKeptBytes };
+  return { kept, removed, incompleteRemoved, incompleteKept, damaged: listing.damaged, sweep, objectsKept, objectsKeptBytes };
 }
 
 /**
- * Removes keys in batches, checking `guard` before each. With a crash point, the batches are at
- * most half the keys, so the point falls after the first batch, genuinely midway.
+ * Removes files in batches, checking `guard` before each. With a crash point, the batches are at
+ * most half of the `count` files, so the point falls after the first batch, genuinely midway.
  */
-async function removeInBatches(store: ObjectStore, keys: string[], guard: () => void, crash?: CrashPoint, onBatch?: (keys: string[]) => void): Promise<void> {
-  const size = Math.max(1, Math.min(REMOVE_BATCH, crash ? Math.ceil(keys.length / 2) : REMOVE_BATCH));
-  for (let i = 0; i < keys.length; i += size) {
+async function removeInBatches(store: ObjectStore, files: Iterable<StoredFile> | AsyncIterable<StoredFile>, count: number, guard: () => void, crash?: CrashPoint, onBatch?: (batch: StoredFile[]) => void): Promise<void> {
+  const size = Math.max(1, Math.min(REMOVE_BATCH, crash ? Math.ceil(count / 2) : REMOVE_BATCH));
+  let batch: StoredFile[] = [];
+  let first = true;
+  const flush = async (): Promise<void> => {
     guard();
-    const batch = keys.slice(i, i + size);
-    await store.remove(batch);
+    await store.remove(batch.map((f) => f.key));
     onBatch?.(batch);
-    if (i === 0 && crash) crashPoint(crash);
+    batch = [];
+    if (first && crash) crashPoint(crash);
+    first = false;
+  };
+  for await (const file of files) {
+    batch.push(file);
+    if (batch.length >= size) await flush();
   }
+  if (batch.length > 0) await flush();
 }
 
 /** The hidden crash hook: PACHBACKUP_CRASH_AT=<point> kills the process there, as kill -9 would. */

@@ -71,23 +71,32 @@ export class DatabaseSnapshot {
    * fetched through a cursor in batches, so millions of keys never sit in memory at once.
    */
   async *referencedKeys(batch = 10_000): AsyncGenerator<string> {
-    const { rows: exists } = await this.client.query(`SELECT to_regclass('storage.chunk_objects') IS NOT NULL AS present`);
-    if (!exists[0]?.present) return;
-    await this.client.query(`DECLARE pachbackup_referenced NO SCROLL CURSOR FOR ${REFERENCED_KEYS_SQL}`);
-    try {
-      for (;;) {
-        const { rows } = await this.client.query<{ key: string }>(`FETCH ${batch} FROM pachbackup_referenced`);
-        for (const row of rows) yield row.key;
-        if (rows.length < batch) break;
-      }
-    } finally {
-      await this.client.query('CLOSE pachbackup_referenced');
-    }
+    yield* referencedKeysIn(this.client, batch);
   }
 
   async close(): Promise<void> {
     await this.client.query('COMMIT').catch(() => undefined);
     await this.client.end().catch(() => undefined);
+  }
+}
+
+/**
+ * The chunk keys a Pachyderm metadata database references, in key order, through a cursor in
+ * batches (none when the database has no storage.chunk_objects). `client` must be inside a
+ * transaction: the cursor lives until its end.
+ */
+export async function* referencedKeysIn(client: pg.Client, batch = 10_000): AsyncGenerator<string> {
+  const { rows: exists } = await client.query(`SELECT to_regclass('storage.chunk_objects') IS NOT NULL AS present`);
+  if (!exists[0]?.present) return;
+  await client.query(`DECLARE pachbackup_referenced NO SCROLL CURSOR FOR ${REFERENCED_KEYS_SQL}`);
+  try {
+    for (;;) {
+      const { rows } = await client.query<{ key: string }>(`FETCH ${batch} FROM pachbackup_referenced`);
+      for (const row of rows) yield row.key;
+      if (rows.length < batch) break;
+    }
+  } finally {
+    await client.query('CLOSE pachbackup_referenced');
   }
 }
 
