@@ -11,7 +11,7 @@ import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { copyPlanned, CopyJournal, readEntries, type PlanItem } from '../src/engine/objects.js';
 import { FsObjectStore } from '../src/objectstore/fs.js';
-import { compareKeys, Cursor, inKeyOrder, KeyOrderError, mergeByKey, readRows, RowWriter, ScratchDir } from '../src/objectstore/sorted.js';
+import { compareKeys, Cursor, inKeyOrder, KeyOrderError, mergeByKey, readRows, RowWriter, ScratchDir, sortByKey } from '../src/objectstore/sorted.js';
 import { sha256Hex } from '../src/repository/digest.js';
 import { Repository } from '../src/repository/repository.js';
 
@@ -86,6 +86,39 @@ describe('key order', () => {
     await scratch.remove();
     await assert.rejects(readdir(scratch.path), /ENOENT/);
   });
+});
+
+describe('sortByKey', () => {
+  for (const runSize of [1_000_000, 97, 7]) {
+    test(`sorts ${runSize === 1_000_000 ? 'in one run' : `through runs of ${runSize}`}: key order, every key once, the last occurrence of a key kept`, async () => {
+      const keys = Array.from({ length: 400 }, randomKey);
+      // Every key written up to three times; the value says which occurrence it was.
+      const items = Array.from({ length: 1000 }, (_, i) => ({ key: keys[i % keys.length]!, size: i }));
+      const expected = new Map<string, number>();
+      for (const item of items) expected.set(item.key, item.size);
+      const scratch = await ScratchDir.create();
+      try {
+        const sorted = await sortByKey(
+          (async function* () {
+            yield* items;
+          })(),
+          scratch,
+          'test',
+          (e) => [e.key, e.size],
+          async function* (path) {
+            for await (const row of readRows(path)) yield { key: row[0] as string, size: row[1] as number };
+          },
+          runSize,
+        );
+        const rows = await collect(readRows(sorted.path));
+        assert.equal(sorted.count, expected.size);
+        assert.deepEqual(rows.map((r) => r[0]), [...expected.keys()].sort(compareKeys));
+        for (const [key, size] of rows as Array<[string, number]>) assert.equal(size, expected.get(key), `the last occurrence of ${key}`);
+      } finally {
+        await scratch.remove();
+      }
+    });
+  }
 });
 
 describe('scratch directories', () => {

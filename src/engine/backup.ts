@@ -18,7 +18,7 @@ import type { ObjectInfo } from '../objectstore/store.js';
 import { assertSeparateStores, openCluster, openRepository, PreflightError, type ClusterHandles } from './context.js';
 import { predictBackup, type PlanInputs, type Prediction } from './plan.js';
 import { PhaseRunner, type EventSink } from './events.js';
-import { copyMissingObjects, copyPlanned, CopyJournal, entriesLookup, planCopy, readEntries, readPlan, RepositoryHoldings, ServerSideCopier, ServiceMd5, type HeldLookup } from './objects.js';
+import { copyMissingObjects, copyPlanned, CopyJournal, entriesLookup, planCopy, readEntries, readPlan, RepositoryHoldings, ServerSideCopier, ServiceMd5, type HeldLookup, type PlanCounts } from './objects.js';
 import { algorithmOf } from '../repository/checksum.js';
 import { compareKeys, Cursor, mergeByKey, readRows, RowWriter, ScratchDir } from '../objectstore/sorted.js';
 import { openStore } from '../objectstore/open.js';
@@ -104,10 +104,10 @@ async function backupUnderLock(options: BackupOptions, lockBox: { lock?: LockHan
       events.warn('the Helm values enable Pachyderm garbage collection; online mode still proves every referenced object is held, but a chunk deleted mid-backup fails the backup');
     }
     const backups = await repo.listBackups();
-    const holdings = await RepositoryHoldings.load(repo, backups);
-    // The first merge pass: what the bucket holds against what the repository holds, to a scratch plan.
     const scratch = await ScratchDir.create();
     scratchBox.dir = scratch;
+    const holdings = await RepositoryHoldings.load(repo, backups, scratch);
+    // The first merge pass: what the bucket holds against what the repository holds, to a scratch plan.
     const planOut = new RowWriter(scratch.file('precopy-plan'));
     const counts = await planCopy(cluster.source.store.list(), holdings.lookup(), planOut);
     await planOut.close();
@@ -490,15 +490,21 @@ export async function runPlan(config: Config): Promise<{ prediction: Prediction;
   const databaseBytes = await checkDatabases(cluster, pgDump, await toolVersion(pgDump));
   let sealed: Manifest[] = [];
   let held: HeldLookup = { get: async () => undefined, close: async () => undefined };
+  const scratch = await ScratchDir.create();
+  let counts: PlanCounts;
   try {
-    await repo.open(false);
-    const backups = await repo.listBackups();
-    sealed = backups.sealed;
-    held = (await RepositoryHoldings.load(repo, backups)).lookup();
-  } catch (err) {
-    if (!(err instanceof RepositoryError)) throw err;
+    try {
+      await repo.open(false);
+      const backups = await repo.listBackups();
+      sealed = backups.sealed;
+      held = (await RepositoryHoldings.load(repo, backups, scratch)).lookup();
+    } catch (err) {
+      if (!(err instanceof RepositoryError)) throw err;
+    }
+    counts = await planCopy(cluster.source.store.list(), held);
+  } finally {
+    await scratch.remove();
   }
-  const counts = await planCopy(cluster.source.store.list(), held);
   const inputs: PlanInputs = { mode: config.backup.mode, precopy: config.backup.precopy, holdDuringDump: config.pause.holdDuringDump, databaseBytes, ...counts };
   return {
     prediction: predictBackup(sealed, inputs),

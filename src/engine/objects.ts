@@ -5,7 +5,7 @@ import { checksumOf, isChecksum, type Checksum } from '../repository/checksum.js
 import { digestOf, pipeWithDigest } from '../repository/digest.js';
 import type { FileRef } from '../repository/manifest.js';
 import { layout, type BackupListing, type IndexEntry, type Repository } from '../repository/repository.js';
-import { compareKeys, Cursor, inKeyOrder, KeyOrderError, readRows, type RowWriter } from '../objectstore/sorted.js';
+import { compareKeys, Cursor, inKeyOrder, KeyOrderError, readRows, sortByKey, type RowWriter, type ScratchDir } from '../objectstore/sorted.js';
 import { ProgressReporter, type EventSink, type PhaseName } from './events.js';
 import { forEachConcurrently } from './pool.js';
 
@@ -29,46 +29,57 @@ export interface HeldLookup {
  * with the recorded size. An object held but in no index or journal is copied again: without its
  * checksum it cannot be trusted.
  *
- * The index and the repository's objects/ listing are merged as key-ordered streams, so memory
- * does not grow with the number of objects. Journals (objects a crashed run copied) are read into
- * memory, as is an index written before indexes were key-ordered.
+ * The index, the journals (sorted by key through scratch files) and the repository's objects/
+ * listing are merged as key-ordered streams, so memory does not grow with the number of objects.
+ * Only an index written before indexes were key-ordered is read into memory.
  */
 export class RepositoryHoldings {
   private constructor(
     private readonly repo: Repository,
     private readonly index: IndexSource | undefined,
-    private readonly journaled: Map<string, IndexEntry>,
+    /** The journals' entries in key order, the latest for a key copied more than once; undefined when there are none. */
+    private readonly journaled: string | undefined,
   ) {}
 
-  static async load(repo: Repository, listing: BackupListing): Promise<RepositoryHoldings> {
+  static async load(repo: Repository, listing: BackupListing, scratch: ScratchDir): Promise<RepositoryHoldings> {
     const latest = listing.sealed[listing.sealed.length - 1];
     // Opening checks the index's checksum (before anything is paused) and its order.
     const index = latest && (await IndexSource.open(repo, latest.objects.index));
-    const journaled = new Map<string, IndexEntry>();
-    for (const incomplete of listing.incomplete) {
-      for (const e of await repo.readJournals(incomplete.id)) journaled.set(e.key, e);
-    }
-    return new RepositoryHoldings(repo, index, journaled);
+    const journaled = await sortEntries(journalEntries(repo, listing.incomplete.map((b) => b.id)), scratch, 'journaled');
+    return new RepositoryHoldings(repo, index, journaled.count > 0 ? journaled.path : undefined);
   }
 
-  /** A fresh lookup (its own cursors over the index and the objects/ listing). */
+  /** A fresh lookup (its own cursors over the index, the journals and the objects/ listing). */
   lookup(): HeldLookup {
-    if (!this.index && this.journaled.size === 0) return { get: async () => undefined, close: async () => undefined };
+    if (!this.index && !this.journaled) return { get: async () => undefined, close: async () => undefined };
     const index = this.index && new Cursor(this.index.entries());
+    const journaled = this.journaled ? new Cursor(readEntries(this.journaled)) : undefined;
     const present = new Cursor(repositoryObjects(this.repo));
     return {
       get: async (key) => {
         const fromIndex = await index?.seek(key);
+        const fromJournal = await journaled?.seek(key);
         const info = await present.seek(key);
-        const candidate = this.journaled.get(key) ?? fromIndex;
+        const candidate = fromJournal ?? fromIndex;
         return candidate && info && info.size === candidate.size ? candidate : undefined;
       },
       close: async () => {
         await index?.close();
+        await journaled?.close();
         await present.close();
       },
     };
   }
+}
+
+/** The journal entries of these backups, in the order they were written. */
+export async function* journalEntries(repo: Repository, ids: string[]): AsyncGenerator<IndexEntry> {
+  for (const id of ids) yield* repo.streamJournals(id);
+}
+
+/** Index entries sorted by key into a scratch file (the last entry of a key wins), with bounded memory. */
+export function sortEntries(entries: AsyncIterable<IndexEntry>, scratch: ScratchDir, name: string): Promise<{ path: string; count: number }> {
+  return sortByKey(entries, scratch, name, (e) => [e.key, e.size, e.checksum], readEntries);
 }
 
 /** The objects the repository holds, keyed as in the cluster bucket, in key order. */

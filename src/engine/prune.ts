@@ -2,9 +2,9 @@ import { Cursor, readRows, RowWriter, ScratchDir } from '../objectstore/sorted.j
 import type { ObjectStore } from '../objectstore/store.js';
 import { acquireLock, type LockHandle } from '../repository/lock.js';
 import type { Manifest } from '../repository/manifest.js';
-import { layout, type Repository } from '../repository/repository.js';
+import { layout, type IndexEntry, type Repository } from '../repository/repository.js';
 import { PhaseRunner, ProgressReporter, type EventSink } from './events.js';
-import { IndexSource, repositoryObjects } from './objects.js';
+import { IndexSource, journalEntries, readEntries, repositoryObjects, sortEntries } from './objects.js';
 
 /**
  * Prune: removes the backups a retention policy does not keep, incomplete backups older than a
@@ -314,28 +314,30 @@ async function planPrune(repo: Repository, policy: RetentionPolicy, grace: Durat
       throw new PruneError(`cannot read the index of backup ${manifest.id}, which the policy keeps (${(err as Error).message}); nothing was deleted. Run pachbackup verify ${manifest.id}`);
     }
   }
-  // Journals and indexes of unsealed or damaged backups are few and small (a crashed run's copies): held in memory.
-  const marked = new Set<string>();
-  for (const kept of [...incompleteKept.map((k) => k.id), ...listing.damaged.map((d) => d.id)]) {
-    for (const e of await repo.readJournals(kept)) marked.add(e.key);
-    try {
+  // Journals and indexes of unsealed or damaged backups, sorted by key through scratch files.
+  const protectedIds = [...incompleteKept.map((k) => k.id), ...listing.damaged.map((d) => d.id)];
+  const unsealed = async function* (): AsyncGenerator<IndexEntry> {
+    yield* journalEntries(repo, protectedIds);
+    for (const kept of protectedIds) {
       const index = layout.index(kept);
-      if ((filesById.get(kept) ?? []).some((f) => f.key === index)) {
-        for (const e of repo.parseIndex(await repo.readSmall(index), index)) marked.add(e.key);
+      if (!(filesById.get(kept) ?? []).some((f) => f.key === index)) continue;
+      try {
+        yield* repo.streamUnsealedIndex(index);
+      } catch {
+        // An unreadable index of an unsealed or damaged backup protects only what was read of it; its journals did what they could.
       }
-    } catch {
-      // An unreadable index of an unsealed or damaged backup protects nothing; its journals did what they could.
     }
-  }
+  };
+  const marked = await sortEntries(unsealed(), scratch, 'unsealed-marks');
 
   const sweepOut = new RowWriter(scratch.file('sweep'));
   const sweep = { path: sweepOut.path, count: 0, bytes: 0 };
   let objectsKept = 0;
   let objectsKeptBytes = 0;
-  const cursors = keptIndexes.map((index) => new Cursor(index.entries()));
+  const cursors = [...keptIndexes.map((index) => new Cursor(index.entries())), new Cursor(readEntries(marked.path))];
   try {
     for await (const info of repositoryObjects(repo)) {
-      let needed = marked.has(info.key);
+      let needed = false;
       // Every cursor moves to this key (they must all pass it), whether or not an earlier one had it.
       for (const cursor of cursors) if ((await cursor.seek(info.key)) !== undefined) needed = true;
       if (needed) {

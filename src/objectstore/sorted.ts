@@ -133,6 +133,53 @@ export async function* mergeByKey<T extends { key: string }>(a: AsyncIterable<T>
   }
 }
 
+/**
+ * Sorts items by key with memory bounded by `runSize`: runs of at most that many items are sorted
+ * in memory and written to scratch files, then merged (a balanced tree of two-way merges). A key
+ * that occurs more than once keeps its last occurrence. Returns the sorted file, written with
+ * `toRow` and to be read back with `readBack`.
+ */
+export async function sortByKey<T extends { key: string }>(
+  items: AsyncIterable<T>,
+  scratch: ScratchDir,
+  name: string,
+  toRow: (item: T) => unknown[],
+  readBack: (path: string) => AsyncIterable<T>,
+  runSize = 50_000,
+): Promise<{ path: string; count: number }> {
+  const runs: Array<{ path: string; count: number }> = [];
+  let buffer: T[] = [];
+  const writeRun = async (sorted: AsyncIterable<T> | T[], file: string): Promise<{ path: string; count: number }> => {
+    const out = new RowWriter(file);
+    try {
+      for await (const item of sorted) await out.write(toRow(item));
+    } finally {
+      await out.close();
+    }
+    return { path: out.path, count: out.rows };
+  };
+  const flush = async (): Promise<void> => {
+    // Array.prototype.sort is stable: among equal keys the last pushed stays last, and is kept.
+    buffer.sort((a, b) => compareKeys(a.key, b.key));
+    const unique = buffer.filter((item, i) => i === buffer.length - 1 || buffer[i + 1]!.key !== item.key);
+    buffer = [];
+    runs.push(await writeRun(unique, scratch.file(`${name}-run${runs.length}`)));
+  };
+  for await (const item of items) {
+    buffer.push(item);
+    if (buffer.length >= runSize) await flush();
+  }
+  if (buffer.length > 0 || runs.length === 0) await flush();
+  if (runs.length === 1) return runs[0]!;
+  // Later runs hold later items: mergeByKey takes a key found in both from its first argument.
+  const merge = (lo: number, hi: number): AsyncIterable<T> => {
+    if (hi - lo === 1) return readBack(runs[lo]!.path);
+    const mid = (lo + hi) >> 1;
+    return mergeByKey(merge(mid, hi), merge(lo, mid));
+  };
+  return writeRun(merge(0, runs.length), scratch.file(name));
+}
+
 async function* toAsync<T>(items: AsyncIterable<T> | Iterable<T>): AsyncGenerator<T> {
   yield* items;
 }

@@ -427,14 +427,39 @@ export class Repository {
   /** Journal entries every unsealed backup wrote while copying: objects copied and checked. */
   async readJournals(id: string): Promise<IndexEntry[]> {
     const out: IndexEntry[] = [];
+    for await (const entry of this.streamJournals(id)) out.push(entry);
+    return out;
+  }
+
+  /**
+   * An index file no manifest vouches for (an unsealed or damaged backup's), streamed without a
+   * checksum to check; a damaged file ends with an error after the entries read before it.
+   */
+  async *streamUnsealedIndex(path: string): AsyncGenerator<IndexEntry> {
+    const body = await this.store.get(path);
+    const gunzip = createGunzip();
+    body.on('error', (err) => gunzip.destroy(err));
+    const lines = createInterface({ input: body.pipe(gunzip), crlfDelay: Infinity });
+    try {
+      for await (const line of lines) if (line !== '') yield parseIndexLine(line, path);
+    } finally {
+      lines.close();
+      body.destroy();
+    }
+  }
+
+  /** The entries of a backup's journals, one journal file (at most ~1,000 entries) at a time, in the order they were written. */
+  async *streamJournals(id: string): AsyncGenerator<IndexEntry> {
     for await (const info of this.store.list(layout.journalPrefix(id))) {
+      let entries: IndexEntry[];
       try {
-        out.push(...this.parseIndex(await this.readSmall(info.key), info.key));
+        entries = this.parseIndex(await this.readSmall(info.key), info.key);
       } catch {
         // A journal torn by a crash is ignored: its objects are simply copied again.
+        continue;
       }
+      yield* entries;
     }
-    return out;
   }
 
   async listBackups(): Promise<BackupListing> {
