@@ -2,23 +2,7 @@ import { createHash } from 'node:crypto';
 import { Agent as HttpAgent } from 'node:http';
 import { Agent as HttpsAgent } from 'node:https';
 import { Readable } from 'node:stream';
-import {
-  AbortMultipartUploadCommand,
-  CompleteMultipartUploadCommand,
-  CopyObjectCommand,
-  CreateMultipartUploadCommand,
-  DeleteObjectsCommand,
-  GetObjectCommand,
-  HeadBucketCommand,
-  HeadObjectCommand,
-  ListObjectsV2Command,
-  PutObjectCommand,
-  S3Client,
-  S3ServiceException,
-  UploadPartCopyCommand,
-  type S3ClientConfig,
-} from '@aws-sdk/client-s3';
-import { Upload } from '@aws-sdk/lib-storage';
+import type { S3Client, S3ClientConfig } from '@aws-sdk/client-s3';
 import type { Secret } from '../config/secret.js';
 import { parseListPage, readSmallBody, S3Http, S3HttpError, xmlText, type ListPage } from './s3http.js';
 import { ChecksumMismatchError, md5OfEtag, NotFoundError, PreconditionFailedError, StoreError, type ObjectInfo, type ObjectStore, type PutOptions } from './store.js';
@@ -47,9 +31,22 @@ const CONNECTION_TIMEOUT_MS = 10_000;
 /** A ListObjectsV2 page of 1,000 keys is a few hundred KiB; anything far larger is not a listing. */
 const LIST_PAGE_LIMIT = 64 * 1024 ** 2;
 
+type Sdk = typeof import('@aws-sdk/client-s3');
+let sdkModule: Promise<Sdk> | undefined;
+/**
+ * The AWS SDK is loaded on first use: the per-object requests go through the thin path, and the
+ * SDK's import costs a quarter of a second of start-up that commands which never need it (help,
+ * most of a copy) would otherwise pay.
+ */
+function loadSdk(): Promise<Sdk> {
+  sdkModule ??= import('@aws-sdk/client-s3');
+  return sdkModule;
+}
+
 export class S3ObjectStore implements ObjectStore {
   readonly description: string;
-  readonly client: S3Client;
+  readonly #clientConfig: S3ClientConfig;
+  #sdk: Promise<{ sdk: Sdk; client: S3Client }> | undefined;
   readonly bucket: string;
   readonly prefix: string;
   /**
@@ -93,11 +90,11 @@ export class S3ObjectStore implements ObjectStore {
     if (options.accessKeyId && options.secretAccessKey) {
       config.credentials = { accessKeyId: options.accessKeyId.reveal(), secretAccessKey: options.secretAccessKey.reveal() };
     }
-    this.client = new S3Client(config);
+    this.#clientConfig = config;
     if (options.checksums === 'when_required') {
       const fixed = options.accessKeyId && options.secretAccessKey ? { accessKeyId: options.accessKeyId.reveal(), secretAccessKey: options.secretAccessKey.reveal() } : undefined;
       // Without keys in the config, the SDK's default chain (environment, profile, web identity, instance role), cached and refreshed by the SDK.
-      const credentials = fixed ? () => Promise.resolve(fixed) : () => this.client.config.credentials();
+      const credentials = fixed ? () => Promise.resolve(fixed) : async () => (await this.sdk()).client.config.credentials();
       this.#http = new S3Http({
         ...(options.endpoint ? { endpoint: options.endpoint } : {}),
         bucket: options.bucket,
@@ -112,9 +109,25 @@ export class S3ObjectStore implements ObjectStore {
     }
   }
 
+  /** The SDK and this store's client, created on first use. */
+  sdk(): Promise<{ sdk: Sdk; client: S3Client }> {
+    this.#sdk ??= loadSdk().then((sdk) => ({ sdk, client: new sdk.S3Client(this.#clientConfig) }));
+    return this.#sdk;
+  }
+
+  /** Closes the SDK client's sockets, if it was ever created. */
+  async destroy(): Promise<void> {
+    if (this.#sdk) (await this.#sdk).client.destroy();
+  }
+
   async check(): Promise<void> {
     try {
-      await this.client.send(new HeadBucketCommand({ Bucket: this.bucket }));
+      if (this.#http) {
+        (await this.#http.send({ method: 'HEAD', key: '' })).resume();
+        return;
+      }
+      const { sdk, client } = await this.sdk();
+      await client.send(new sdk.HeadBucketCommand({ Bucket: this.bucket }));
     } catch (err) {
       const status = statusOf(err);
       if (status === 404) throw new StoreError(`bucket ${this.bucket} does not exist at ${this.options.endpoint ?? 'AWS'}; create it or fix the URL`, false);
@@ -132,8 +145,9 @@ export class S3ObjectStore implements ObjectStore {
     do {
       let page;
       try {
-        page = await this.client.send(
-          new ListObjectsV2Command({ Bucket: this.bucket, Prefix: this.prefix + prefix, ContinuationToken: token, MaxKeys: 1000 }),
+        const { sdk, client } = await this.sdk();
+        page = await client.send(
+          new sdk.ListObjectsV2Command({ Bucket: this.bucket, Prefix: this.prefix + prefix, ContinuationToken: token, MaxKeys: 1000 }),
         );
       } catch (err) {
         throw this.classify(err, `listing ${this.description}`);
@@ -171,7 +185,8 @@ export class S3ObjectStore implements ObjectStore {
         const etag = res.headers.etag;
         return { key, size: Number(res.headers['content-length'] ?? 0), ...(etag ? { etag } : {}) };
       }
-      const head = await this.client.send(new HeadObjectCommand({ Bucket: this.bucket, Key: this.prefix + key }));
+      const { sdk, client } = await this.sdk();
+      const head = await client.send(new sdk.HeadObjectCommand({ Bucket: this.bucket, Key: this.prefix + key }));
       return { key, size: head.ContentLength ?? 0, ...(head.ETag ? { etag: head.ETag } : {}) };
     } catch (err) {
       if (statusOf(err) === 404) return undefined;
@@ -182,7 +197,8 @@ export class S3ObjectStore implements ObjectStore {
   async get(key: string, signal?: AbortSignal): Promise<Readable> {
     try {
       if (this.#http) return await this.#http.send({ method: 'GET', key: this.prefix + key, ...(signal ? { signal } : {}) });
-      const out = await this.client.send(new GetObjectCommand({ Bucket: this.bucket, Key: this.prefix + key }), signal ? { abortSignal: signal } : {});
+      const { sdk, client } = await this.sdk();
+      const out = await client.send(new sdk.GetObjectCommand({ Bucket: this.bucket, Key: this.prefix + key }), signal ? { abortSignal: signal } : {});
       if (!(out.Body instanceof Readable)) throw new StoreError(`reading ${key}: the response had no body`, true);
       return out.Body;
     } catch (err) {
@@ -207,8 +223,9 @@ export class S3ObjectStore implements ObjectStore {
           if (options.contentMd5 !== undefined) await this.#confirmMd5(key, options.contentMd5, res.headers.etag);
           return;
         }
-        const out = await this.client.send(
-          new PutObjectCommand({
+        const { sdk, client } = await this.sdk();
+        const out = await client.send(
+          new sdk.PutObjectCommand({
             Bucket: this.bucket,
             Key,
             Body: body,
@@ -225,8 +242,9 @@ export class S3ObjectStore implements ObjectStore {
       if (options.ifNoneMatch) throw new StoreError(`conditional put of ${key} needs a buffer or a known size`, false);
       if (contentMd5) throw new StoreError(`writing ${key}: Content-MD5 needs a single PUT (a known size of at most ${SINGLE_PUT_LIMIT} bytes)`, false);
       // Multipart: an aborted or failed upload is aborted server-side, so no partial object appears.
+      const [{ client }, { Upload }] = await Promise.all([this.sdk(), import('@aws-sdk/lib-storage')]);
       const upload = new Upload({
-        client: this.client,
+        client,
         params: { Bucket: this.bucket, Key, Body: body, ...(options.contentType ? { ContentType: options.contentType } : {}) },
         partSize: PART_SIZE,
         queueSize: 2,
@@ -276,24 +294,25 @@ export class S3ObjectStore implements ObjectStore {
     const opts = signal ? { abortSignal: signal } : {};
     try {
       if (size <= COPY_OBJECT_LIMIT && this.#http && source.#http) return await this.#copyThin(source, sourceKey, Key, CopySource, size, signal, sourceMd5);
+      const { sdk, client } = await this.sdk();
       if (size <= COPY_OBJECT_LIMIT) {
-        const out = await this.client.send(new CopyObjectCommand({ Bucket: this.bucket, Key, CopySource, ChecksumAlgorithm: 'SHA256' }), opts);
+        const out = await client.send(new sdk.CopyObjectCommand({ Bucket: this.bucket, Key, CopySource, ChecksumAlgorithm: 'SHA256' }), opts);
         return checksumOfCopy(out.CopyObjectResult?.ChecksumSHA256, out.CopyObjectResult?.ETag, sourceMd5);
       }
-      const { UploadId } = await this.client.send(new CreateMultipartUploadCommand({ Bucket: this.bucket, Key }), opts);
+      const { UploadId } = await client.send(new sdk.CreateMultipartUploadCommand({ Bucket: this.bucket, Key }), opts);
       try {
         const parts = [];
         for (let start = 0, n = 1; start < size; start += COPY_PART_SIZE, n++) {
           const end = Math.min(size, start + COPY_PART_SIZE) - 1;
-          const part = await this.client.send(
-            new UploadPartCopyCommand({ Bucket: this.bucket, Key, UploadId, PartNumber: n, CopySource, CopySourceRange: `bytes=${start}-${end}` }),
+          const part = await client.send(
+            new sdk.UploadPartCopyCommand({ Bucket: this.bucket, Key, UploadId, PartNumber: n, CopySource, CopySourceRange: `bytes=${start}-${end}` }),
             opts,
           );
           parts.push({ PartNumber: n, ETag: part.CopyPartResult?.ETag });
         }
-        await this.client.send(new CompleteMultipartUploadCommand({ Bucket: this.bucket, Key, UploadId, MultipartUpload: { Parts: parts } }), opts);
+        await client.send(new sdk.CompleteMultipartUploadCommand({ Bucket: this.bucket, Key, UploadId, MultipartUpload: { Parts: parts } }), opts);
       } catch (err) {
-        await this.client.send(new AbortMultipartUploadCommand({ Bucket: this.bucket, Key, UploadId })).catch(() => undefined);
+        await client.send(new sdk.AbortMultipartUploadCommand({ Bucket: this.bucket, Key, UploadId })).catch(() => undefined);
         throw err;
       }
       return {};
@@ -354,8 +373,9 @@ export class S3ObjectStore implements ObjectStore {
     for (let i = 0; i < keys.length; i += 1000) {
       const batch = keys.slice(i, i + 1000);
       try {
-        const out = await this.client.send(
-          new DeleteObjectsCommand({ Bucket: this.bucket, Delete: { Objects: batch.map((k) => ({ Key: this.prefix + k })), Quiet: true } }),
+        const { sdk, client } = await this.sdk();
+        const out = await client.send(
+          new sdk.DeleteObjectsCommand({ Bucket: this.bucket, Delete: { Objects: batch.map((k) => ({ Key: this.prefix + k })), Quiet: true } }),
         );
         const failed = out.Errors?.filter((e) => e.Code !== 'NoSuchKey') ?? [];
         if (failed.length > 0) throw new StoreError(`removing ${failed.length} objects failed: ${failed[0]?.Code} ${failed[0]?.Key}`, true);
@@ -410,7 +430,6 @@ function checksumOfCopy(sha256: string | undefined, etag: string | undefined, so
 }
 
 function statusOf(err: unknown): number | undefined {
-  if (err instanceof S3ServiceException) return err.$metadata.httpStatusCode;
   const meta = (err as { $metadata?: { httpStatusCode?: number } }).$metadata;
   return meta?.httpStatusCode;
 }

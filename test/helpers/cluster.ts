@@ -84,7 +84,7 @@ export class TestCluster {
   readonly repositoryDir: string | undefined;
   fixture: FixtureChunks = { keys: [], bytes: 0 };
   readonly #opened: ObjectStore[] = [];
-  readonly #s3Clients: Array<{ destroy(): void }> = [];
+  readonly #s3Stores: Array<{ destroy(): Promise<void> }> = [];
 
   private constructor(
     readonly kind: StoreKind,
@@ -237,7 +237,7 @@ export class TestCluster {
 
   private open(section: RawConfig, label: string): ObjectStore {
     const opened = openStore(validateConfig({ ...this.raw, repository: section }, label).repository, label);
-    if (opened.s3) this.#s3Clients.push(opened.s3.client);
+    if (opened.s3) this.#s3Stores.push(opened.s3);
     this.#opened.push(opened.store);
     return opened.store;
   }
@@ -363,7 +363,7 @@ export class TestCluster {
   }
 
   async cleanup(): Promise<void> {
-    for (const client of this.#s3Clients) client.destroy();
+    await Promise.all(this.#s3Stores.map((s) => s.destroy()));
     await Promise.all([this.source.stop(), this.target?.stop(), this.s3?.stop()].map((p) => p?.catch(() => undefined)));
     for (const name of Object.keys(this.env)) delete process.env[name];
     await rm(this.work, { recursive: true, force: true });
