@@ -6,23 +6,11 @@
  */
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
-import { compareFingerprints, describeRun, TestCluster, type StoreKind } from './helpers/cluster.js';
+import { compareFingerprints, describeRun, TestCluster, withFaults, type StoreKind } from './helpers/cluster.js';
 import { cephRgwSkipReason } from './helpers/servers.js';
 
 const CHUNKS = 60;
 const CHUNK_SIZE = 16 * 1024;
-
-/** Runs `fn` with PACHBACKUP_FAULTS set in this process (stores opened meanwhile get the faults). */
-async function withFaults<T>(rules: unknown[], fn: () => Promise<T>): Promise<T> {
-  const previous = process.env.PACHBACKUP_FAULTS;
-  process.env.PACHBACKUP_FAULTS = JSON.stringify(rules);
-  try {
-    return await fn();
-  } finally {
-    if (previous === undefined) delete process.env.PACHBACKUP_FAULTS;
-    else process.env.PACHBACKUP_FAULTS = previous;
-  }
-}
 
 const kinds: Array<{ kind: StoreKind; label: string; skip: string | false }> = [
   { kind: 's3rver', label: 's3rver bucket and repository', skip: false },

@@ -69,7 +69,7 @@ export function manifestText(m: Manifest): string {
     '',
     table(
       ['database', 'role', 'dump', 'sha256', 'tables', 'rows'],
-      m.databases.map((d) => [d.name, d.role, formatBytes(d.size), `${d.sha256.slice(0, 16)}…`, String(d.tables.length), String(d.tables.reduce((n, t) => n + t.rows, 0))]),
+      m.databases.map((d) => [d.name, d.role, `${formatBytes(d.size)}${d.format === 'directory' ? ` (directory, ${d.files?.length ?? 0} files)` : ''}`, `${d.sha256.slice(0, 16)}…`, String(d.tables.length), String(d.tables.reduce((n, t) => n + t.rows, 0))]),
     ),
     '',
     `objects: ${m.objects.count} (${formatBytes(m.objects.bytes)}), ${m.objects.newCount} copied by this backup (${formatBytes(m.objects.newBytes)}); referenced keys ${m.referenced.count}`,

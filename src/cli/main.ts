@@ -91,9 +91,11 @@ export function buildProgram(): Command {
     .option('--force', 'restore into non-empty targets (non-empty databases are dropped and recreated)', false)
     .option('--dry-run', 'print the plan and change nothing', false)
     .option('--concurrency <n>', 'objects copied at once', positiveInt)
-    .action(async (backup: string, opts: { dbMap?: Record<string, string>; targetUrl?: string; helmValuesOut?: string; force: boolean; dryRun: boolean; concurrency?: number }) => {
+    .option('--jobs <n>', 'override restore.jobs: pg_restore --jobs (the dump is downloaded to $TMPDIR first when above 1)', positiveInt)
+    .action(async (backup: string, opts: { dbMap?: Record<string, string>; targetUrl?: string; helmValuesOut?: string; force: boolean; dryRun: boolean; concurrency?: number; jobs?: number }) => {
       await run(globals(), async ({ renderer, signal }) => {
         const overrides: ConfigOverride[] = [];
+        if (opts.jobs) overrides.push(['restore.jobs', opts.jobs]);
         if (opts.targetUrl) overrides.push(['restore.objectStore.url', opts.targetUrl]);
         if (opts.helmValuesOut) overrides.push(['restore.helmValuesOut', opts.helmValuesOut]);
         for (const [role, name] of Object.entries(opts.dbMap ?? {})) overrides.push([`restore.databases.${role}`, name]);

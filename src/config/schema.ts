@@ -179,6 +179,12 @@ export const configSchema = z
          * computed by pachbackup. Objects without a plain MD5 ETag are always hashed here.
          */
         serviceChecksums: z.boolean().default(true),
+        /**
+         * pg_dump --jobs. 1 streams one custom-format file into the repository (no local disk).
+         * More dumps that many tables at once in the directory format, written to $TMPDIR first
+         * (free space there of about the dumps' size) and then uploaded file by file.
+         */
+        dumpJobs: z.number().int().min(1).max(64).default(1),
         /** Keep the Helm values' secrets in an unencrypted repository (an encrypted one always keeps them). */
         keepHelmSecrets: z.boolean().default(false),
       })
@@ -192,6 +198,11 @@ export const configSchema = z
         helmValuesOut: z.string().optional(),
         /** Pass --no-owner --no-acl to pg_restore, so the restoring user owns everything. */
         noOwner: z.boolean().default(true),
+        /**
+         * pg_restore --jobs. Above 1 (and for every directory-format dump) the dump is first
+         * downloaded to $TMPDIR, each file checked against the manifest, and restored from there.
+         */
+        jobs: z.number().int().min(1).max(64).default(1),
       })
       .strict()
       .optional(),

@@ -1,16 +1,18 @@
 import { setMaxListeners } from 'node:events';
-import { readFile } from 'node:fs/promises';
+import { createReadStream } from 'node:fs';
+import { readdir, readFile, rm, statfs } from 'node:fs/promises';
 import { hostname } from 'node:os';
+import { join } from 'node:path';
 import type { Config } from '../config/schema.js';
 import { childEnv, describeServer } from '../postgres/connection.js';
 import { DatabaseSnapshot } from '../postgres/snapshot.js';
-import { findPgTool, startTool, stopTool, toolVersion } from '../postgres/tools.js';
+import { findPgTool, runToolToEnd, startTool, stopTool, toolVersion } from '../postgres/tools.js';
 import { PauseLedger } from '../quiesce/ledger.js';
 import { QuiescenceCheck } from '../quiesce/quiescence.js';
 import { assertExpectedContext } from '../quiesce/strategy.js';
 import { acquireLock, type LockHandle } from '../repository/lock.js';
 import type { PauseRecord, QuiesceStrategy } from '../quiesce/strategy.js';
-import { MANIFEST_FORMAT_VERSION, sealManifest, type FileRef, type Manifest, type TableCount } from '../repository/manifest.js';
+import { dumpListDigest, manifestFormatVersion, sealManifest, type FileRef, type Manifest, type TableCount } from '../repository/manifest.js';
 import { layout, newBackupId, RepositoryError, type IndexEntry } from '../repository/repository.js';
 import { TOOL_VERSION } from '../version.js';
 import { pachydermGcEnabled } from '../pachyderm/helmValues.js';
@@ -18,6 +20,7 @@ import type { ObjectInfo } from '../objectstore/store.js';
 import { assertSeparateStores, openCluster, openRepository, PreflightError, type ClusterHandles } from './context.js';
 import { predictBackup, type PlanInputs, type Prediction } from './plan.js';
 import { PhaseRunner, type EventSink } from './events.js';
+import { forEachConcurrently } from './pool.js';
 import { copyMissingObjects, copyPlanned, CopyJournal, entriesLookup, planCopy, readEntries, readPlan, RepositoryHoldings, ServerSideCopier, ServiceMd5, type HeldLookup, type PlanCounts } from './objects.js';
 import { algorithmOf } from '../repository/checksum.js';
 import { compareKeys, Cursor, mergeByKey, readRows, RowWriter, ScratchDir } from '../objectstore/sorted.js';
@@ -56,7 +59,10 @@ export class BackupError extends Error {
 interface DumpedDatabase {
   role: 'pachyderm' | 'dex';
   name: string;
+  /** The dump file; for a directory-format dump, its prefix with the total size and the list digest. */
   ref: FileRef;
+  /** The files of a directory-format dump (absent for a custom-format one). */
+  files?: FileRef[];
   tables: TableCount[];
   serverVersion: string;
 }
@@ -108,6 +114,7 @@ async function backupUnderLock(options: BackupOptions, lockBox: { lock?: LockHan
     scratchBox.dir = scratch;
     const holdings = await RepositoryHoldings.load(repo, backups, scratch);
     // The first merge pass: what the bucket holds against what the repository holds, to a scratch plan.
+    if (config.backup.dumpJobs > 1) await warnIfScratchSmall(scratch.path, databaseBytes, events.warn);
     const planOut = new RowWriter(scratch.file('precopy-plan'));
     const counts = await planCopy(cluster.source.store.list(), holdings.lookup(), planOut);
     await planOut.close();
@@ -234,7 +241,7 @@ async function backupUnderLock(options: BackupOptions, lockBox: { lock?: LockHan
   // ---- dump: pg_dump of every database from its exported snapshot, streamed into the repository.
   const dumpAll = (dumpSignal: AbortSignal | undefined): Promise<void> =>
     phases.run('dump', async () => {
-      dumps = await dumpDatabases(snapshots, cluster, repo, pgDump, id, config.backup.dumpCompression, dumpSignal);
+      dumps = await dumpDatabases(snapshots, { cluster, repo, pgDump, id, compression: config.backup.dumpCompression, jobs: config.backup.dumpJobs, scratch, signal: dumpSignal });
     });
 
   let quiet: QuiescenceCheck | undefined;
@@ -338,10 +345,20 @@ async function backupUnderLock(options: BackupOptions, lockBox: { lock?: LockHan
     if (pre.serverSide?.disabled) emit({ type: 'info', message: `server-side copy was not possible (${pre.serverSide.reason}); objects were streamed` });
     if (serviceMd5.reason) emit({ type: 'info', message: `the S3 service refused an object against its listed ETag (${serviceMd5.reason}); the remaining objects were hashed with SHA-256 here` });
     const downtimeMs = pausedAt && resumedAt ? resumedAt.getTime() - pausedAt.getTime() : null;
+    // In the schema's key order: the checksum is computed over the fields in that order.
+    const databases = dumps.map((d) => ({
+      ...d.ref,
+      role: d.role,
+      name: d.name,
+      serverVersion: d.serverVersion,
+      pgDumpVersion: dumpVersion.full,
+      tables: d.tables,
+      ...(d.files ? { format: 'directory' as const, files: d.files } : {}),
+    }));
     const manifest: Manifest = sealManifest({
       format: 'pachbackup-manifest',
-      // Version 2 only when the index holds MD5 checksums, which a version-1 reader would misread.
-      formatVersion: md5Count > 0 ? MANIFEST_FORMAT_VERSION : 1,
+      // The lowest version whose readers read this manifest right (manifestFormatVersion).
+      formatVersion: manifestFormatVersion(databases, md5Count),
       id,
       repositoryId: repo.id,
       toolVersion: TOOL_VERSION,
@@ -352,7 +369,7 @@ async function backupUnderLock(options: BackupOptions, lockBox: { lock?: LockHan
         postgres: { host: config.cluster.postgres.host, port: config.cluster.postgres.port, user: config.cluster.postgres.user, sslmode: config.cluster.postgres.sslmode },
         objectStore: cluster.source.store.description,
       },
-      databases: dumps.map((d) => ({ ...d.ref, role: d.role, name: d.name, serverVersion: d.serverVersion, pgDumpVersion: dumpVersion.full, tables: d.tables })),
+      databases,
       objects: { index: indexRef, count: entryCount, bytes, newCount, newBytes, copyPath: copyPathOf(serverSideCount, streamedCount), md5Count },
       referenced: referencedRef,
       helmValues: helmRef,
@@ -403,40 +420,112 @@ function notQuiet(problems: string[]): BackupError {
  * the dump, the row counts and the referenced keys all describe one state, however long after the
  * snapshot (and the resume) the dump runs.
  */
-async function dumpDatabases(
-  snapshots: OpenSnapshot[],
-  cluster: ClusterHandles,
-  repo: ReturnType<typeof openRepository>,
-  pgDump: string,
-  id: string,
-  compression: number,
-  signal: AbortSignal | undefined,
-): Promise<DumpedDatabase[]> {
+async function dumpDatabases(snapshots: OpenSnapshot[], dump: DumpContext): Promise<DumpedDatabase[]> {
   // The databases are dumped at the same time.
-  return Promise.all(snapshots.map(async ({ role, name, snapshot }): Promise<DumpedDatabase> => {
-    signal?.throwIfAborted();
-    // A transient store fault on the upload reruns pg_dump: the exported snapshot stays open, so
-    // every attempt dumps exactly the same state.
-    const ref = await withRetry(
-      async () => {
-        const tool = startTool(pgDump, ['--format=custom', `--compress=${compression}`, '--no-password', `--snapshot=${snapshot.snapshotId}`, `--dbname=${name}`], childEnv(cluster.postgres));
-        const onAbort = (): void => void tool.child.kill('SIGTERM');
-        signal?.addEventListener('abort', onAbort, { once: true });
-        try {
-          const [written] = await Promise.all([repo.writeStream(layout.dump(id, name), tool.child.stdout, signal), tool.done]);
-          return written;
-        } catch (err) {
-          throw await stopTool(tool, err);
-        } finally {
-          signal?.removeEventListener('abort', onAbort);
-        }
+  return Promise.all(snapshots.map(async (open): Promise<DumpedDatabase> => {
+    dump.signal?.throwIfAborted();
+    const dumped = dump.jobs > 1 ? await dumpToDirectory(dump, open) : { ref: await dumpToStream(dump, open) };
+    const tables = await open.snapshot.tableCounts();
+    return { role: open.role, name: open.name, ...dumped, tables, serverVersion: open.snapshot.serverVersion };
+  }));
+}
+
+/** What dumping a database needs besides its snapshot. */
+interface DumpContext {
+  cluster: ClusterHandles;
+  repo: ReturnType<typeof openRepository>;
+  pgDump: string;
+  /** The backup's id. */
+  id: string;
+  /** backup.dumpCompression and backup.dumpJobs. */
+  compression: number;
+  jobs: number;
+  scratch: ScratchDir;
+  signal: AbortSignal | undefined;
+}
+
+/** `backup.dumpJobs: 1`: one pg_dump custom-format stream, written straight into the repository. */
+async function dumpToStream({ cluster, repo, pgDump, id, compression, signal }: DumpContext, { name, snapshot }: OpenSnapshot): Promise<FileRef> {
+  // A transient store fault on the upload reruns pg_dump: the exported snapshot stays open, so
+  // every attempt dumps exactly the same state.
+  return withRetry(
+    async () => {
+      const tool = startTool(pgDump, ['--format=custom', `--compress=${compression}`, '--no-password', `--snapshot=${snapshot.snapshotId}`, `--dbname=${name}`], childEnv(cluster.postgres));
+      const onAbort = (): void => void tool.child.kill('SIGTERM');
+      signal?.addEventListener('abort', onAbort, { once: true });
+      try {
+        const [written] = await Promise.all([repo.writeStream(layout.dump(id, name), tool.child.stdout, signal), tool.done]);
+        return written;
+      } catch (err) {
+        throw await stopTool(tool, err);
+      } finally {
+        signal?.removeEventListener('abort', onAbort);
+      }
+    },
+    { ...defaultRetryPolicy, attempts: 4 },
+    signal,
+  );
+}
+
+/**
+ * `backup.dumpJobs` > 1: pg_dump --format=directory --jobs into the scratch directory (every
+ * worker reads the exported snapshot), then each file uploaded into the repository through the
+ * same write path as everything else. A transient store fault uploads that file again from disk.
+ */
+async function dumpToDirectory({ cluster, repo, pgDump, id, compression, jobs, scratch, signal }: DumpContext, { role, name, snapshot }: OpenSnapshot): Promise<{ ref: FileRef; files: FileRef[] }> {
+  const dir = join(scratch.path, `dump-${role}`);
+  await rm(dir, { recursive: true, force: true });
+  try {
+    const args = ['--format=directory', `--jobs=${jobs}`, `--compress=${compression}`, '--no-password', `--snapshot=${snapshot.snapshotId}`, `--dbname=${name}`, `--file=${dir}`];
+    try {
+      await runToolToEnd(pgDump, args, childEnv(cluster.postgres), signal);
+    } catch (err) {
+      signal?.throwIfAborted();
+      throw scratchDumpError(name, dir, err as Error);
+    }
+    const entries = await readdir(dir, { withFileTypes: true });
+    const odd = entries.find((e) => !e.isFile());
+    if (odd) throw new BackupError(`pg_dump wrote ${join(dir, odd.name)}, which is not a plain file; pachbackup stores directory dumps of plain files only`);
+    const prefix = layout.dumpDirectory(id, name);
+    const files: FileRef[] = [];
+    await forEachConcurrently(
+      entries.map((e) => e.name),
+      jobs,
+      async (file) => {
+        const ref = await withRetry(() => repo.writeStream(`${prefix}${file}`, createReadStream(join(dir, file)), signal), { ...defaultRetryPolicy, attempts: 4 }, signal);
+        files.push(ref);
       },
-      { ...defaultRetryPolicy, attempts: 4 },
       signal,
     );
-    const tables = await snapshot.tableCounts();
-    return { role, name, ref, tables, serverVersion: snapshot.serverVersion };
-  }));
+    files.sort((a, b) => compareKeys(a.file, b.file));
+    return { ref: { file: prefix, size: files.reduce((n, f) => n + f.size, 0), sha256: dumpListDigest(prefix, files) }, files };
+  } finally {
+    // The local copy goes as soon as it is uploaded: the other database's dump may still need the space.
+    await rm(dir, { recursive: true, force: true });
+  }
+}
+
+function scratchDumpError(database: string, dir: string, err: Error): BackupError {
+  const local = /could not (write|create|open|close)|No space left|Permission denied|Read-only file system|Disk quota/i.test(err.message);
+  const hint = local
+    ? `; backup.dumpJobs > 1 writes the whole dump to the scratch directory (under $TMPDIR) before uploading it, so it needs free space there of about the dumps' size: free space, point TMPDIR at a larger disk, or set backup.dumpJobs: 1 to stream the dump with no local copy`
+    : '';
+  return new BackupError(`pg_dump --format=directory of database ${database} into ${dir} failed: ${err.message}${hint}`);
+}
+
+/** Directory dumps need local disk: warns in preflight when $TMPDIR has less free space than the databases' on-disk size. */
+async function warnIfScratchSmall(path: string, databaseBytes: number, warn: (message: string) => void): Promise<void> {
+  const fs = await statfs(path);
+  const free = fs.bavail * fs.bsize;
+  if (free < databaseBytes) {
+    warn(
+      `backup.dumpJobs > 1 dumps to ${path} first, which has ${formatMiB(free)} free for databases of ${formatMiB(databaseBytes)} on disk; the dumps are usually smaller (no indexes, compressed), but if pg_dump runs out of space the backup fails: point TMPDIR at a larger disk or set backup.dumpJobs: 1`,
+    );
+  }
+}
+
+function formatMiB(bytes: number): string {
+  return `${(bytes / 1024 / 1024).toFixed(0)} MiB`;
 }
 
 function combineSignals(...signals: Array<AbortSignal | undefined>): AbortSignal | undefined {

@@ -1,4 +1,5 @@
-import { writeFile } from 'node:fs/promises';
+import { mkdir, writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
 import type { Config, ObjectStoreConfig, PostgresConfig } from '../config/schema.js';
 import { openStore } from '../objectstore/open.js';
 import { withRetry, defaultRetryPolicy } from '../objectstore/retry.js';
@@ -8,10 +9,10 @@ import { REDACTED, rewriteHelmValues } from '../pachyderm/helmValues.js';
 import { childEnv, connect, describeServer, pgServer, type PgServer } from '../postgres/connection.js';
 import { createDatabase, databaseState, dropDatabase } from '../postgres/restore.js';
 import { countTables } from '../postgres/snapshot.js';
-import { findPgTool, startTool, stopTool, toolVersion } from '../postgres/tools.js';
+import { findPgTool, runToolToEnd, startTool, stopTool, toolVersion } from '../postgres/tools.js';
 import { algorithmOf, digestHex } from '../repository/checksum.js';
 import { pipeWithDigest } from '../repository/digest.js';
-import type { Manifest } from '../repository/manifest.js';
+import { dumpFormat, type DatabaseEntry } from '../repository/manifest.js';
 import { acquireLock, type LockHandle } from '../repository/lock.js';
 import { layout, RepositoryError, type Repository } from '../repository/repository.js';
 import { PreflightError, openRepository } from './context.js';
@@ -19,7 +20,7 @@ import { PhaseRunner, ProgressReporter, type EventSink } from './events.js';
 import { asRetryable, IndexSource, repositoryObjects } from './objects.js';
 import { Cursor, inKeyOrder, readRows, RowWriter, ScratchDir } from '../objectstore/sorted.js';
 import { forEachConcurrently } from './pool.js';
-import { checkStoredFile, crossCheck, type VerifyProblem } from './verify.js';
+import { checkDump, crossCheck, type VerifyProblem } from './verify.js';
 
 export interface RestoreTargets {
   postgres: PostgresConfig;
@@ -38,6 +39,8 @@ export interface RestoreOptions {
   dryRun: boolean;
   noOwner: boolean;
   concurrency: number;
+  /** pg_restore --jobs; default restore.jobs. */
+  jobs?: number;
   emit: EventSink;
   signal?: AbortSignal;
 }
@@ -82,10 +85,21 @@ export async function runRestore(options: RestoreOptions): Promise<RestoreSummar
 }
 
 async function restoreUnderLock(options: RestoreOptions, lockBox: { lock?: LockHandle }): Promise<RestoreSummary> {
+  // Local copies of dumps pg_restore reads from a file live here until the restore ends.
+  const scratch = await ScratchDir.create();
+  try {
+    return await restoreWithScratch(options, lockBox, scratch);
+  } finally {
+    await scratch.remove();
+  }
+}
+
+async function restoreWithScratch(options: RestoreOptions, lockBox: { lock?: LockHandle }, scratch: ScratchDir): Promise<RestoreSummary> {
   const { config, targets, emit, signal } = options;
   const started = performance.now();
   const phases = new PhaseRunner(emit);
   const plan: string[] = [];
+  const jobs = options.jobs ?? config.restore?.jobs ?? 1;
 
   const pre = await phases.run('preflight', async () => {
     const repo = openRepository(config, options.concurrency * 2);
@@ -101,9 +115,19 @@ async function restoreUnderLock(options: RestoreOptions, lockBox: { lock?: LockH
       throw new RestoreError(`backup ${manifest.id} is incomplete: ${found.length} referenced object(s) are not in its index, e.g. ${found[0]!.item.slice('object '.length)}; it cannot be restored`);
     }
     const index = await IndexSource.open(repo, manifest.objects.index, indexOrdered);
-    for (const db of manifest.databases) {
-      const problem = await checkStoredFile(repo, db.file, { size: db.size, checksum: db.sha256 }, signal);
-      if (problem) throw new RestoreError(`backup ${manifest.id}: the dump of database ${db.name} (${db.file}) is ${problem}; restore refused, nothing was changed. Run pachbackup verify ${manifest.id}`);
+    // Every dump is read whole against its SHA-256 before anything changes; a dump pg_restore must
+    // read from a file (directory format, or --jobs) is kept on local disk as it is read.
+    const localDumps = new Map<DatabaseEntry, string>();
+    for (const [at, db] of manifest.databases.entries()) {
+      const local = !options.dryRun && (dumpFormat(db) === 'directory' || jobs > 1) ? join(scratch.path, `dump-${at}`) : undefined;
+      if (local) await mkdir(local);
+      const copyTo = local ? (name: string) => join(local, name) : undefined;
+      const problems = await checkDump(repo, db, { signal, concurrency: Math.max(jobs, 4), ...(copyTo ? { copyTo } : {}) }).catch((err: unknown) => {
+        throw local ? new RestoreError(`downloading the dump of database ${db.name} to ${local} failed: ${(err as Error).message}; restoring a directory-format dump or with restore.jobs > 1 needs free space under $TMPDIR of about the dump's size`) : err;
+      });
+      const first = problems[0];
+      if (first) throw new RestoreError(`backup ${manifest.id}: the ${first.item} is ${first.problem}; restore refused, nothing was changed. Run pachbackup verify ${manifest.id}`);
+      if (local) localDumps.set(db, dumpFormat(db) === 'directory' ? local : join(local, 'dump'));
     }
     await assertObjectsPresent(repo, index, manifest.id);
 
@@ -168,7 +192,7 @@ async function restoreUnderLock(options: RestoreOptions, lockBox: { lock?: LockH
     for (const { db, target: name } of mapping) plan.push(`restore database ${db.name} (${db.size} bytes dump, ${db.tables.length} tables) into "${name}" on ${describeServer(target)}`);
     plan.push(`copy ${manifest.objects.count} objects (${manifest.objects.bytes} bytes) into ${out.store.description}, checking each SHA-256`);
     if (helmValues !== undefined && targets.helmValuesOut) plan.push(`write Helm values rewritten for the targets to ${targets.helmValuesOut}`);
-    return { repo, manifest, index, target, pgRestore, mapping, existing, out: out.store, helmValues };
+    return { repo, manifest, index, target, pgRestore, mapping, existing, out: out.store, helmValues, localDumps };
   });
   const { repo, manifest, index, target, pgRestore, mapping, out } = pre;
   const objects = { count: manifest.objects.count, bytes: manifest.objects.bytes };
@@ -180,7 +204,6 @@ async function restoreUnderLock(options: RestoreOptions, lockBox: { lock?: LockH
   // Everything this restore creates, so a failure can take it back and leave no half-restored target.
   const createdDatabases: string[] = [];
   // Keys written to the target go to a scratch file (not memory), for the rollback.
-  const scratch = await ScratchDir.create();
   const written = new RowWriter(scratch.file('restored-keys'));
   try {
     await phases.run('restore-objects', () => restoreObjects(repo, out, index, objects, written, options.concurrency, emit, signal));
@@ -191,7 +214,9 @@ async function restoreUnderLock(options: RestoreOptions, lockBox: { lock?: LockH
         if (pre.existing.includes(name)) await dropDatabase(target, name);
         await createDatabase(target, name);
         createdDatabases.push(name);
-        await pgRestoreFromRepository(repo, db, target, name, pgRestore, options.noOwner, signal);
+        const local = pre.localDumps.get(db);
+        if (local) await pgRestoreFromFile(local, db, target, name, pgRestore, { noOwner: options.noOwner, jobs }, signal);
+        else await pgRestoreFromRepository(repo, db, target, name, pgRestore, options.noOwner, signal);
         done.push({ name, from: db.name, tables: db.tables.length, rows: db.tables.reduce((n, t) => n + t.rows, 0) });
       }
       return done;
@@ -218,7 +243,6 @@ async function restoreUnderLock(options: RestoreOptions, lockBox: { lock?: LockH
     throw err;
   } finally {
     await written.close().catch(() => undefined);
-    await scratch.remove();
   }
 }
 
@@ -302,9 +326,32 @@ async function restoreObjects(
   progress.flush();
 }
 
+/** pg_restore of a dump already downloaded and checked: a custom-format file or a directory. */
+async function pgRestoreFromFile(
+  path: string,
+  db: DatabaseEntry,
+  server: PgServer,
+  name: string,
+  pgRestore: string,
+  options: { noOwner: boolean; jobs: number },
+  signal?: AbortSignal,
+): Promise<void> {
+  // --single-transaction cannot be combined with --jobs; the database is new either way, and a
+  // failed restore drops it again.
+  const args = ['--no-password', '--exit-on-error', options.jobs > 1 ? `--jobs=${options.jobs}` : '--single-transaction', `--dbname=${name}`];
+  if (options.noOwner) args.push('--no-owner', '--no-acl');
+  if (dumpFormat(db) === 'directory') args.push('--format=directory');
+  try {
+    await runToolToEnd(pgRestore, [...args, path], childEnv(server), signal);
+  } catch (err) {
+    signal?.throwIfAborted();
+    throw new RestoreError(`restoring database ${name} on ${describeServer(server)}: ${(err as Error).message}`);
+  }
+}
+
 async function pgRestoreFromRepository(
   repo: Repository,
-  db: Manifest['databases'][number],
+  db: DatabaseEntry,
   server: PgServer,
   name: string,
   pgRestore: string,
@@ -332,7 +379,7 @@ async function checkRestored(
   index: IndexSource,
   total: { count: number; bytes: number },
   server: PgServer,
-  mapping: Array<{ db: Manifest['databases'][number]; target: string }>,
+  mapping: Array<{ db: DatabaseEntry; target: string }>,
   out: ObjectStore,
 ): Promise<string[]> {
   const checks: string[] = [];

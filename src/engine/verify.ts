@@ -1,7 +1,9 @@
 import { isNotFound, StoreError } from '../objectstore/store.js';
+import { createWriteStream } from 'node:fs';
+import { pipeline } from 'node:stream/promises';
 import { algorithmOf, checksumOf, describeChecksum, type Checksum } from '../repository/checksum.js';
-import { digestOf } from '../repository/digest.js';
-import type { Manifest } from '../repository/manifest.js';
+import { digestOf, pipeWithDigest } from '../repository/digest.js';
+import { dumpFiles, dumpFormat, dumpListDigest, type DatabaseEntry, type Manifest } from '../repository/manifest.js';
 import { layout, RepositoryError, type IndexEntry, type Repository } from '../repository/repository.js';
 import { Cursor, inKeyOrder, KeyOrderError } from '../objectstore/sorted.js';
 import { ProgressReporter, type EventSink } from './events.js';
@@ -22,11 +24,19 @@ export interface VerifyReport {
   ms: number;
 }
 
-/** Reads a stored file fully and compares its size and checksum (SHA-256, or MD5 for `md5:`) with what was recorded. */
-export async function checkStoredFile(repo: Repository, path: string, expected: { size: number; checksum: Checksum }, signal?: AbortSignal): Promise<string | undefined> {
+/**
+ * Reads a stored file fully and compares its size and checksum (SHA-256, or MD5 for `md5:`) with
+ * what was recorded; returns the problem, or undefined. With `copyTo`, the bytes read are also
+ * written to that local file (to be trusted only when no problem is returned).
+ */
+export async function checkStoredFile(repo: Repository, path: string, expected: { size: number; checksum: Checksum }, signal?: AbortSignal, copyTo?: string): Promise<string | undefined> {
   let result: { bytes: number; hex: string };
   try {
-    result = await digestOf(await repo.store.get(path, signal), signal, algorithmOf(expected.checksum));
+    const body = await repo.store.get(path, signal);
+    const algorithm = algorithmOf(expected.checksum);
+    result = copyTo
+      ? await pipeWithDigest(body, (digest, writeSignal) => pipeline(digest, createWriteStream(copyTo), { signal: writeSignal }), signal, algorithm)
+      : await digestOf(body, signal, algorithm);
   } catch (err) {
     if (isNotFound(err)) return 'missing';
     // A file that fails to decrypt or whose stream breaks permanently is a finding, not a crash.
@@ -41,6 +51,36 @@ export async function checkStoredFile(repo: Repository, path: string, expected: 
 }
 
 /**
+ * Checks every file of a database's dump against its recorded size and SHA-256 (one file for a
+ * custom-format dump, each file of a directory-format one, whose file list must also match the
+ * digest recorded for the dump). With `copyTo`, each file is saved there under its own name.
+ */
+export async function checkDump(repo: Repository, db: DatabaseEntry, options: { signal?: AbortSignal | undefined; copyTo?: (name: string) => string; concurrency?: number } = {}): Promise<VerifyProblem[]> {
+  const { signal, copyTo } = options;
+  const problems: VerifyProblem[] = [];
+  const directory = dumpFormat(db) === 'directory';
+  if (directory && dumpListDigest(db.file, dumpFiles(db)) !== db.sha256) {
+    problems.push({ item: `dump of database ${db.name} (${db.file})`, problem: 'its file list does not match the digest recorded for the dump: the manifest is damaged' });
+  }
+  const checked = new Map<string, string>();
+  await forEachConcurrently(
+    dumpFiles(db),
+    options.concurrency ?? 1,
+    async (f) => {
+      const problem = await checkStoredFile(repo, f.file, { size: f.size, checksum: f.sha256 }, signal, copyTo?.(directory ? f.file.slice(db.file.length) : 'dump'));
+      if (problem) checked.set(f.file, problem);
+    },
+    signal,
+  );
+  // Reported in the manifest's order, whichever finished first.
+  for (const f of dumpFiles(db)) {
+    const problem = checked.get(f.file);
+    if (problem) problems.push({ item: `dump of database ${db.name} (${f.file})`, problem });
+  }
+  return problems;
+}
+
+/**
  * Checks a sealed backup end to end: manifest checksum, index and referenced-key list, every
  * dump byte and every object byte against their recorded SHA-256, and that every key the
  * database references is held. Problems are collected, not thrown, so one run names them all.
@@ -50,10 +90,7 @@ export async function verifyBackup(options: { repo: Repository; manifest: Manife
   const started = performance.now();
   const problems: VerifyProblem[] = [];
   const { orphans, indexReadable } = await crossCheck(repo, manifest, problems);
-  for (const db of manifest.databases) {
-    const problem = await checkStoredFile(repo, db.file, { size: db.size, checksum: db.sha256 }, signal);
-    if (problem) problems.push({ item: `dump of database ${db.name} (${db.file})`, problem });
-  }
+  for (const db of manifest.databases) problems.push(...(await checkDump(repo, db, { signal, concurrency: options.concurrency })));
   const progress = new ProgressReporter(emit, 'verify', manifest.objects.count, manifest.objects.bytes);
   let checkedObjects = 0;
   if (indexReadable) {

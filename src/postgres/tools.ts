@@ -76,6 +76,25 @@ export function startTool(path: string, args: string[], env: NodeJS.ProcessEnv):
 }
 
 /**
+ * Runs a long program that reads and writes files, not pipes (pg_dump --format=directory,
+ * pg_restore from a file), until it exits; `signal` stops it.
+ */
+export async function runToolToEnd(path: string, args: string[], env: NodeJS.ProcessEnv, signal?: AbortSignal): Promise<void> {
+  signal?.throwIfAborted();
+  const tool = startTool(path, args, env);
+  tool.child.stdin.end();
+  tool.child.stdout.resume();
+  const onAbort = (): void => void tool.child.kill('SIGTERM');
+  signal?.addEventListener('abort', onAbort, { once: true });
+  try {
+    await tool.done;
+  } finally {
+    signal?.removeEventListener('abort', onAbort);
+  }
+  signal?.throwIfAborted();
+}
+
+/**
  * After a streaming failure: stops the tool and picks the error worth showing. If the tool had
  * already failed on its own (e.g. pg_dump lost its connection), its stderr explains more than the
  * broken pipe; if we killed it, the original error (e.g. the store refusing a write) is the cause.

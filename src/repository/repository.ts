@@ -32,6 +32,8 @@ export const layout = {
   backupsPrefix: 'backups/',
   backupPrefix: (id: string) => `backups/${id}/`,
   dump: (id: string, database: string) => `backups/${id}/db/${database}.dump`,
+  /** Prefix of a directory-format dump's files: `<database>.dump.d/toc.dat`, `<database>.dump.d/3352.dat.gz`, … */
+  dumpDirectory: (id: string, database: string) => `backups/${id}/db/${database}.dump.d/`,
   helmValues: (id: string) => `backups/${id}/helm-values.yaml`,
   journal: (id: string, seq: number) => `backups/${id}/journal/${String(seq).padStart(6, '0')}.jsonl.gz`,
   journalPrefix: (id: string) => `backups/${id}/journal/`,

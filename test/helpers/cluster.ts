@@ -379,6 +379,18 @@ export function compareFingerprints(before: Fingerprints, after: Fingerprints): 
   ];
 }
 
+/** Runs `fn` with PACHBACKUP_FAULTS set in this process (stores opened meanwhile get the faults). */
+export async function withFaults<T>(rules: unknown[], fn: () => Promise<T>): Promise<T> {
+  const previous = process.env.PACHBACKUP_FAULTS;
+  process.env.PACHBACKUP_FAULTS = JSON.stringify(rules);
+  try {
+    return await fn();
+  } finally {
+    if (previous === undefined) delete process.env.PACHBACKUP_FAULTS;
+    else process.env.PACHBACKUP_FAULTS = previous;
+  }
+}
+
 /** For failing assertions: the CLI's output, so a failure explains itself. */
 export function describeRun(r: CliResult): string {
   return `exit ${r.code} (signal ${r.signal})\nstdout:\n${r.stdout.slice(-4000)}\nstderr:\n${r.stderr.slice(-4000)}`;
