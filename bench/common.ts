@@ -122,6 +122,24 @@ export function median(values: number[]): number {
   return sorted.length % 2 ? sorted[mid]! : (sorted[mid - 1]! + sorted[mid]!) / 2;
 }
 
+/** One contender of a benchmark: its name in the table, and one timed run. */
+export interface Contender<Outcome, Arg = number> {
+  name: string;
+  run(arg: Arg): Promise<Outcome>;
+}
+
+/**
+ * Runs every contender once per round, the order alternating between rounds (A B C, then C B A)
+ * so that a machine getting busier or quieter does not favour one; returns the outcomes by name.
+ */
+export async function alternatingRounds<C extends { name: string }, O>(contenders: C[], rounds: number, runOne: (contender: C, round: number) => Promise<O>): Promise<Map<string, O[]>> {
+  const outcomes = new Map<string, O[]>(contenders.map((c) => [c.name, []]));
+  for (let round = 1; round <= rounds; round++) {
+    for (const contender of round % 2 === 1 ? contenders : [...contenders].reverse()) outcomes.get(contender.name)!.push(await runOne(contender, round));
+  }
+  return outcomes;
+}
+
 export function log(message: string): void {
   process.stderr.write(`[${new Date().toISOString().slice(11, 19)}] ${message}\n`);
 }

@@ -40,6 +40,7 @@ import {
   type BenchCeph,
   type BenchCluster,
   type Cell,
+  type Contender as BenchContender,
 } from './common.js';
 
 const flags = parseFlags('downtime: the manual runbook vs pachbackup paused (with and without pre-copy) vs online', {
@@ -69,10 +70,7 @@ interface Outcome {
   detail: string;
 }
 
-interface Contender {
-  name: string;
-  run(target: string): Promise<Outcome>;
-}
+type Contender = BenchContender<Outcome, string>;
 
 const work = await workDir('pbbench-downtime-');
 let ceph: BenchCeph | undefined;
