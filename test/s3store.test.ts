@@ -411,3 +411,46 @@ describe('failures of the thin path are classified as the SDK path classified th
     await assert.rejects(store.get('k'), (err: unknown) => err instanceof StoreError && err.retryable && /cannot reach .*ECONNREFUSED/.test(err.message));
   });
 });
+
+// A protocol-level fake (an HTTP server answering CopyObject as AWS S3 does with a SHA-256
+// checksum), because neither s3rver nor Ceph Pacific returns ChecksumSHA256 on a copy.
+describe('CopyObject through the SDK path (checksums: when_supported)', () => {
+  test('a ChecksumSHA256 in the copy result is returned as the hex SHA-256 of the bytes, not as the base64 the service sends', async () => {
+    const body = randomBytes(3000);
+    const requests: IncomingMessage[] = [];
+    const server: Server = createServer((req, res) => {
+      requests.push(req);
+      req.resume();
+      req.on('end', () => {
+        res.writeHead(200, { 'content-type': 'application/xml' });
+        res.end(
+          `<?xml version="1.0" encoding="UTF-8"?><CopyObjectResult><ETag>"${md5Hex(body)}"</ETag><ChecksumSHA256>${createHash('sha256').update(body).digest('base64')}</ChecksumSHA256></CopyObjectResult>`,
+        );
+      });
+    });
+    await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+    const endpoint = `http://127.0.0.1:${(server.address() as AddressInfo).port}`;
+    const sdkStore = (bucket: string): S3ObjectStore =>
+      new S3ObjectStore({
+        bucket,
+        prefix: '',
+        endpoint,
+        region: 'us-east-1',
+        forcePathStyle: true,
+        accessKeyId: new Secret('AKIDTEST', 'test key id'),
+        secretAccessKey: new Secret('not-a-real-secret', 'test secret'),
+        checksums: 'when_supported',
+        requestTimeoutSeconds: 30,
+      });
+    const source = sdkStore('src');
+    const target = sdkStore('dst');
+    try {
+      const copied = await target.copyFrom(source, 'a', 'a', body.length);
+      assert.deepEqual(copied, { sha256: sha256Hex(body) });
+      assert.equal(requests[0]?.headers['x-amz-copy-source'], 'src/a');
+    } finally {
+      await Promise.all([source.destroy(), target.destroy()]);
+      await new Promise<void>((resolve) => server.close(() => resolve()));
+    }
+  });
+});

@@ -13,7 +13,7 @@ import { assertExpectedContext } from '../quiesce/strategy.js';
 import { acquireLock, type LockHandle } from '../repository/lock.js';
 import type { PauseRecord, QuiesceStrategy } from '../quiesce/strategy.js';
 import { dumpListDigest, manifestFormatVersion, sealManifest, type FileRef, type Manifest, type TableCount } from '../repository/manifest.js';
-import { layout, newBackupId, RepositoryError, type IndexEntry } from '../repository/repository.js';
+import { indexRow, layout, newBackupId, RepositoryError, type IndexEntry } from '../repository/repository.js';
 import { TOOL_VERSION } from '../version.js';
 import { pachydermGcEnabled } from '../pachyderm/helmValues.js';
 import type { ObjectInfo } from '../objectstore/store.js';
@@ -332,7 +332,7 @@ async function backupUnderLock(options: BackupOptions, lockBox: { lock?: LockHan
       for await (const e of mergeByKey(readEntries(indexEntries!), unlistedEntries.sort((a, b) => compareKeys(a.key, b.key)))) {
         bytes += e.size;
         if (algorithmOf(e.checksum) === 'md5') md5Count++;
-        yield JSON.stringify([e.key, e.size, e.checksum]);
+        yield JSON.stringify(indexRow(e));
       }
     };
     const { count: entryCount, ...indexRef } = await repo.writeLinesGz(layout.index(id), indexLines, signal);

@@ -4,7 +4,7 @@ import { ChecksumMismatchError, md5OfEtag, StoreError, type ObjectInfo, type Obj
 import { checksumOf, isChecksum, type Checksum } from '../repository/checksum.js';
 import { digestOf, pipeWithDigest } from '../repository/digest.js';
 import type { FileRef } from '../repository/manifest.js';
-import { layout, type BackupListing, type IndexEntry, type Repository } from '../repository/repository.js';
+import { indexRow, layout, type BackupListing, type IndexEntry, type Repository } from '../repository/repository.js';
 import { compareKeys, Cursor, inKeyOrder, KeyOrderError, readRows, sortByKey, type RowWriter, type ScratchDir } from '../objectstore/sorted.js';
 import { ProgressReporter, type EventSink, type PhaseName } from './events.js';
 import { forEachConcurrently } from './pool.js';
@@ -79,7 +79,7 @@ export async function* journalEntries(repo: Repository, ids: string[]): AsyncGen
 
 /** Index entries sorted by key into a scratch file (the last entry of a key wins), with bounded memory. */
 export function sortEntries(entries: AsyncIterable<IndexEntry>, scratch: ScratchDir, name: string): Promise<{ path: string; count: number }> {
-  return sortByKey(entries, scratch, name, (e) => [e.key, e.size, e.checksum], readEntries);
+  return sortByKey(entries, scratch, name, indexRow, readEntries);
 }
 
 /** The objects the repository holds, keyed as in the cluster bucket, in key order. */
@@ -167,7 +167,7 @@ export async function planCopy(
       counts.bytes += info.size;
       const entry = await held.get(info.key);
       if (entry && entry.size === info.size) {
-        await out?.write([entry.key, entry.size, entry.checksum]);
+        await out?.write(indexRow(entry));
       } else {
         counts.missingObjects++;
         counts.missingBytes += info.size;
@@ -214,7 +214,7 @@ export class CopyJournal {
     this.#pending = [];
     this.#lastFlush = performance.now();
     const seq = this.#seq++;
-    const data = gzipSync(Buffer.from(`${batch.map((e) => JSON.stringify([e.key, e.size, e.checksum])).join('\n')}\n`));
+    const data = gzipSync(Buffer.from(`${batch.map((e) => JSON.stringify(indexRow(e))).join('\n')}\n`));
     // Journals are written one after another so a crash tears at most the last one.
     this.#flushing = this.#flushing.then(() => this.repo.writeBuffer(layout.journal(this.backupId, seq), data).then(() => undefined));
     return this.#flushing;
@@ -399,7 +399,7 @@ export async function copyPlanned(options: CopyOptions & { plan: AsyncIterable<P
       window.shift();
       result.count++;
       result.bytes += head.entry.size;
-      await options.out?.write([head.entry.key, head.entry.size, head.entry.checksum]);
+      await options.out?.write(indexRow(head.entry));
     }
   };
 

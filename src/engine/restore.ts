@@ -190,7 +190,7 @@ async function restoreWithScratch(options: RestoreOptions, lockBox: { lock?: Loc
       emit({ type: 'warning', message: `backup ${manifest.id} kept no Helm values, so ${targets.helmValuesOut} will not be written` });
     }
     for (const { db, target: name } of mapping) plan.push(`restore database ${db.name} (${db.size} bytes dump, ${db.tables.length} tables) into "${name}" on ${describeServer(target)}`);
-    plan.push(`copy ${manifest.objects.count} objects (${manifest.objects.bytes} bytes) into ${out.store.description}, checking each SHA-256`);
+    plan.push(`copy ${manifest.objects.count} objects (${manifest.objects.bytes} bytes) into ${out.store.description}, checking each recorded checksum`);
     if (helmValues !== undefined && targets.helmValuesOut) plan.push(`write Helm values rewritten for the targets to ${targets.helmValuesOut}`);
     return { repo, manifest, index, target, pgRestore, mapping, existing, out: out.store, helmValues, localDumps };
   });

@@ -82,8 +82,8 @@ export async function checkDump(repo: Repository, db: DatabaseEntry, options: { 
 
 /**
  * Checks a sealed backup end to end: manifest checksum, index and referenced-key list, every
- * dump byte and every object byte against their recorded SHA-256, and that every key the
- * database references is held. Problems are collected, not thrown, so one run names them all.
+ * dump byte and every object byte against their recorded checksum (SHA-256, or MD5 for `md5:`
+ * entries), and that every key the database references is held. Problems are collected, not thrown, so one run names them all.
  */
 export async function verifyBackup(options: { repo: Repository; manifest: Manifest; emit: EventSink; concurrency: number; signal?: AbortSignal }): Promise<VerifyReport> {
   const { repo, manifest, emit, signal } = options;

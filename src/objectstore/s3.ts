@@ -297,7 +297,7 @@ export class S3ObjectStore implements ObjectStore {
       const { sdk, client } = await this.sdk();
       if (size <= COPY_OBJECT_LIMIT) {
         const out = await client.send(new sdk.CopyObjectCommand({ Bucket: this.bucket, Key, CopySource, ChecksumAlgorithm: 'SHA256' }), opts);
-        return checksumOfCopy(out.CopyObjectResult?.ChecksumSHA256, out.CopyObjectResult?.ETag, sourceMd5);
+        return checksumOfCopy(sha256OfCopy(out.CopyObjectResult?.ChecksumSHA256), out.CopyObjectResult?.ETag, sourceMd5);
       }
       const { UploadId } = await client.send(new sdk.CreateMultipartUploadCommand({ Bucket: this.bucket, Key }), opts);
       try {
@@ -422,7 +422,7 @@ function sha256OfCopy(b64: string | undefined): string | undefined {
   return b64 && !b64.includes('-') ? Buffer.from(b64, 'base64').toString('hex') : undefined;
 }
 
-/** What a copy's response proves about its bytes: the service's SHA-256, or the source's MD5 when the copy's ETag is that MD5. */
+/** What a copy's response proves about its bytes: the service's SHA-256 (hex), or the source's MD5 when the copy's ETag is that MD5. */
 function checksumOfCopy(sha256: string | undefined, etag: string | undefined, sourceMd5: string | undefined): { sha256?: string; md5?: string } {
   if (sha256) return { sha256 };
   if (sourceMd5 !== undefined && md5OfEtag(etag) === sourceMd5) return { md5: sourceMd5 };

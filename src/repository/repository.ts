@@ -323,7 +323,7 @@ export class Repository {
 
   /** Writes an index from entries held in memory (tests, small tools); backups stream theirs through writeLinesGz. */
   async writeIndex(path: string, entries: Iterable<IndexEntry>): Promise<FileRef> {
-    const { count: _count, ...ref } = await this.writeLinesGz(path, () => linesOf(entries, (e) => JSON.stringify([e.key, e.size, e.checksum])));
+    const { count: _count, ...ref } = await this.writeLinesGz(path, () => linesOf(entries, (e) => JSON.stringify(indexRow(e))));
     return ref;
   }
 
@@ -379,20 +379,29 @@ export class Repository {
 
   /** Streams an index file's entries; its size and SHA-256 are checked when it ends (a mismatch throws then). */
   async *streamIndex(ref: FileRef): AsyncGenerator<IndexEntry> {
-    for await (const line of this.streamLinesGz(ref)) yield parseIndexLine(line, ref.file);
+    for await (const line of this.streamLinesGz(ref.file, ref)) yield parseIndexLine(line, ref.file);
+  }
+
+  /**
+   * An index file no manifest vouches for (an unsealed or damaged backup's), streamed with no
+   * checksum to check; a damaged file ends with an error after the entries read before it.
+   */
+  async *streamUnsealedIndex(path: string): AsyncGenerator<IndexEntry> {
+    for await (const line of this.streamLinesGz(path)) yield parseIndexLine(line, path);
   }
 
   /** Streams a referenced-key list, checked like streamIndex. */
   async *streamReferenced(ref: FileRef): AsyncGenerator<string> {
-    yield* this.streamLinesGz(ref);
+    yield* this.streamLinesGz(ref.file, ref);
   }
 
-  private async *streamLinesGz(ref: FileRef): AsyncGenerator<string> {
+  /** The lines of a gzip file; with `ref`, its size and SHA-256 are checked when it ends. */
+  private async *streamLinesGz(path: string, ref?: FileRef): AsyncGenerator<string> {
     let body: Readable;
     try {
-      body = await this.store.get(ref.file);
+      body = await this.store.get(path);
     } catch (err) {
-      if (err instanceof NotFoundError) throw new RepositoryError(`${ref.file} is missing from ${this.description}`);
+      if (err instanceof NotFoundError) throw new RepositoryError(`${path} is missing from ${this.description}`);
       throw err;
     }
     const digest = new DigestStream();
@@ -404,15 +413,15 @@ export class Repository {
     try {
       for await (const line of lines) if (line !== '') yield line;
     } catch (err) {
-      if (digest.bytes !== ref.size || (err as NodeJS.ErrnoException).code?.startsWith('Z_')) {
-        throw new RepositoryError(`${ref.file} is corrupt: ${(err as Error).message}`);
+      if ((ref && digest.bytes !== ref.size) || (err as NodeJS.ErrnoException).code?.startsWith('Z_')) {
+        throw new RepositoryError(`${path} is corrupt: ${(err as Error).message}`);
       }
       throw err;
     } finally {
       lines.close();
       body.destroy();
     }
-    if (digest.bytes !== ref.size || digest.sha256 !== ref.sha256) {
+    if (ref && (digest.bytes !== ref.size || digest.sha256 !== ref.sha256)) {
       throw new RepositoryError(`${ref.file} is corrupt: expected ${ref.size} bytes with SHA-256 ${ref.sha256.slice(0, 12)}…, found ${digest.bytes} bytes with ${digest.sha256.slice(0, 12)}…`);
     }
   }
@@ -424,30 +433,6 @@ export class Repository {
   async readReferenced(ref: FileRef): Promise<string[]> {
     const text = gunzipSync(await this.readVerified(ref)).toString('utf8');
     return text.split('\n').filter((line) => line !== '');
-  }
-
-  /** Journal entries every unsealed backup wrote while copying: objects copied and checked. */
-  async readJournals(id: string): Promise<IndexEntry[]> {
-    const out: IndexEntry[] = [];
-    for await (const entry of this.streamJournals(id)) out.push(entry);
-    return out;
-  }
-
-  /**
-   * An index file no manifest vouches for (an unsealed or damaged backup's), streamed without a
-   * checksum to check; a damaged file ends with an error after the entries read before it.
-   */
-  async *streamUnsealedIndex(path: string): AsyncGenerator<IndexEntry> {
-    const body = await this.store.get(path);
-    const gunzip = createGunzip();
-    body.on('error', (err) => gunzip.destroy(err));
-    const lines = createInterface({ input: body.pipe(gunzip), crlfDelay: Infinity });
-    try {
-      for await (const line of lines) if (line !== '') yield parseIndexLine(line, path);
-    } finally {
-      lines.close();
-      body.destroy();
-    }
   }
 
   /** The entries of a backup's journals, one journal file (at most ~1,000 entries) at a time, in the order they were written. */
@@ -542,6 +527,11 @@ export class Repository {
 
 async function* linesOf<T>(items: Iterable<T>, line: (item: T) => string): AsyncGenerator<string> {
   for (const item of items) yield line(item);
+}
+
+/** An index entry as the JSON array an index, journal or scratch file holds: `[key, size, checksum]`. */
+export function indexRow(e: IndexEntry): [string, number, Checksum] {
+  return [e.key, e.size, e.checksum];
 }
 
 function parseIndexLine(line: string, where: string): IndexEntry {
