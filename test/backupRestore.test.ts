@@ -5,6 +5,9 @@
  * unchanged cluster must copy nothing.
  */
 import assert from 'node:assert/strict';
+import { randomBytes } from 'node:crypto';
+import { createServer, request, type Server } from 'node:http';
+import type { AddressInfo } from 'node:net';
 import { test } from 'node:test';
 import { compareFingerprints, describeRun, TestCluster, withFaults, type StoreKind } from './helpers/cluster.js';
 import { cephRgwSkipReason } from './helpers/servers.js';
@@ -144,6 +147,53 @@ test('CLI end to end (s3rver): backup --json --yes, list --json, show, verify, r
     assert.equal(restore.result?.command, 'restore');
     assert.deepEqual(compareFingerprints(before, await cluster.restoredFingerprints()), []);
   } finally {
+    await cluster.cleanup();
+  }
+});
+
+/**
+ * An HTTP reverse proxy in front of the S3 server that answers every PUT with an ETag that is not
+ * the body's MD5, as AWS does for SSE-KMS buckets (a protocol-level stand-in: neither s3rver nor
+ * Ceph here encrypts with KMS). Counts the ETags it replaced.
+ */
+async function startEtagRewriter(target: string): Promise<{ endpoint: string; rewritten: number; close(): Promise<void> }> {
+  const upstream = new URL(target);
+  const state = { endpoint: '', rewritten: 0, close: (): Promise<void> => Promise.resolve() };
+  const server: Server = createServer((req, res) => {
+    const forward = request({ host: upstream.hostname, port: upstream.port, method: req.method, path: req.url, headers: req.headers }, (answer) => {
+      const headers = { ...answer.headers };
+      if (req.method === 'PUT' && !req.headers['x-amz-copy-source'] && headers.etag) {
+        headers.etag = `"${randomBytes(16).toString('hex')}"`;
+        state.rewritten++;
+      }
+      res.writeHead(answer.statusCode ?? 502, headers);
+      answer.pipe(res);
+    });
+    forward.on('error', () => res.destroy());
+    req.pipe(forward);
+  });
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+  state.endpoint = `http://127.0.0.1:${(server.address() as AddressInfo).port}`;
+  state.close = () => new Promise((resolve) => server.close(() => resolve()));
+  return state;
+}
+
+test('restore into a target whose ETags are not MD5s (as SSE-KMS on AWS): the MD5s are computed here instead and the restore equals the source', { timeout: 600_000 }, async (t) => {
+  const cluster = await TestCluster.createOrSkip(t, { kind: 's3rver', chunks: 20, chunkSize: 4096 });
+  if (!cluster) return;
+  const proxy = await startEtagRewriter(cluster.s3!.endpoint);
+  try {
+    const before = await cluster.sourceFingerprints();
+    const backup = await cluster.backup();
+    assert.equal(backup.objects.md5Count, 20, 'the index holds MD5 checksums the restore must check');
+    const restored = await cluster.restore(backup.id, (raw) => {
+      raw.restore.objectStore.endpoint = proxy.endpoint;
+    });
+    assert.equal(restored.objects.count, 20);
+    assert.ok(proxy.rewritten >= 1, 'the target answered with ETags that are not the MD5');
+    assert.deepEqual(compareFingerprints(before, await cluster.restoredFingerprints()), []);
+  } finally {
+    await proxy.close();
     await cluster.cleanup();
   }
 });

@@ -297,6 +297,9 @@ async function restoreObjects(
   signal?: AbortSignal,
 ): Promise<void> {
   const progress = new ProgressReporter(emit, 'restore-objects', total.count, total.bytes);
+  // Whether the target answers Content-MD5 puts with the MD5 as ETag; the first that does not
+  // (SSE-KMS, a store ignoring Content-MD5) turns the MD5s over to this process from then on.
+  let targetVouches = true;
   await forEachConcurrently(
     index.entries(),
     concurrency,
@@ -307,11 +310,15 @@ async function restoreObjects(
           await written.write([entry.key]);
           // An MD5 checksum is checked by the target service itself when it can (Content-MD5): nothing to hash here.
           const algorithm = algorithmOf(entry.checksum);
-          const serviceChecks = algorithm === 'md5' && entry.size <= (out.md5CheckedPutLimit ?? -1);
+          const serviceChecks = targetVouches && algorithm === 'md5' && entry.size <= (out.md5CheckedPutLimit ?? -1);
           const damaged = `object ${entry.key} in the repository does not match its recorded checksum: the backup is damaged (run pachbackup verify)`;
           const put = { size: entry.size, ...(serviceChecks ? { contentMd5: digestHex(entry.checksum) } : {}) };
           const { bytes, hex } = await pipeWithDigest(body, (digest, putSignal) => out.put(entry.key, digest, put, putSignal), signal, serviceChecks ? null : algorithm).catch((err: unknown) => {
-            if (err instanceof ChecksumMismatchError) throw new StoreError(damaged, false, { cause: err });
+            if (err instanceof ChecksumMismatchError && err.refused) throw new StoreError(damaged, false, { cause: err });
+            if (err instanceof ChecksumMismatchError) {
+              targetVouches = false;
+              throw new StoreError(`restoring ${entry.key}: ${err.message}; restoring it again with its MD5 computed here`, true, { cause: err });
+            }
             throw asRetryable(err, `restoring ${entry.key}`, signal);
           });
           if (bytes !== entry.size || (!serviceChecks && hex !== digestHex(entry.checksum))) throw new StoreError(damaged, false);

@@ -261,7 +261,7 @@ export class S3ObjectStore implements ObjectStore {
       if (statusOf(err) === 412) throw new PreconditionFailedError(`${key} already exists in ${this.description}`);
       const name = (err as { name?: string }).name;
       if (name === 'BadDigest' || name === 'InvalidDigest') {
-        throw new ChecksumMismatchError(`writing ${key}: ${this.description} refused the bytes (${name}): their MD5 is not the expected ${options.contentMd5}`, { cause: err });
+        throw new ChecksumMismatchError(`writing ${key}: ${this.description} refused the bytes (${name}): their MD5 is not the expected ${options.contentMd5}`, true, { cause: err });
       }
       if (err instanceof StoreError) throw err;
       throw this.classify(err, `writing ${key}`);
@@ -277,7 +277,7 @@ export class S3ObjectStore implements ObjectStore {
   async #confirmMd5(key: string, md5: string, etag: string | undefined): Promise<void> {
     if (md5OfEtag(etag) === md5) return;
     await this.remove([key]).catch(() => undefined);
-    throw new ChecksumMismatchError(`writing ${key}: ${this.description} answered a Content-MD5 put with ETag ${etag ?? '(none)'}, not the MD5 ${md5}; it does not vouch for the bytes`);
+    throw new ChecksumMismatchError(`writing ${key}: ${this.description} answered a Content-MD5 put with ETag ${etag ?? '(none)'}, not the MD5 ${md5}; it does not vouch for the bytes`, false);
   }
 
   /**

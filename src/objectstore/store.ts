@@ -88,9 +88,18 @@ export function md5OfEtag(etag: string | undefined): string | undefined {
   return /^[0-9a-f]{32}$/.test(bare) ? bare : undefined;
 }
 
-/** The service refused a put whose body did not have the `contentMd5` it was sent with. */
+/**
+ * A put with `contentMd5` whose bytes the service did not vouch for, nothing stored: `refused`
+ * when it checked them and they have another MD5 (BadDigest); not refused when it stored them but
+ * answered an ETag that is not that MD5 (it ignores Content-MD5, or its ETags are no MD5s, as with
+ * SSE-KMS), so whether the bytes match is unknown and the caller must hash them itself.
+ */
 export class ChecksumMismatchError extends StoreError {
-  constructor(message: string, options?: { cause?: unknown }) {
+  constructor(
+    message: string,
+    readonly refused: boolean,
+    options?: { cause?: unknown },
+  ) {
     super(message, false, options);
     this.name = 'ChecksumMismatchError';
   }
