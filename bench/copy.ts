@@ -11,13 +11,8 @@
  *   node dist/bench/copy.js [--scale 1] [--concurrency 16] [--rounds 1] [--sets small,large,proxy]
  */
 import { rm } from 'node:fs/promises';
-import { join } from 'node:path';
+import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { objectStoreSchema } from '../src/config/schema.js';
-import { copyMissingObjects, CopyJournal, listSource, ServerSideCopier, ServiceMd5 } from '../src/engine/objects.js';
-import { algorithmOf } from '../src/repository/checksum.js';
-import { openStore } from '../src/objectstore/open.js';
-import { layout, Repository, type IndexEntry } from '../src/repository/repository.js';
 import {
   AWS_CLI,
   awsEnv,
@@ -41,9 +36,11 @@ import {
   type BenchCeph,
   type Cell,
 } from './common.js';
+import type { WorkerReport, WorkerSpec } from './copy-worker.js';
 import { startLatencyProxy } from './latency-proxy.js';
 
-const SELF = fileURLToPath(import.meta.url);
+/** pachbackup's contender: its copy core alone in a process (bench/copy-worker.ts). */
+const WORKER = join(dirname(fileURLToPath(import.meta.url)), 'copy-worker.js');
 
 type Path = 'stream' | 'server-side';
 interface Contender {
@@ -53,67 +50,6 @@ interface Contender {
   command(endpoint: string, source: string, target: string): { command: string; args: string[]; env: NodeJS.ProcessEnv };
   /** Where the copies land in the target bucket. */
   prefix: string;
-}
-
-interface WorkerSpec {
-  endpoint: string;
-  source: string;
-  target: string;
-  concurrency: number;
-  serverSide: boolean;
-  /** `backup.serviceChecksums`: let the service check MD5s (the default) or hash every byte here. */
-  serviceChecksums: boolean;
-}
-
-interface WorkerReport {
-  copied: number;
-  serverSide: number;
-  /** Objects whose checksum is the MD5 the service checked (the rest were hashed with SHA-256 here). */
-  md5: number;
-  copyMs: number;
-}
-
-// ---- worker: pachbackup's copy core in its own process, so it is measured like the peers.
-if (process.argv[2] === 'worker') {
-  process.stdout.write(`${JSON.stringify(await copyWorker(JSON.parse(process.argv[3] ?? '{}') as WorkerSpec))}\n`);
-  process.exit(0);
-}
-
-/**
- * What a backup's pre-copy does for the objects: list the cluster bucket, copy every object the
- * repository lacks (with SHA-256, journal), into a fresh repository in `target`.
- */
-async function copyWorker(spec: WorkerSpec): Promise<WorkerReport> {
-  const started = performance.now();
-  const storeConfig = (bucket: string) =>
-    objectStoreSchema.parse({ url: `s3://${bucket}`, endpoint: spec.endpoint, accessKeyId: { env: 'PBBENCH_S3_KEY' }, secretAccessKey: { env: 'PBBENCH_S3_SECRET' } });
-  // As in runBackup: sockets for twice the concurrency (reads and writes overlap).
-  const source = openStore(storeConfig(spec.source), 'cluster.objectStore', { maxSockets: spec.concurrency * 2 });
-  const target = openStore(storeConfig(spec.target), 'repository', { maxSockets: spec.concurrency * 2 });
-  const repo = new Repository(target.store);
-  await repo.open(true);
-  let serverSide: ServerSideCopier | undefined;
-  if (spec.serverSide) {
-    const copier = openStore(storeConfig(spec.target), 'repository', { maxSockets: spec.concurrency * 2 }).s3!;
-    serverSide = new ServerSideCopier((key, size, signal, sourceMd5) => copier.copyFrom(source.s3!, key, layout.object(key), size, signal, sourceMd5));
-  }
-  const listing = await listSource(source.store);
-  const held = new Map<string, IndexEntry>();
-  const result = await copyMissingObjects({
-    source: source.store,
-    repo,
-    objects: listing.objects,
-    held,
-    concurrency: spec.concurrency,
-    journal: new CopyJournal(repo, 'bench-copy'),
-    emit: () => undefined,
-    phase: 'precopy',
-    ...(serverSide ? { serverSide } : {}),
-    serviceMd5: new ServiceMd5(spec.serviceChecksums),
-  });
-  if (serverSide?.disabled) process.stderr.write(`server-side copy fell back to streaming: ${serverSide.reason}\n`);
-  const md5 = result.entries.filter((e) => algorithmOf(e.checksum) === 'md5').length;
-  return { copied: result.newCount, serverSide: result.serverSideCount, md5, copyMs: Math.round(performance.now() - started) };
 }
 
 // ---- the benchmark
@@ -145,7 +81,7 @@ function contenders(ceph: BenchCeph, awsVars: Record<string, string>): Contender
   const rclone = (endpoint: string): Record<string, string> => rcloneEnv(endpoint, ceph, ['ceph', 'src', 'dst'], join(work, 'rclone.conf'));
   const pachbackup = (serverSide: boolean, serviceChecksums = true): Contender['command'] => (endpoint, source, target) => ({
     command: process.execPath,
-    args: [...flags['worker-node-args'].split(' ').filter(Boolean), SELF, 'worker', JSON.stringify({ endpoint, source, target, concurrency, serverSide, serviceChecksums } satisfies WorkerSpec)],
+    args: [...flags['worker-node-args'].split(' ').filter(Boolean), WORKER, JSON.stringify({ endpoint, source, target, concurrency, serverSide, serviceChecksums } satisfies WorkerSpec)],
     env: { ...process.env, ...creds },
   });
   const all: Contender[] = [
