@@ -7,9 +7,11 @@
  *
  * Prints one line of JSON, a WorkerReport.
  */
+import { constants as perfConstants, PerformanceObserver } from 'node:perf_hooks';
 import { objectStoreSchema } from '../src/config/schema.js';
 import { copyMissingObjects, CopyJournal, listSource, ServerSideCopier, ServiceMd5 } from '../src/engine/objects.js';
 import { openStore } from '../src/objectstore/open.js';
+import { tuneHeapForStreaming } from '../src/process/heapTuning.js';
 import { algorithmOf } from '../src/repository/checksum.js';
 import { layout, Repository, type IndexEntry } from '../src/repository/repository.js';
 
@@ -29,6 +31,8 @@ export interface WorkerReport {
   /** Objects whose checksum is the MD5 the service checked (the rest were hashed with SHA-256 here). */
   md5: number;
   copyMs: number;
+  /** Full (mark-compact) garbage collections during the run (see src/process/heapTuning.ts). */
+  majorGcs: number;
 }
 
 /**
@@ -37,6 +41,11 @@ export interface WorkerReport {
  */
 async function copyWorker(spec: WorkerSpec): Promise<WorkerReport> {
   const started = performance.now();
+  let majorGcs = 0;
+  const gcs = new PerformanceObserver((list) => {
+    for (const entry of list.getEntries()) if ((entry as PerformanceEntry & { detail?: { kind?: number } }).detail?.kind === perfConstants.NODE_PERFORMANCE_GC_MAJOR) majorGcs++;
+  });
+  gcs.observe({ entryTypes: ['gc'] });
   const storeConfig = (bucket: string) =>
     objectStoreSchema.parse({ url: `s3://${bucket}`, endpoint: spec.endpoint, accessKeyId: { env: 'PBBENCH_S3_KEY' }, secretAccessKey: { env: 'PBBENCH_S3_SECRET' } });
   // As in runBackup: sockets for twice the concurrency (reads and writes overlap).
@@ -65,8 +74,10 @@ async function copyWorker(spec: WorkerSpec): Promise<WorkerReport> {
   });
   if (serverSide?.disabled) process.stderr.write(`server-side copy fell back to streaming: ${serverSide.reason}\n`);
   const md5 = result.entries.filter((e) => algorithmOf(e.checksum) === 'md5').length;
-  return { copied: result.newCount, serverSide: result.serverSideCount, md5, copyMs: Math.round(performance.now() - started) };
+  return { copied: result.newCount, serverSide: result.serverSideCount, md5, copyMs: Math.round(performance.now() - started), majorGcs };
 }
 
+// As the CLI's commands do.
+tuneHeapForStreaming();
 process.stdout.write(`${JSON.stringify(await copyWorker(JSON.parse(process.argv[2] ?? '{}') as WorkerSpec))}\n`);
 process.exit(0);

@@ -152,7 +152,7 @@ async function runOnce(ceph: BenchCeph, contender: Contender, endpoint: string, 
     let note: string | undefined;
     if (command === process.execPath) {
       const report = JSON.parse(m.stdout.trim().split('\n').pop() ?? '{}') as WorkerReport;
-      const notes = [`${report.md5} MD5 checked by the service, ${report.copied - report.md5} SHA-256 here; ${(report.copyMs / 1000).toFixed(1)} s from start of the copy core to its end (the rest of the wall time is process start-up)`];
+      const notes = [`${report.md5} MD5 checked by the service, ${report.copied - report.md5} SHA-256 here; ${(report.copyMs / 1000).toFixed(1)} s from start of the copy core to its end (the rest of the wall time is process start-up); ${report.majorGcs} full GCs`];
       if (contender.path === 'server-side' && report.serverSide !== expected.count) notes.push(`only ${report.serverSide} of ${expected.count} copied server-side`);
       note = notes.join('; ');
     }

@@ -13,6 +13,7 @@ import { PauseLedger } from '../quiesce/ledger.js';
 import { acquireLock } from '../repository/lock.js';
 import { createStrategy } from '../quiesce/factory.js';
 import { TOOL_VERSION } from '../version.js';
+import { tuneHeapForStreaming } from '../process/heapTuning.js';
 import { registerMaintenanceCommands } from './maintenance.js';
 import { backupSummaryText, confirmPause, planText, listingText, manifestText, restoreSummaryText, verifyReportText } from './commands.js';
 import { registerDrillCommands } from './drill.js';
@@ -216,4 +217,5 @@ export function buildProgram(): Command {
   return program;
 }
 
+tuneHeapForStreaming();
 await buildProgram().parseAsync(process.argv);
