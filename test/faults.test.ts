@@ -161,7 +161,10 @@ describe('transient object-store faults (s3rver)', () => {
         await addChunksTo(cluster, 40);
         const second = await cluster.backup(streamed);
         assert.equal(second.objects.newCount, 40, 'the second backup copies only the 40 new objects');
-        await cluster.restore(second.id, streamed);
+        // The summary says the run was throttled, and by what.
+        assert.ok(second.retries.count > 0 && (second.retries.causes['SlowDown'] ?? 0) > 0, `the second backup counted its retries: ${JSON.stringify(second.retries)}`);
+        const restored = await cluster.restore(second.id, streamed);
+        assert.ok(restored.retries.count > 0 && (restored.retries.causes['SlowDown'] ?? 0) > 0, `the restore counted its retries: ${JSON.stringify(restored.retries)}`);
       });
       // verify under 503s only: a verify read that breaks mid-body is an error of verify, not a finding.
       await withFaults(
@@ -230,6 +233,8 @@ describe('faults on the upload of a dump and on server-side copies (s3rver)', ()
       detail: run.code === 0 ? 'retried; backup sealed' : `backup failed: "${errorLine(run)}"`,
     });
     assert.equal(run.code, 0, `a transient fault on the dump upload must be retried (the snapshot is still open, pg_dump can run again): ${describeRun(run)}`);
+    assert.deepEqual(run.result?.retries, { count: 1, causes: { SlowDown: 1 } }, `the summary counts the one retry: ${describeRun(run)}`);
+    assert.ok(run.events.some((e) => e.type === 'warning' && /transient object-store fault \(SlowDown\).*retrying/.test(String(e.message))), 'the retry was reported as it happened');
   });
 
   test('the repository refuses the upload of a dump (403): the error names the repository failure, not a killed pg_dump', { timeout: 300_000 }, async (t) => {

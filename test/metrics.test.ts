@@ -139,6 +139,7 @@ const EXPECTED_FAMILIES = [
   'pachbackup_last_duration_seconds',
   'pachbackup_last_bytes',
   'pachbackup_last_objects',
+  'pachbackup_last_retries',
   'pachbackup_last_downtime_seconds',
 ];
 
@@ -150,6 +151,7 @@ const backupResult = {
   ],
   objects: { count: 42, bytes: 5000, newCount: 2, newBytes: 100, heldCount: 40, heldBytes: 4900 },
   downtimeMs: 1500,
+  retries: { count: 7, causes: { SlowDown: 6, ECONNRESET: 1 } },
 };
 
 describe('metrics file', () => {
@@ -182,6 +184,7 @@ describe('metrics file', () => {
     assert.equal(valueOf(families, 'pachbackup_last_duration_seconds', 'backup'), 12.5);
     assert.equal(valueOf(families, 'pachbackup_last_bytes', 'backup'), 6200);
     assert.equal(valueOf(families, 'pachbackup_last_objects', 'backup'), 42);
+    assert.equal(valueOf(families, 'pachbackup_last_retries', 'backup'), 7);
     assert.equal(valueOf(families, 'pachbackup_last_downtime_seconds'), 1.5);
     assert.deepEqual(families.get('pachbackup_last_downtime_seconds')?.samples[0]?.labels, {});
   });

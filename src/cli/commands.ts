@@ -3,6 +3,7 @@ import type { Config } from '../config/schema.js';
 import type { BackupSummary, runPlan } from '../engine/backup.js';
 import type { RestoreSummary } from '../engine/restore.js';
 import type { VerifyReport } from '../engine/verify.js';
+import { retriesText } from '../objectstore/retry.js';
 import type { Manifest } from '../repository/manifest.js';
 import type { BackupListing } from '../repository/repository.js';
 import { formatBytes, formatMs, table } from './render.js';
@@ -20,6 +21,7 @@ export function backupSummaryText(s: BackupSummary): string {
     `referenced keys: ${s.referencedKeys}, all held`,
     `phases: ${s.phases.map((p) => `${p.name} ${formatMs(p.ms)}`).join(', ')}`,
     `downtime: ${s.downtimeMs === null ? 'none (cluster not paused)' : formatMs(s.downtimeMs)}; total ${formatMs(s.totalMs)}`,
+    `retried requests: ${retriesText(s.retries)}`,
   ];
   return lines.join('\n');
 }
@@ -30,6 +32,7 @@ export function restoreSummaryText(s: RestoreSummary): string {
     `backup ${s.id} restored in ${formatMs(s.totalMs)}`,
     ...s.databases.map((d) => `  database ${d.from} → "${d.name}": ${d.tables} tables, ${d.rows} rows`),
     `  objects: ${s.objects.count} (${formatBytes(s.objects.bytes)})`,
+    `  retried requests: ${retriesText(s.retries)}`,
     ...(s.helmValuesOut ? [`  Helm values for the restored cluster: ${s.helmValuesOut}`] : []),
     'checked against the manifest:',
     ...s.checks.map((c) => `  ✓ ${c}`),

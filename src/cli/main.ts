@@ -19,7 +19,7 @@ import { backupSummaryText, confirmPause, planText, listingText, manifestText, r
 import { registerDrillCommands } from './drill.js';
 import { registerScheduleCommands } from './schedule.js';
 import { registerKeyCommands } from './keys.js';
-import { EXIT_FAILED, load, parseDbMap, positiveInt, positiveNumber, run, type GlobalOptions } from './runner.js';
+import { EXIT_FAILED, EXIT_USAGE, load, parseDbMap, positiveInt, positiveNumber, run, type GlobalOptions } from './runner.js';
 
 export function buildProgram(): Command {
   const program = new Command();
@@ -217,5 +217,10 @@ export function buildProgram(): Command {
   return program;
 }
 
-tuneHeapForStreaming();
+try {
+  tuneHeapForStreaming();
+} catch (err) {
+  process.stderr.write(`pachbackup: ${(err as Error).message}\n`);
+  process.exit(EXIT_USAGE);
+}
 await buildProgram().parseAsync(process.argv);

@@ -23,6 +23,8 @@ export interface RunOutcome {
   objects?: number;
   /** Backup only. */
   downtimeSeconds?: number;
+  /** Backup and restore: requests retried after transient object-store faults. */
+  retries?: number;
 }
 
 interface Family {
@@ -44,6 +46,11 @@ export const METRIC_FAMILIES: readonly Family[] = [
     perCommand: true,
   },
   { name: 'pachbackup_last_objects', help: 'Objects handled by the last successful run of the command (held, restored or re-read).', perCommand: true },
+  {
+    name: 'pachbackup_last_retries',
+    help: 'Object-store requests the last successful backup or restore retried after a transient fault (throttling, timeouts, resets); a rising value asks for a lower concurrency.',
+    perCommand: true,
+  },
   { name: 'pachbackup_last_downtime_seconds', help: 'Seconds the last successful backup kept the cluster paused (0 in online mode).', perCommand: false },
 ];
 
@@ -82,6 +89,7 @@ export function updateMetrics(previous: string, command: MetricsCommand, outcome
     if (outcome.bytes !== undefined) setSample(series, 'pachbackup_last_bytes', command, outcome.bytes);
     if (outcome.objects !== undefined) setSample(series, 'pachbackup_last_objects', command, outcome.objects);
     if (outcome.downtimeSeconds !== undefined) setSample(series, 'pachbackup_last_downtime_seconds', '', round3(outcome.downtimeSeconds));
+    if (outcome.retries !== undefined) setSample(series, 'pachbackup_last_retries', command, outcome.retries);
   }
   return renderMetrics(series);
 }
@@ -120,9 +128,10 @@ export async function writeMetrics(path: string, command: MetricsCommand, outcom
 
 // The parts of each command's reported result the metrics use.
 const figures = z.object({ count: z.number(), bytes: z.number() });
+const retried = z.object({ count: z.number() }).optional();
 const resultShapes = {
-  backup: z.object({ objects: figures, databases: z.array(z.object({ bytes: z.number() })), downtimeMs: z.number().nullable() }),
-  restore: z.object({ dryRun: z.boolean(), objects: figures }),
+  backup: z.object({ objects: figures, databases: z.array(z.object({ bytes: z.number() })), downtimeMs: z.number().nullable(), retries: retried }),
+  restore: z.object({ dryRun: z.boolean(), objects: figures, retries: retried }),
   verify: z.object({ checked: z.object({ objects: z.number(), bytes: z.number() }) }),
   drill: z.object({ objects: figures }),
 };
@@ -137,6 +146,7 @@ export function runOutcome(command: MetricsCommand, run: { exitCode: number; sta
         outcome.bytes = r.data.objects.bytes + r.data.databases.reduce((n, d) => n + d.bytes, 0);
         outcome.objects = r.data.objects.count;
         outcome.downtimeSeconds = (r.data.downtimeMs ?? 0) / 1000;
+        if (r.data.retries) outcome.retries = r.data.retries.count;
       }
       break;
     }
@@ -144,7 +154,7 @@ export function runOutcome(command: MetricsCommand, run: { exitCode: number; sta
       const r = resultShapes.restore.safeParse(run.result);
       // A dry run restores nothing: it is neither a restore's success nor its failure.
       if (r.success && r.data.dryRun) return undefined;
-      if (r.success) Object.assign(outcome, { bytes: r.data.objects.bytes, objects: r.data.objects.count });
+      if (r.success) Object.assign(outcome, { bytes: r.data.objects.bytes, objects: r.data.objects.count, ...(r.data.retries ? { retries: r.data.retries.count } : {}) });
       break;
     }
     case 'verify': {

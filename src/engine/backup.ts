@@ -17,7 +17,7 @@ import { indexRow, layout, newBackupId, RepositoryError, type IndexEntry } from 
 import { TOOL_VERSION } from '../version.js';
 import { pachydermGcEnabled } from '../pachyderm/helmValues.js';
 import type { ObjectInfo } from '../objectstore/store.js';
-import { assertSeparateStores, openCluster, openRepository, PreflightError, type ClusterHandles } from './context.js';
+import { assertSeparateStores, newRetryTally, openCluster, openRepository, PreflightError, type ClusterHandles } from './context.js';
 import { predictBackup, type PlanInputs, type Prediction } from './plan.js';
 import { PhaseRunner, type EventSink } from './events.js';
 import { forEachConcurrently } from './pool.js';
@@ -25,7 +25,7 @@ import { copyMissingObjects, copyPlanned, CopyJournal, entriesLookup, planCopy, 
 import { algorithmOf } from '../repository/checksum.js';
 import { compareKeys, Cursor, mergeByKey, readRows, RowWriter, ScratchDir } from '../objectstore/sorted.js';
 import { openStore } from '../objectstore/open.js';
-import { defaultRetryPolicy, withRetry } from '../objectstore/retry.js';
+import { defaultRetryPolicy, withRetry, type RetryPolicy, type RetrySummary } from '../objectstore/retry.js';
 
 export interface BackupOptions {
   config: Config;
@@ -50,6 +50,8 @@ export interface BackupSummary {
   phases: Array<{ name: string; ms: number }>;
   downtimeMs: number | null;
   totalMs: number;
+  /** Requests retried after a transient fault (throttling, timeouts, resets), by cause. */
+  retries: RetrySummary;
 }
 
 export class BackupError extends Error {
@@ -88,12 +90,13 @@ async function backupUnderLock(options: BackupOptions, lockBox: { lock?: LockHan
   const concurrency = config.backup.concurrency;
   const id = newBackupId(startedAt);
   const events = { info: (message: string) => emit({ type: 'info', message }), warn: (message: string) => emit({ type: 'warning', message }) };
+  const retries = newRetryTally(events.warn);
 
   // ---- preflight: everything that can fail is checked before the cluster is touched.
   const pre = await phases.run('preflight', async () => {
     assertSeparateStores(config.cluster.objectStore, 'cluster.objectStore', config.repository);
-    const cluster = openCluster(config, concurrency * 2);
-    const repo = openRepository(config, concurrency * 2);
+    const cluster = openCluster(config, concurrency * 2, retries.policy());
+    const repo = openRepository(config, concurrency * 2, retries.policy());
     await cluster.source.store.check();
     await repo.store.check();
     await repo.open(true);
@@ -150,6 +153,7 @@ async function backupUnderLock(options: BackupOptions, lockBox: { lock?: LockHan
     ...(copySignal ? { signal: copySignal } : {}),
     ...(pre.serverSide ? { serverSide: pre.serverSide } : {}),
     serviceMd5,
+    retry: retries.policy(),
   });
   if (config.backup.precopy || mode === 'online') {
     await phases.run('precopy', async () => {
@@ -241,7 +245,7 @@ async function backupUnderLock(options: BackupOptions, lockBox: { lock?: LockHan
   // ---- dump: pg_dump of every database from its exported snapshot, streamed into the repository.
   const dumpAll = (dumpSignal: AbortSignal | undefined): Promise<void> =>
     phases.run('dump', async () => {
-      dumps = await dumpDatabases(snapshots, { cluster, repo, pgDump, id, compression: config.backup.dumpCompression, jobs: config.backup.dumpJobs, scratch, signal: dumpSignal });
+      dumps = await dumpDatabases(snapshots, { cluster, repo, pgDump, id, compression: config.backup.dumpCompression, jobs: config.backup.dumpJobs, scratch, signal: dumpSignal, retry: retries.policy({ ...defaultRetryPolicy, attempts: 4 }) });
     });
 
   let quiet: QuiescenceCheck | undefined;
@@ -390,6 +394,7 @@ async function backupUnderLock(options: BackupOptions, lockBox: { lock?: LockHan
       phases: phases.timings.map((t) => ({ ...t })),
       downtimeMs,
       totalMs: Math.round(performance.now() - started),
+      retries: retries.summary(),
     };
   });
 }
@@ -442,10 +447,12 @@ interface DumpContext {
   jobs: number;
   scratch: ScratchDir;
   signal: AbortSignal | undefined;
+  /** For the uploads (four attempts: each reruns pg_dump in the same snapshot). */
+  retry: RetryPolicy;
 }
 
 /** `backup.dumpJobs: 1`: one pg_dump custom-format stream, written straight into the repository. */
-async function dumpToStream({ cluster, repo, pgDump, id, compression, signal }: DumpContext, { name, snapshot }: OpenSnapshot): Promise<FileRef> {
+async function dumpToStream({ cluster, repo, pgDump, id, compression, signal, retry }: DumpContext, { name, snapshot }: OpenSnapshot): Promise<FileRef> {
   // A transient store fault on the upload reruns pg_dump: the exported snapshot stays open, so
   // every attempt dumps exactly the same state.
   return withRetry(
@@ -462,7 +469,7 @@ async function dumpToStream({ cluster, repo, pgDump, id, compression, signal }: 
         signal?.removeEventListener('abort', onAbort);
       }
     },
-    { ...defaultRetryPolicy, attempts: 4 },
+    retry,
     signal,
   );
 }
@@ -472,7 +479,7 @@ async function dumpToStream({ cluster, repo, pgDump, id, compression, signal }: 
  * worker reads the exported snapshot), then each file uploaded into the repository through the
  * same write path as everything else. A transient store fault uploads that file again from disk.
  */
-async function dumpToDirectory({ cluster, repo, pgDump, id, compression, jobs, scratch, signal }: DumpContext, { role, name, snapshot }: OpenSnapshot): Promise<{ ref: FileRef; files: FileRef[] }> {
+async function dumpToDirectory({ cluster, repo, pgDump, id, compression, jobs, scratch, signal, retry }: DumpContext, { role, name, snapshot }: OpenSnapshot): Promise<{ ref: FileRef; files: FileRef[] }> {
   const dir = join(scratch.path, `dump-${role}`);
   await rm(dir, { recursive: true, force: true });
   try {
@@ -492,7 +499,7 @@ async function dumpToDirectory({ cluster, repo, pgDump, id, compression, jobs, s
       entries.map((e) => e.name),
       jobs,
       async (file) => {
-        const ref = await withRetry(() => repo.writeStream(`${prefix}${file}`, createReadStream(join(dir, file)), signal), { ...defaultRetryPolicy, attempts: 4 }, signal);
+        const ref = await withRetry(() => repo.writeStream(`${prefix}${file}`, createReadStream(join(dir, file)), signal), retry, signal);
         files.push(ref);
       },
       signal,

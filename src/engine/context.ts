@@ -1,6 +1,7 @@
 import type { Config, ObjectStoreConfig } from '../config/schema.js';
 import { resolveSecret } from '../config/secret.js';
 import { openStore, type OpenedStore } from '../objectstore/open.js';
+import { RetryTally, type RetryPolicy } from '../objectstore/retry.js';
 import { locationsOverlap } from '../objectstore/url.js';
 import { pgServer, type PgServer } from '../postgres/connection.js';
 import { ENCRYPTION_CONFIG_KEY, KeyEncryptionKey } from '../repository/encryption.js';
@@ -11,8 +12,8 @@ export class PreflightError extends Error {
 }
 
 /** The repository the config names, with its key-encryption key when `repository.encryption` is set (unlocked by `open`). */
-export function openRepository(config: Config, maxSockets?: number): Repository {
-  const store = openStore(config.repository, 'repository', maxSockets ? { maxSockets } : {}).store;
+export function openRepository(config: Config, maxSockets?: number, retry?: RetryPolicy): Repository {
+  const store = openStore(config.repository, 'repository', { ...(maxSockets ? { maxSockets } : {}), ...(retry ? { retry } : {}) }).store;
   const encryption = config.repository.encryption;
   const kek = encryption ? KeyEncryptionKey.fromSecret(resolveSecret(encryption.key, ENCRYPTION_CONFIG_KEY), ENCRYPTION_CONFIG_KEY) : undefined;
   return new Repository(store, kek ? { kek } : {});
@@ -35,12 +36,19 @@ export interface ClusterHandles {
   databases: Array<{ role: 'pachyderm' | 'dex'; name: string }>;
 }
 
-export function openCluster(config: Config, maxSockets?: number): ClusterHandles {
+export function openCluster(config: Config, maxSockets?: number, retry?: RetryPolicy): ClusterHandles {
   const databases: ClusterHandles['databases'] = [{ role: 'pachyderm', name: config.cluster.databases.pachyderm }];
   if (config.cluster.databases.dex) databases.push({ role: 'dex', name: config.cluster.databases.dex });
   return {
     postgres: pgServer(config.cluster.postgres, 'cluster.postgres'),
-    source: openStore(config.cluster.objectStore, 'cluster.objectStore', maxSockets ? { maxSockets } : {}),
+    source: openStore(config.cluster.objectStore, 'cluster.objectStore', { ...(maxSockets ? { maxSockets } : {}), ...(retry ? { retry } : {}) }),
     databases,
   };
+}
+
+/** The run's retry counter; the first retry of each cause is reported as it happens. */
+export function newRetryTally(warn: (message: string) => void): RetryTally {
+  return new RetryTally((cause, err) =>
+    warn(`transient object-store fault (${cause}): ${err.message}; retrying with backoff (the summary counts every retry; frequent SlowDown means: lower the concurrency)`),
+  );
 }

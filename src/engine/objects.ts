@@ -453,5 +453,6 @@ export async function copyPlanned(options: CopyOptions & { plan: AsyncIterable<P
 /** A stream that breaks mid-copy (reset, truncated body) is worth another try; an abort is not. */
 export function asRetryable(err: unknown, doing: string, signal?: AbortSignal): unknown {
   if (err instanceof StoreError || signal?.aborted) return err;
-  return new StoreError(`${doing}: ${(err as Error).message ?? String(err)}`, true, { cause: err });
+  const code = (err as { code?: unknown }).code;
+  return new StoreError(`${doing}: ${(err as Error).message ?? String(err)}`, true, { cause: err, ...(typeof code === 'string' ? { code } : {}) });
 }

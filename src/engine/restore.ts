@@ -2,7 +2,7 @@ import { mkdir, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { Config, ObjectStoreConfig, PostgresConfig } from '../config/schema.js';
 import { openStore } from '../objectstore/open.js';
-import { withRetry, defaultRetryPolicy } from '../objectstore/retry.js';
+import { withRetry, type RetryPolicy, type RetrySummary } from '../objectstore/retry.js';
 import { ChecksumMismatchError, StoreError, type ObjectInfo, type ObjectStore } from '../objectstore/store.js';
 import { locationsOverlap } from '../objectstore/url.js';
 import { REDACTED, rewriteHelmValues } from '../pachyderm/helmValues.js';
@@ -15,7 +15,7 @@ import { pipeWithDigest } from '../repository/digest.js';
 import { dumpFormat, type DatabaseEntry } from '../repository/manifest.js';
 import { acquireLock, type LockHandle } from '../repository/lock.js';
 import { layout, RepositoryError, type Repository } from '../repository/repository.js';
-import { PreflightError, openRepository } from './context.js';
+import { PreflightError, newRetryTally, openRepository } from './context.js';
 import { PhaseRunner, ProgressReporter, type EventSink } from './events.js';
 import { asRetryable, IndexSource, repositoryObjects } from './objects.js';
 import { Cursor, inKeyOrder, readRows, RowWriter, ScratchDir } from '../objectstore/sorted.js';
@@ -55,6 +55,8 @@ export interface RestoreSummary {
   checks: string[];
   phases: Array<{ name: string; ms: number }>;
   totalMs: number;
+  /** Requests retried after a transient fault (throttling, timeouts, resets), by cause. */
+  retries: RetrySummary;
 }
 
 export class RestoreError extends Error {
@@ -100,9 +102,10 @@ async function restoreWithScratch(options: RestoreOptions, lockBox: { lock?: Loc
   const phases = new PhaseRunner(emit);
   const plan: string[] = [];
   const jobs = options.jobs ?? config.restore?.jobs ?? 1;
+  const retries = newRetryTally((message) => emit({ type: 'warning', message }));
 
   const pre = await phases.run('preflight', async () => {
-    const repo = openRepository(config, options.concurrency * 2);
+    const repo = openRepository(config, options.concurrency * 2, retries.policy());
     await repo.open(false);
     lockBox.lock = await acquireLock(repo.store, 'read', { command: `pachbackup restore ${options.backup}` }, { onEvent: emit });
     const manifest = await repo.resolve(options.backup);
@@ -156,7 +159,7 @@ async function restoreWithScratch(options: RestoreOptions, lockBox: { lock?: Loc
       }
       if (state.exists) existing.push(name);
     }
-    const out = openStore(targets.objectStore, 'restore.objectStore', { maxSockets: options.concurrency * 2 });
+    const out = openStore(targets.objectStore, 'restore.objectStore', { maxSockets: options.concurrency * 2, retry: retries.policy() });
     const repoLocation = openStore(config.repository, 'repository').location;
     if (locationsOverlap(out.location, targets.objectStore.endpoint, repoLocation, config.repository.endpoint)) {
       throw new PreflightError('restore.objectStore overlaps the repository; restore into a separate bucket or directory');
@@ -198,7 +201,7 @@ async function restoreWithScratch(options: RestoreOptions, lockBox: { lock?: Loc
   const objects = { count: manifest.objects.count, bytes: manifest.objects.bytes };
   const base = { id: manifest.id, plan, phases: phases.timings, helmValuesOut: null, checks: [] as string[] };
   if (options.dryRun) {
-    return { ...base, dryRun: true, databases: [], objects, totalMs: Math.round(performance.now() - started) };
+    return { ...base, dryRun: true, databases: [], objects, totalMs: Math.round(performance.now() - started), retries: retries.summary() };
   }
 
   // Everything this restore creates, so a failure can take it back and leave no half-restored target.
@@ -206,7 +209,7 @@ async function restoreWithScratch(options: RestoreOptions, lockBox: { lock?: Loc
   // Keys written to the target go to a scratch file (not memory), for the rollback.
   const written = new RowWriter(scratch.file('restored-keys'));
   try {
-    await phases.run('restore-objects', () => restoreObjects(repo, out, index, objects, written, options.concurrency, emit, signal));
+    await phases.run('restore-objects', () => restoreObjects(repo, out, index, objects, written, options.concurrency, emit, retries.policy(), signal));
     const databases = await phases.run('restore-databases', async () => {
       const done: RestoreSummary['databases'] = [];
       for (const { db, target: name } of mapping) {
@@ -235,7 +238,7 @@ async function restoreWithScratch(options: RestoreOptions, lockBox: { lock?: Loc
       });
     }
     const checks = await phases.run('check', () => checkRestored(index, objects, target, mapping, out));
-    return { ...base, dryRun: false, databases, objects, helmValuesOut, checks, totalMs: Math.round(performance.now() - started) };
+    return { ...base, dryRun: false, databases, objects, helmValuesOut, checks, totalMs: Math.round(performance.now() - started), retries: retries.summary() };
   } catch (err) {
     emit({ type: 'warning', message: `restore failed; removing what it created (${createdDatabases.length} database(s), ${written.rows} object(s))` });
     for (const name of createdDatabases) await dropDatabase(target, name).catch(() => undefined);
@@ -294,6 +297,7 @@ async function restoreObjects(
   written: RowWriter,
   concurrency: number,
   emit: EventSink,
+  retry: RetryPolicy,
   signal?: AbortSignal,
 ): Promise<void> {
   const progress = new ProgressReporter(emit, 'restore-objects', total.count, total.bytes);
@@ -323,7 +327,7 @@ async function restoreObjects(
           });
           if (bytes !== entry.size || (!serviceChecks && hex !== digestHex(entry.checksum))) throw new StoreError(damaged, false);
         },
-        defaultRetryPolicy,
+        retry,
         signal,
       );
       progress.add(1, entry.size);

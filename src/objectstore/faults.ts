@@ -65,7 +65,7 @@ export class FaultStore implements ObjectStore {
   private async before(op: FaultRule['op'], key: string): Promise<FaultRule | undefined> {
     const rule = this.pick(op, key);
     if (!rule) return undefined;
-    if (rule.kind === 'transient') throw new StoreError(`injected fault: ${op} ${key}: SlowDown (HTTP 503)`, true);
+    if (rule.kind === 'transient') throw new StoreError(`injected fault: ${op} ${key}: SlowDown (HTTP 503)`, true, { code: 'SlowDown' });
     if (rule.kind === 'permanent') throw new StoreError(`injected fault: ${op} ${key}: AccessDenied (HTTP 403)`, false);
     if (rule.kind === 'delay') await new Promise((r) => setTimeout(r, rule.ms));
     return rule;

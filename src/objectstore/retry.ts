@@ -12,6 +12,60 @@ export interface RetryPolicy {
 
 export const defaultRetryPolicy: RetryPolicy = { attempts: 8, baseDelayMs: 100, maxDelayMs: 10_000 };
 
+/**
+ * Counts the retries of one run by cause, for its summary, and reports the first retry of each
+ * cause (throttling is worth knowing about while it happens: lower the concurrency).
+ */
+export class RetryTally {
+  #count = 0;
+  readonly #causes = new Map<string, number>();
+
+  constructor(private readonly onFirst?: (cause: string, err: StoreError) => void) {}
+
+  /** `base` with every retry counted here (its own onRetry still called). */
+  policy(base: RetryPolicy = defaultRetryPolicy): RetryPolicy {
+    return {
+      ...base,
+      onRetry: (err, attempt, delayMs) => {
+        this.note(err);
+        base.onRetry?.(err, attempt, delayMs);
+      },
+    };
+  }
+
+  note(err: StoreError): void {
+    const cause = err.code ?? 'other';
+    const seen = this.#causes.get(cause) ?? 0;
+    this.#causes.set(cause, seen + 1);
+    this.#count++;
+    if (seen === 0) this.onFirst?.(cause, err);
+  }
+
+  get count(): number {
+    return this.#count;
+  }
+
+  /** Retries in all and per cause, most frequent first. */
+  summary(): RetrySummary {
+    const causes = Object.fromEntries([...this.#causes].sort((a, b) => b[1] - a[1] || (a[0] < b[0] ? -1 : 1)));
+    return { count: this.#count, causes };
+  }
+}
+
+export interface RetrySummary {
+  count: number;
+  /** Retries per cause: S3 error code (SlowDown, InternalError), socket error (ECONNRESET), TimeoutError, `HTTP 503`, or `other`. */
+  causes: Record<string, number>;
+}
+
+/** `12 (SlowDown 10, ECONNRESET 2)`, or `none`. */
+export function retriesText(retries: RetrySummary): string {
+  if (retries.count === 0) return 'none';
+  return `${retries.count} (${Object.entries(retries.causes)
+    .map(([cause, n]) => `${cause} ${n}`)
+    .join(', ')})`;
+}
+
 export function isRetryable(err: unknown): boolean {
   return err instanceof StoreError && err.retryable;
 }

@@ -397,7 +397,8 @@ export class S3ObjectStore implements ObjectStore {
     if (status === 403) return new StoreError(`${doing}: access denied (${name}); check the credentials and the bucket policy`, false, { cause: err });
     if (status === 404) return new StoreError(`${doing}: not found (${name})`, false, { cause: err });
     const retryable = status === undefined || status === 408 || status === 429 || status >= 500 || name === 'TimeoutError' || name === 'RequestTimeout';
-    return new StoreError(`${doing}: ${name}${status ? ` (HTTP ${status})` : ''}: ${message}`, retryable, { cause: err });
+    const cause = code ?? (name !== 'Error' ? name : status ? `HTTP ${status}` : undefined);
+    return new StoreError(`${doing}: ${name}${status ? ` (HTTP ${status})` : ''}: ${message}`, retryable, { cause: err, ...(cause ? { code: cause } : {}) });
   }
 }
 

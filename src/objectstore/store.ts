@@ -53,13 +53,16 @@ export interface ObjectStore {
 
 /** Classified errors, so callers and the retry decorator can decide without parsing messages. */
 export class StoreError extends Error {
+  /** A short name of the cause (S3 error code, socket error code, `HTTP 503`), for counting retries. */
+  readonly code: string | undefined;
   constructor(
     message: string,
     readonly retryable: boolean,
-    options?: { cause?: unknown },
+    options?: { cause?: unknown; code?: string },
   ) {
-    super(message, options);
+    super(message, options?.cause === undefined ? undefined : { cause: options.cause });
     this.name = 'StoreError';
+    this.code = options?.code;
   }
 }
 

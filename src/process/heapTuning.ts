@@ -19,11 +19,19 @@ export const HEAP_GROWING_PERCENT = 300;
  * bounded by the live heap (which pachbackup keeps independent of object count) and by
  * `--max-old-space-size`.
  *
- * V8 reads this flag at every full collection, so setting it at run time works. A value given by
- * the user (node's own arguments or NODE_OPTIONS) is left alone.
+ * V8 reads this flag at every full collection, so setting it at run time works. The value comes
+ * from PACHBACKUP_HEAP_GROWING_PERCENT when set (0: V8's own heuristic); a value given on node's
+ * command line is left alone. (NODE_OPTIONS cannot carry this V8 flag: node refuses it there.)
  */
-export function tuneHeapForStreaming(): void {
-  const given = `${process.execArgv.join(' ')} ${process.env['NODE_OPTIONS'] ?? ''}`;
-  if (/--heap[-_]growing[-_]percent/.test(given)) return;
-  setFlagsFromString(`--heap-growing-percent=${HEAP_GROWING_PERCENT}`);
+export function tuneHeapForStreaming(env: NodeJS.ProcessEnv = process.env): void {
+  if (process.execArgv.some((arg) => /^--heap[-_]growing[-_]percent/.test(arg))) return;
+  const raw = env['PACHBACKUP_HEAP_GROWING_PERCENT'];
+  let percent = HEAP_GROWING_PERCENT;
+  if (raw !== undefined && raw !== '') {
+    if (!/^\d+$/.test(raw.trim()) || Number(raw) > 1000) {
+      throw new Error(`PACHBACKUP_HEAP_GROWING_PERCENT must be a whole number from 0 (V8's own heuristic) to 1000, not "${raw}"`);
+    }
+    percent = Number(raw);
+  }
+  if (percent > 0) setFlagsFromString(`--heap-growing-percent=${percent}`);
 }

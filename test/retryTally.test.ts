@@ -1,0 +1,66 @@
+/**
+ * Retries are counted per run and by cause, so that a backup or restore that was throttled says so
+ * in its summary (and metrics) instead of only taking longer. Real filesystem store under the
+ * fault-injection decorator, as the engine wraps stores.
+ */
+import assert from 'node:assert/strict';
+import { mkdtemp, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { after, before, describe, test } from 'node:test';
+import { FaultStore, type FaultRule } from '../src/objectstore/faults.js';
+import { FsObjectStore } from '../src/objectstore/fs.js';
+import { RetryStore, RetryTally, retriesText, withRetry } from '../src/objectstore/retry.js';
+import { StoreError } from '../src/objectstore/store.js';
+
+const fast = { attempts: 8, baseDelayMs: 1, maxDelayMs: 2 };
+
+function rule(r: Partial<FaultRule> & Pick<FaultRule, 'op' | 'kind'>): FaultRule {
+  return { store: 'repository', after: 0, rate: 1, ms: 0, ...r };
+}
+
+describe('retry tally', () => {
+  let dir: string;
+  before(async () => {
+    dir = await mkdtemp(join(tmpdir(), 'pb-retry-'));
+  });
+  after(async () => rm(dir, { recursive: true, force: true }));
+
+  test('every retry is counted by cause, the first of each cause is reported once, and the work succeeds', async () => {
+    const reported: string[] = [];
+    const tally = new RetryTally((cause) => reported.push(cause));
+    const inner = new FaultStore(new FsObjectStore(dir), [rule({ op: 'put', kind: 'transient', limit: 3 }), rule({ op: 'stat', kind: 'transient', limit: 2 })]);
+    const store = new RetryStore(inner, tally.policy(fast));
+    await store.put('a/b', Buffer.from('hello'));
+    assert.equal((await store.stat('a/b'))?.size, 5);
+    // A cause of another kind, through withRetry as the copy loops use it.
+    let failures = 1;
+    const value = await withRetry(
+      async () => {
+        if (failures-- > 0) throw new StoreError('reading x: read ECONNRESET', true, { code: 'ECONNRESET' });
+        return 42;
+      },
+      tally.policy(fast),
+    );
+    assert.equal(value, 42);
+    assert.deepEqual(tally.summary(), { count: 6, causes: { SlowDown: 5, ECONNRESET: 1 } });
+    assert.deepEqual(reported, ['SlowDown', 'ECONNRESET'], 'the first retry of each cause is reported, once');
+    assert.equal(retriesText(tally.summary()), '6 (SlowDown 5, ECONNRESET 1)');
+  });
+
+  test('a permanent fault is not retried nor counted; a run without faults reports none', async () => {
+    const tally = new RetryTally();
+    const store = new RetryStore(new FaultStore(new FsObjectStore(dir), [rule({ op: 'get', kind: 'permanent' })]), tally.policy(fast));
+    await store.put('c', Buffer.from('x'));
+    await assert.rejects(store.get('c'), (err: unknown) => err instanceof StoreError && !err.retryable);
+    assert.deepEqual(tally.summary(), { count: 0, causes: {} });
+    assert.equal(retriesText(tally.summary()), 'none');
+  });
+
+  test('retries that run out still count, and the last error is the one thrown', async () => {
+    const tally = new RetryTally();
+    const store = new RetryStore(new FaultStore(new FsObjectStore(dir), [rule({ op: 'stat', kind: 'transient' })]), tally.policy({ ...fast, attempts: 3 }));
+    await assert.rejects(store.stat('c'), (err: unknown) => err instanceof StoreError && /SlowDown/.test(err.message));
+    assert.deepEqual(tally.summary(), { count: 2, causes: { SlowDown: 2 } });
+  });
+});
