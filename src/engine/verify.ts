@@ -1,4 +1,6 @@
 import { isNotFound, StoreError } from '../objectstore/store.js';
+import { defaultRetryPolicy, withRetry, type RetryPolicy } from '../objectstore/retry.js';
+import { asRetryable } from './objects.js';
 import { createWriteStream } from 'node:fs';
 import { pipeline } from 'node:stream/promises';
 import { algorithmOf, checksumOf, describeChecksum, type Checksum } from '../repository/checksum.js';
@@ -29,14 +31,34 @@ export interface VerifyReport {
  * what was recorded; returns the problem, or undefined. With `copyTo`, the bytes read are also
  * written to that local file (to be trusted only when no problem is returned).
  */
-export async function checkStoredFile(repo: Repository, path: string, expected: { size: number; checksum: Checksum }, signal?: AbortSignal, copyTo?: string): Promise<string | undefined> {
+export async function checkStoredFile(
+  repo: Repository,
+  path: string,
+  expected: { size: number; checksum: Checksum },
+  signal?: AbortSignal,
+  copyTo?: string,
+  retry: RetryPolicy = { ...defaultRetryPolicy, attempts: 3 },
+): Promise<string | undefined> {
   let result: { bytes: number; hex: string };
+  const algorithm = algorithmOf(expected.checksum);
   try {
-    const body = await repo.store.get(path, signal);
-    const algorithm = algorithmOf(expected.checksum);
-    result = copyTo
-      ? await pipeWithDigest(body, (digest, writeSignal) => pipeline(digest, createWriteStream(copyTo), { signal: writeSignal }), signal, algorithm)
-      : await digestOf(body, signal, algorithm);
+    // A read that breaks mid-body (a reset connection) is read again from the start, up to twice
+    // (opening the read is already retried by the store): a flaky network is not a damaged
+    // backup. What stays broken after that is an error of verify, not a finding.
+    result = await withRetry(
+      async () => {
+        const body = await repo.store.get(path, signal);
+        try {
+          return copyTo
+            ? await pipeWithDigest(body, (digest, writeSignal) => pipeline(digest, createWriteStream(copyTo), { signal: writeSignal }), signal, algorithm)
+            : await digestOf(body, signal, algorithm);
+        } catch (err) {
+          throw asRetryable(err, `reading ${path}`, signal);
+        }
+      },
+      retry,
+      signal,
+    );
   } catch (err) {
     if (isNotFound(err)) return 'missing';
     // A file that fails to decrypt or whose stream breaks permanently is a finding, not a crash.
