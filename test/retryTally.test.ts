@@ -5,13 +5,17 @@
  */
 import assert from 'node:assert/strict';
 import { mkdtemp, rm } from 'node:fs/promises';
+import type { Readable } from 'node:stream';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { FaultStore, type FaultRule } from '../src/objectstore/faults.js';
 import { FsObjectStore } from '../src/objectstore/fs.js';
-import { RetryStore, RetryTally, retriesText, withRetry } from '../src/objectstore/retry.js';
+import { failsAtOnce, RetryStore, RetryTally, retriesText, withRetry } from '../src/objectstore/retry.js';
 import { StoreError } from '../src/objectstore/store.js';
+import { checkStoredFile } from '../src/engine/verify.js';
+import { sha256Hex } from '../src/repository/digest.js';
+import { Repository } from '../src/repository/repository.js';
 
 const fast = { attempts: 8, baseDelayMs: 1, maxDelayMs: 2 };
 
@@ -62,5 +66,44 @@ describe('retry tally', () => {
     const store = new RetryStore(new FaultStore(new FsObjectStore(dir), [rule({ op: 'stat', kind: 'transient' })]), tally.policy({ ...fast, attempts: 3 }));
     await assert.rejects(store.stat('c'), (err: unknown) => err instanceof StoreError && /SlowDown/.test(err.message));
     assert.deepEqual(tally.summary(), { count: 2, causes: { SlowDown: 2 } });
+  });
+
+  test('failsAtOnce: a call retried already (or a local write) ends the enclosing withRetry at once, with its own error', async () => {
+    const tally = new RetryTally();
+    let runs = 0;
+    const original = new StoreError('reading k: SlowDown (HTTP 503)', true, { code: 'SlowDown' });
+    await assert.rejects(
+      withRetry(async () => {
+        runs++;
+        await failsAtOnce(Promise.reject(original));
+      }, tally.policy(fast)),
+      (err: unknown) => err === original,
+    );
+    assert.equal(runs, 1);
+    assert.equal(tally.count, 0);
+  });
+
+  test("verify of an object whose reads keep failing: the store's 8 attempts, not 8 more for each retry of the body; a mid-body reset is read again", async () => {
+    const data = Buffer.from('some object bytes');
+    const expected = { size: data.length, checksum: sha256Hex(data) };
+    let gets = 0;
+    class Counting extends FsObjectStore {
+      override async get(key: string): Promise<Readable> {
+        gets++;
+        return super.get(key);
+      }
+    }
+    const counting = new Counting(dir);
+    await counting.put('objects/o', data);
+    const tally = new RetryTally();
+    const failing = new Repository(new RetryStore(new FaultStore(counting, [rule({ op: 'get', kind: 'transient' })]), tally.policy(fast)));
+    await assert.rejects(checkStoredFile(failing, 'objects/o', expected), (err: unknown) => err instanceof StoreError && /SlowDown/.test(err.message));
+    assert.equal(gets, 0, 'the fault comes before the inner store');
+    assert.equal(tally.count, 7, 'eight attempts in all: the retries of the store only');
+    // Two resets mid-body, then a whole read: the object checks out, read three times.
+    gets = 0;
+    const flaky = new Repository(new RetryStore(new FaultStore(counting, [rule({ op: 'get', kind: 'reset', limit: 2 })]), fast));
+    assert.equal(await checkStoredFile(flaky, 'objects/o', expected), undefined);
+    assert.equal(gets, 3);
   });
 });

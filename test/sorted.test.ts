@@ -121,6 +121,37 @@ describe('sortByKey', () => {
   }
 });
 
+describe('directory store listing of a large directory', () => {
+  test('a directory larger than the in-memory limit lists the same keys in the same (S3) order, through scratch files that are removed, also when the listing stops early', async () => {
+    const root = await mkdtemp(join(tmpdir(), 'pb-fslist-'));
+    try {
+      // Names whose order differs between UTF-16 and UTF-8, and directories that sort among files ('a/' vs 'a-b', 'a0').
+      const files = ['a-b', 'a0', 'ä', 'z', '\u{1F600}', '\uFFFD', 'B', 'a.txt', ...Array.from({ length: 300 }, (_, i) => `chunk${randomBytes(4).toString('hex')}${i}`)];
+      const nested = ['a/x', 'a/y', 'a/big/1', 'a/big/2', 'a/big/3', 'a/big/4', 'a/big/5', 'a/big/6', 'a/big/7', 'a/big/8', 'zz/q'];
+      const store = new FsObjectStore(root);
+      for (const key of [...files, ...nested]) await store.put(key, Buffer.from(key));
+      const listed = async (s: FsObjectStore, prefix?: string): Promise<string[]> => {
+        const keys: string[] = [];
+        for await (const info of s.list(prefix)) keys.push(info.key);
+        return keys;
+      };
+      const expected = [...files, ...nested].sort(compareKeys);
+      assert.deepEqual(await listed(store), expected, 'in memory');
+      const scratchOfThisProcess = async (): Promise<string[]> => (await readdir(tmpdir())).filter((n) => n.startsWith(`pachbackup-scratch-${process.pid}-`));
+      const before = await scratchOfThisProcess();
+      // A limit of 7 names: the root (309 names) and a/big (8) are sorted on disk, in runs of 7.
+      const spilling = new FsObjectStore(root, { namesInMemory: 7 });
+      assert.deepEqual(await listed(spilling), expected, 'through scratch files');
+      assert.deepEqual(await listed(spilling, 'a/b'), expected.filter((k) => k.startsWith('a/b')), 'with a prefix');
+      let seen = 0;
+      for await (const _ of spilling.list()) if (++seen === 20) break;
+      assert.deepEqual(await scratchOfThisProcess(), before, 'no scratch directory left behind');
+    } finally {
+      await rm(root, { recursive: true, force: true });
+    }
+  });
+});
+
 describe('scratch directories', () => {
   test('a new scratch directory removes those of processes no longer running, and keeps those of live ones', async () => {
     const base = await mkdtemp(join(tmpdir(), 'pachbackup-scratchbase-'));

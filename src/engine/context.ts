@@ -1,7 +1,7 @@
 import type { Config, ObjectStoreConfig } from '../config/schema.js';
 import { resolveSecret } from '../config/secret.js';
 import { openStore, type OpenedStore } from '../objectstore/open.js';
-import { RetryTally, type RetryPolicy } from '../objectstore/retry.js';
+import { CHECKSUM_FALLBACK, RetryTally, type RetryPolicy } from '../objectstore/retry.js';
 import { locationsOverlap } from '../objectstore/url.js';
 import { pgServer, type PgServer } from '../postgres/connection.js';
 import { ENCRYPTION_CONFIG_KEY, KeyEncryptionKey } from '../repository/encryption.js';
@@ -48,7 +48,9 @@ export function openCluster(config: Config, maxSockets?: number, retry?: RetryPo
 
 /** The run's retry counter; the first retry of each cause is reported as it happens. */
 export function newRetryTally(warn: (message: string) => void): RetryTally {
-  return new RetryTally((cause, err) =>
-    warn(`transient object-store fault (${cause}): ${err.message}; retrying with backoff (the summary counts every retry; frequent SlowDown means: lower the concurrency)`),
-  );
+  return new RetryTally((cause, err) => {
+    // A second pass after the service did not vouch for an MD5 is reported where it is decided.
+    if (cause === CHECKSUM_FALLBACK) return;
+    warn(`transient object-store fault (${cause}): ${err.message}; retrying with backoff (the summary counts every retry; frequent SlowDown means: lower the concurrency)`);
+  });
 }

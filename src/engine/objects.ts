@@ -1,5 +1,5 @@
 import { gzipSync } from 'node:zlib';
-import { withRetry, defaultRetryPolicy, type RetryPolicy } from '../objectstore/retry.js';
+import { CHECKSUM_FALLBACK, failsAtOnce, withRetry, defaultRetryPolicy, type RetryPolicy } from '../objectstore/retry.js';
 import { ChecksumMismatchError, md5OfEtag, StoreError, type ObjectInfo, type ObjectStore } from '../objectstore/store.js';
 import { checksumOf, isChecksum, type Checksum } from '../repository/checksum.js';
 import { digestOf, pipeWithDigest } from '../repository/digest.js';
@@ -257,7 +257,7 @@ export class ServerSideCopier {
     if (result.sha256) return { size: info.size, checksum: result.sha256 };
     if (result.md5) return { size: info.size, checksum: checksumOf('md5', result.md5) };
     // The service gave no checksum: read the copy back, so the index still holds a verified SHA-256.
-    const { bytes, hex } = await digestOf(await repo.store.get(layout.object(info.key), signal), signal).catch((err: unknown) => {
+    const { bytes, hex } = await digestOf(await failsAtOnce(repo.store.get(layout.object(info.key), signal)), signal).catch((err: unknown) => {
       throw asRetryable(err, `reading back the server-side copy of ${info.key}`, signal);
     });
     return { size: bytes, checksum: hex };
@@ -309,14 +309,14 @@ async function copyOne(ctx: CopyContext, info: ObjectInfo): Promise<IndexEntry &
         return { key: info.key, ...copied, serverSide: true };
       }
       const checked = md5 !== undefined && info.size <= (repo.store.md5CheckedPutLimit ?? -1) ? md5 : undefined;
-      const body = await source.get(info.key, signal);
+      const body = await failsAtOnce(source.get(info.key, signal));
       const put = { size: info.size, ...(checked ? { contentMd5: checked } : {}) };
       const { bytes, hex } = await pipeWithDigest(body, (digest, putSignal) => repo.store.put(layout.object(info.key), digest, put, putSignal), signal, checked ? null : 'sha256').catch(
         (err: unknown) => {
           if (err instanceof ChecksumMismatchError) {
             // The listed ETag is not the object's MD5 (or the object changed): hash it here instead, from now on.
             ctx.serviceMd5?.disable(`${info.key}: ${err.message}`);
-            throw new StoreError(`copying ${info.key}: ${err.message}; copying it again with a SHA-256 computed here`, true, { cause: err });
+            throw new StoreError(`copying ${info.key}: ${err.message}; copying it again with a SHA-256 computed here`, true, { cause: err, code: CHECKSUM_FALLBACK });
           }
           throw asRetryable(err, `copying ${info.key}`, signal);
         },
@@ -453,6 +453,7 @@ export async function copyPlanned(options: CopyOptions & { plan: AsyncIterable<P
 /** A stream that breaks mid-copy (reset, truncated body) is worth another try; an abort is not. */
 export function asRetryable(err: unknown, doing: string, signal?: AbortSignal): unknown {
   if (err instanceof StoreError || signal?.aborted) return err;
-  const code = (err as { code?: unknown }).code;
-  return new StoreError(`${doing}: ${(err as Error).message ?? String(err)}`, true, { cause: err, ...(typeof code === 'string' ? { code } : {}) });
+  const { code, name } = err as { code?: unknown; name?: unknown };
+  const cause = typeof code === 'string' ? code : typeof name === 'string' && name !== 'Error' ? name : undefined;
+  return new StoreError(`${doing}: ${(err as Error).message ?? String(err)}`, true, { cause: err, ...(cause ? { code: cause } : {}) });
 }

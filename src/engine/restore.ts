@@ -2,7 +2,7 @@ import { mkdir, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { Config, ObjectStoreConfig, PostgresConfig } from '../config/schema.js';
 import { openStore } from '../objectstore/open.js';
-import { withRetry, type RetryPolicy, type RetrySummary } from '../objectstore/retry.js';
+import { CHECKSUM_FALLBACK, failsAtOnce, withRetry, type RetryPolicy, type RetrySummary } from '../objectstore/retry.js';
 import { ChecksumMismatchError, StoreError, type ObjectInfo, type ObjectStore } from '../objectstore/store.js';
 import { locationsOverlap } from '../objectstore/url.js';
 import { REDACTED, rewriteHelmValues } from '../pachyderm/helmValues.js';
@@ -20,7 +20,7 @@ import { PhaseRunner, ProgressReporter, type EventSink } from './events.js';
 import { asRetryable, IndexSource, repositoryObjects } from './objects.js';
 import { Cursor, inKeyOrder, readRows, RowWriter, ScratchDir } from '../objectstore/sorted.js';
 import { forEachConcurrently } from './pool.js';
-import { checkDump, crossCheck, type VerifyProblem } from './verify.js';
+import { BODY_READ_RETRY, checkDump, crossCheck, type VerifyProblem } from './verify.js';
 
 export interface RestoreTargets {
   postgres: PostgresConfig;
@@ -125,7 +125,7 @@ async function restoreWithScratch(options: RestoreOptions, lockBox: { lock?: Loc
       const local = !options.dryRun && (dumpFormat(db) === 'directory' || jobs > 1) ? join(scratch.path, `dump-${at}`) : undefined;
       if (local) await mkdir(local);
       const copyTo = local ? (name: string) => join(local, name) : undefined;
-      const problems = await checkDump(repo, db, { signal, concurrency: Math.max(jobs, 4), ...(copyTo ? { copyTo } : {}) }).catch((err: unknown) => {
+      const problems = await checkDump(repo, db, { signal, concurrency: Math.max(jobs, 4), retry: retries.policy(BODY_READ_RETRY), ...(copyTo ? { copyTo } : {}) }).catch((err: unknown) => {
         throw local ? new RestoreError(`downloading the dump of database ${db.name} to ${local} failed: ${(err as Error).message}; restoring a directory-format dump or with restore.jobs > 1 needs free space under $TMPDIR of about the dump's size`) : err;
       });
       const first = problems[0];
@@ -310,7 +310,7 @@ async function restoreObjects(
     async (entry) => {
       await withRetry(
         async () => {
-          const body = await repo.store.get(layout.object(entry.key), signal);
+          const body = await failsAtOnce(repo.store.get(layout.object(entry.key), signal));
           await written.write([entry.key]);
           // An MD5 checksum is checked by the target service itself when it can (Content-MD5): nothing to hash here.
           const algorithm = algorithmOf(entry.checksum);
@@ -321,7 +321,7 @@ async function restoreObjects(
             if (err instanceof ChecksumMismatchError && err.refused) throw new StoreError(damaged, false, { cause: err });
             if (err instanceof ChecksumMismatchError) {
               targetVouches = false;
-              throw new StoreError(`restoring ${entry.key}: ${err.message}; restoring it again with its MD5 computed here`, true, { cause: err });
+              throw new StoreError(`restoring ${entry.key}: ${err.message}; restoring it again with its MD5 computed here`, true, { cause: err, code: CHECKSUM_FALLBACK });
             }
             throw asRetryable(err, `restoring ${entry.key}`, signal);
           });

@@ -1,5 +1,5 @@
 import { isNotFound, StoreError } from '../objectstore/store.js';
-import { defaultRetryPolicy, withRetry, type RetryPolicy } from '../objectstore/retry.js';
+import { defaultRetryPolicy, failsAtOnce, withRetry, type RetryPolicy } from '../objectstore/retry.js';
 import { asRetryable } from './objects.js';
 import { createWriteStream } from 'node:fs';
 import { pipeline } from 'node:stream/promises';
@@ -26,6 +26,9 @@ export interface VerifyReport {
   ms: number;
 }
 
+/** Reads of a stored file that break mid-body: five attempts in all. */
+export const BODY_READ_RETRY: RetryPolicy = { ...defaultRetryPolicy, attempts: 5 };
+
 /**
  * Reads a stored file fully and compares its size and checksum (SHA-256, or MD5 for `md5:`) with
  * what was recorded; returns the problem, or undefined. With `copyTo`, the bytes read are also
@@ -37,20 +40,21 @@ export async function checkStoredFile(
   expected: { size: number; checksum: Checksum },
   signal?: AbortSignal,
   copyTo?: string,
-  retry: RetryPolicy = { ...defaultRetryPolicy, attempts: 3 },
+  retry: RetryPolicy = BODY_READ_RETRY,
 ): Promise<string | undefined> {
   let result: { bytes: number; hex: string };
   const algorithm = algorithmOf(expected.checksum);
   try {
-    // A read that breaks mid-body (a reset connection) is read again from the start, up to twice
-    // (opening the read is already retried by the store): a flaky network is not a damaged
-    // backup. What stays broken after that is an error of verify, not a finding.
+    // A read that breaks mid-body (a reset connection) is read again from the start: a flaky
+    // network is not a damaged backup. Opening the read is retried by the store already, and a
+    // local write that fails (copyTo on a full disk) is no fault of the store: neither is retried
+    // here. What stays broken is an error of verify, not a finding.
     result = await withRetry(
       async () => {
-        const body = await repo.store.get(path, signal);
+        const body = await failsAtOnce(repo.store.get(path, signal));
         try {
           return copyTo
-            ? await pipeWithDigest(body, (digest, writeSignal) => pipeline(digest, createWriteStream(copyTo), { signal: writeSignal }), signal, algorithm)
+            ? await pipeWithDigest(body, (digest, writeSignal) => failsAtOnce(pipeline(digest, createWriteStream(copyTo), { signal: writeSignal })), signal, algorithm)
             : await digestOf(body, signal, algorithm);
         } catch (err) {
           throw asRetryable(err, `reading ${path}`, signal);
@@ -77,7 +81,11 @@ export async function checkStoredFile(
  * custom-format dump, each file of a directory-format one, whose file list must also match the
  * digest recorded for the dump). With `copyTo`, each file is saved there under its own name.
  */
-export async function checkDump(repo: Repository, db: DatabaseEntry, options: { signal?: AbortSignal | undefined; copyTo?: (name: string) => string; concurrency?: number } = {}): Promise<VerifyProblem[]> {
+export async function checkDump(
+  repo: Repository,
+  db: DatabaseEntry,
+  options: { signal?: AbortSignal | undefined; copyTo?: (name: string) => string; concurrency?: number; retry?: RetryPolicy } = {},
+): Promise<VerifyProblem[]> {
   const { signal, copyTo } = options;
   const problems: VerifyProblem[] = [];
   const directory = dumpFormat(db) === 'directory';
@@ -89,7 +97,7 @@ export async function checkDump(repo: Repository, db: DatabaseEntry, options: { 
     dumpFiles(db),
     options.concurrency ?? 1,
     async (f) => {
-      const problem = await checkStoredFile(repo, f.file, { size: f.size, checksum: f.sha256 }, signal, copyTo?.(directory ? f.file.slice(db.file.length) : 'dump'));
+      const problem = await checkStoredFile(repo, f.file, { size: f.size, checksum: f.sha256 }, signal, copyTo?.(directory ? f.file.slice(db.file.length) : 'dump'), options.retry);
       if (problem) checked.set(f.file, problem);
     },
     signal,

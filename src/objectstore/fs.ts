@@ -1,13 +1,15 @@
-import { createWriteStream } from 'node:fs';
+import { createWriteStream, type Dirent } from 'node:fs';
 import { mkdir, open, opendir, rename, rm, stat, unlink } from 'node:fs/promises';
 import { dirname, join, sep } from 'node:path';
 import { Readable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import { randomBytes } from 'node:crypto';
-import { compareKeys } from './sorted.js';
+import { compareKeys, readRows, ScratchDir, sortByKey } from './sorted.js';
 import { NotFoundError, PreconditionFailedError, StoreError, type ObjectInfo, type ObjectStore, type PutOptions } from './store.js';
 
 const TEMP_MARK = '.pbtmp-';
+/** A directory with more names than this is sorted through scratch files, in runs of this size. */
+const NAMES_IN_MEMORY = 50_000;
 
 /**
  * An object store in a local directory. A put writes a temporary file, fsyncs it and renames it
@@ -16,7 +18,10 @@ const TEMP_MARK = '.pbtmp-';
 export class FsObjectStore implements ObjectStore {
   readonly description: string;
 
-  constructor(readonly root: string) {
+  constructor(
+    readonly root: string,
+    private readonly options: { namesInMemory?: number } = {},
+  ) {
     this.description = `file://${root}`;
   }
 
@@ -32,8 +37,10 @@ export class FsObjectStore implements ObjectStore {
 
   /**
    * Walks the tree in key order (S3's: UTF-8 bytes), one directory at a time: a directory sorts
-   * as its name plus '/', which places its keys exactly where they fall among its siblings'. Only
-   * one directory's names are held at once, and each file is stat'ed as it is reached.
+   * as its name plus '/', which places its keys exactly where they fall among its siblings'. Names
+   * are sorted in memory up to NAMES_IN_MEMORY per directory; a larger directory (Pachyderm puts
+   * every chunk in one) is sorted through scratch files in $TMPDIR, so memory does not grow with
+   * it. Each file is stat'ed as it is reached.
    */
   async *list(prefix = ''): AsyncIterable<ObjectInfo> {
     yield* this.walk('', prefix);
@@ -43,18 +50,54 @@ export class FsObjectStore implements ObjectStore {
     // Only descend into directories that can hold keys with the prefix.
     if (relDir !== '' && !prefix.startsWith(relDir) && !relDir.startsWith(prefix)) return;
     // opendir hands out entries in small batches: only the names are kept, not a Dirent per file.
-    const names: string[] = [];
+    let entries: AsyncIterator<Dirent>;
     try {
-      for await (const entry of await opendir(join(this.root, relDir), { bufferSize: 256 })) {
-        if (entry.isDirectory()) names.push(`${entry.name}/`);
-        else if (entry.isFile() && !entry.name.includes(TEMP_MARK)) names.push(entry.name);
-      }
+      entries = (await opendir(join(this.root, relDir), { bufferSize: 256 }))[Symbol.asyncIterator]();
     } catch (err) {
       if ((err as NodeJS.ErrnoException).code === 'ENOENT') return;
       throw wrapFsError(err, `listing ${this.description}`);
     }
-    names.sort(compareKeys);
-    for (const name of names) {
+    const nextName = async (): Promise<string | undefined> => {
+      for (;;) {
+        let step: IteratorResult<Dirent>;
+        try {
+          step = await entries.next();
+        } catch (err) {
+          throw wrapFsError(err, `listing ${this.description}`);
+        }
+        if (step.done) return undefined;
+        const entry = step.value;
+        if (entry.isDirectory()) return `${entry.name}/`;
+        if (entry.isFile() && !entry.name.includes(TEMP_MARK)) return entry.name;
+      }
+    };
+    const limit = this.options.namesInMemory ?? NAMES_IN_MEMORY;
+    const names: string[] = [];
+    for (let name = await nextName(); name !== undefined; name = names.length < limit ? await nextName() : undefined) names.push(name);
+    if (names.length < limit) {
+      names.sort(compareKeys);
+      yield* this.walkNames(relDir, prefix, names);
+      return;
+    }
+    // A large directory: the names read so far and the rest of the directory go through a sort on disk.
+    const scratch = await ScratchDir.create();
+    try {
+      const all = async function* (): AsyncGenerator<{ key: string }> {
+        for (const key of names.splice(0)) yield { key };
+        for (let key = await nextName(); key !== undefined; key = await nextName()) yield { key };
+      };
+      const { path } = await sortByKey(all(), scratch, 'directory-names', (item) => [item.key], readNames, limit);
+      yield* this.walkNames(relDir, prefix, (async function* () {
+        for await (const { key } of readNames(path)) yield key;
+      })());
+    } finally {
+      await entries.return?.().catch(() => undefined);
+      await scratch.remove();
+    }
+  }
+
+  private async *walkNames(relDir: string, prefix: string, names: AsyncIterable<string> | Iterable<string>): AsyncGenerator<ObjectInfo> {
+    for await (const name of names) {
       const rel = `${relDir}${name}`;
       if (name.endsWith('/')) {
         yield* this.walk(rel, prefix);
@@ -148,4 +191,8 @@ function wrapFsError(err: unknown, doing: string): StoreError {
     : e.code === 'EROFS' ? ': read-only filesystem'
     : `: ${e.code ?? e.message}`;
   return new StoreError(`${doing}${hint}`, false, { cause: err });
+}
+
+async function* readNames(path: string): AsyncGenerator<{ key: string }> {
+  for await (const [key] of readRows(path)) yield { key: key as string };
 }

@@ -66,6 +66,31 @@ export function retriesText(retries: RetrySummary): string {
     .join(', ')})`;
 }
 
+/**
+ * The retry cause of a copy or restore done again after the service would not vouch for an MD5
+ * (then computed here): a deliberate second pass, not a fault of the store.
+ */
+export const CHECKSUM_FALLBACK = 'ChecksumFallback';
+
+/** A failure that ends the enclosing withRetry at once; see `failsAtOnce`. */
+class FailsAtOnce extends Error {
+  constructor(readonly original: unknown) {
+    super('fails at once');
+  }
+}
+
+/**
+ * Marks a call inside the operation of a withRetry whose failure must not be retried there: a call
+ * retried already (a RetryStore's get, when the enclosing retry exists for a body that breaks
+ * mid-read: otherwise the attempts multiply, 8 × 8), or a local write (a full disk is no transient
+ * fault of the store). The enclosing withRetry throws the call's own error at once.
+ */
+export function failsAtOnce<T>(call: Promise<T>): Promise<T> {
+  return call.catch((err: unknown) => {
+    throw new FailsAtOnce(err);
+  });
+}
+
 export function isRetryable(err: unknown): boolean {
   return err instanceof StoreError && err.retryable;
 }
@@ -79,6 +104,7 @@ export async function withRetry<T>(operation: () => Promise<T>, policy: RetryPol
     try {
       return await operation();
     } catch (err) {
+      if (err instanceof FailsAtOnce) throw err.original;
       if (!isRetryable(err) || attempt >= policy.attempts || signal?.aborted) throw err;
       const cap = Math.min(policy.maxDelayMs, policy.baseDelayMs * 2 ** (attempt - 1));
       const delay = Math.round(Math.random() * cap);

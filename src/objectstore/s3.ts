@@ -392,12 +392,13 @@ export class S3ObjectStore implements ObjectStore {
     const code = (err as { code?: string }).code;
     const message = (err as Error).message ?? String(err);
     if (code === 'ECONNREFUSED' || code === 'ENOTFOUND' || code === 'EHOSTUNREACH') {
-      return new StoreError(`${doing}: cannot reach ${this.options.endpoint ?? 'S3'} (${code}); check the endpoint`, true, { cause: err });
+      return new StoreError(`${doing}: cannot reach ${this.options.endpoint ?? 'S3'} (${code}); check the endpoint`, true, { cause: err, code });
     }
     if (status === 403) return new StoreError(`${doing}: access denied (${name}); check the credentials and the bucket policy`, false, { cause: err });
     if (status === 404) return new StoreError(`${doing}: not found (${name})`, false, { cause: err });
     const retryable = status === undefined || status === 408 || status === 429 || status >= 500 || name === 'TimeoutError' || name === 'RequestTimeout';
-    const cause = code ?? (name !== 'Error' ? name : status ? `HTTP ${status}` : undefined);
+    // One name per cause whichever path reported it: a timeout is TimeoutError (the thin path's carry code ETIMEDOUT too).
+    const cause = name === 'TimeoutError' ? name : (code ?? (name !== 'Error' ? name : status ? `HTTP ${status}` : undefined));
     return new StoreError(`${doing}: ${name}${status ? ` (HTTP ${status})` : ''}: ${message}`, retryable, { cause: err, ...(cause ? { code: cause } : {}) });
   }
 }

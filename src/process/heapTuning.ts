@@ -15,7 +15,7 @@ export const HEAP_GROWING_PERCENT = 300;
  * every ~20 MB streamed: ~80 for 200 × 8 MiB objects, a third of the client's CPU. A limit four
  * times the live heap leaves those buffers to the cheap young-generation collections (measured:
  * 2–5 full collections, client CPU 4.3 → 2.6 s; bench/RESULTS.md). The cost is memory: the old
- * generation may hold up to four times its live size in garbage before it is collected, still
+ * generation may grow to four times its live size (three parts garbage) before it is collected, still
  * bounded by the live heap (which pachbackup keeps independent of object count) and by
  * `--max-old-space-size`.
  *

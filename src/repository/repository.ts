@@ -3,7 +3,7 @@ import { Readable } from 'node:stream';
 import { createInterface } from 'node:readline';
 import { createGunzip, createGzip, gunzipSync } from 'node:zlib';
 import { z } from 'zod';
-import { defaultRetryPolicy, withRetry } from '../objectstore/retry.js';
+import { defaultRetryPolicy, RetryStore, withRetry } from '../objectstore/retry.js';
 import { NotFoundError, PreconditionFailedError, type ObjectStore } from '../objectstore/store.js';
 import { redactHelmSecrets } from '../pachyderm/helmValues.js';
 import { isChecksum, type Checksum } from './checksum.js';
@@ -353,7 +353,9 @@ export class Repository {
   async writeLinesGz(path: string, lines: () => AsyncIterable<string>, signal?: AbortSignal): Promise<FileRef & { count: number }> {
     // A streamed put cannot be replayed by the store's retries: a transient fault (503 SlowDown)
     // writes the whole file again, from a fresh pass over `lines`.
-    return withRetry(() => this.#writeLinesGzOnce(path, lines(), signal), defaultRetryPolicy, signal);
+    // The store's own policy (which may count the retries for the run's summary).
+    const policy = this.rawStore instanceof RetryStore ? this.rawStore.policy : defaultRetryPolicy;
+    return withRetry(() => this.#writeLinesGzOnce(path, lines(), signal), policy, signal);
   }
 
   async #writeLinesGzOnce(path: string, lines: AsyncIterable<string>, signal?: AbortSignal): Promise<FileRef & { count: number }> {
