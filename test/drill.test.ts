@@ -96,6 +96,7 @@ describe('pachbackup drill', () => {
     assert.equal(report.cleanup.ok, true);
     assert.deepEqual(report.cleanup.databasesDropped.sort(), [...report.scratch.databases].sort());
     assert.equal(report.cleanup.objectsRemoved, fixtureKeys.length);
+    assert.deepEqual(report.retries, { count: 0, causes: {} }, 'a drill without faults retries nothing');
     assert.ok(events.some((e) => e.type === 'phase-end' && e.phase === 'restore-objects'));
     await assertNothingLeft();
   });

@@ -1,6 +1,7 @@
 import type { Command } from 'commander';
 import type { ConfigOverride } from '../config/load.js';
 import { drillTargetsFromConfig, runDrill, type DrillReport } from '../engine/drill.js';
+import { retriesText } from '../objectstore/retry.js';
 import { formatBytes, formatMs, table } from './render.js';
 import { EXIT_FAILED, load, positiveInt, run, type GlobalOptions } from './runner.js';
 
@@ -56,6 +57,7 @@ export function drillReportText(r: DrillReport): string {
     : `drill ${r.drillId} FAILED: backup ${r.backup}: ${r.problems.length} problem(s)`;
   const lines = [head, ...r.problems.map((p) => `  ✗ ${p}`), ...r.checks.map((c) => `  ✓ ${c}`)];
   lines.push(`scratch: databases ${r.scratch.databases.join(', ')} on ${r.scratch.server}; ${formatBytes(r.objects.bytes)} of objects in ${r.scratch.objectStore}`);
+  lines.push(`retried requests: ${retriesText(r.retries)}`);
   lines.push('', table(['phase', 'time', 'result'], r.phases.map((p) => [p.name, formatMs(p.ms), p.ok ? 'ok' : 'FAILED'])), '');
   lines.push(
     r.cleanup.ok

@@ -72,6 +72,8 @@ export interface DrillReport {
   phases: DrillPhase[];
   cleanup: { ok: boolean; databasesDropped: string[]; objectsRemoved: number; problems: string[] };
   totalMs: number;
+  /** The restore's requests retried after transient object-store faults, by cause. */
+  retries: RestoreSummary['retries'];
 }
 
 /** Resolves the drill's scratch targets: `drill.postgres` (else `restore.postgres`) and `drill.objectStore`. */
@@ -209,6 +211,7 @@ export async function runDrill(options: DrillOptions): Promise<DrillReport> {
     phases,
     cleanup,
     totalMs: Math.round(performance.now() - started),
+    retries: restored?.retries ?? { count: 0, causes: {} },
   };
 }
 
