@@ -174,10 +174,13 @@ describe('transient object-store faults (s3rver)', () => {
           await repo.open(false);
           const { sealed } = await repo.listBackups();
           assert.equal(sealed.length, 2);
+          let resets = 0;
           for (const manifest of sealed) {
             const report = await verifyBackup({ repo, manifest, emit: () => undefined, concurrency: 4 });
             assert.equal(report.ok, true, JSON.stringify(report.problems));
+            resets += report.retries.causes['ECONNRESET'] ?? 0;
           }
+          assert.ok(resets > 0, 'the verifies read again the objects whose reads were reset, and counted them');
         },
       );
     } finally {

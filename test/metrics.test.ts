@@ -212,7 +212,7 @@ describe('metrics file', () => {
 
   test('each command keeps the others\' series; verify and drill figures come from their reports', () => {
     let text = updateMetrics('', 'backup', runOutcome('backup', { exitCode: 0, startedAt: new Date(0), finishedAt: new Date(1000), result: backupResult })!);
-    text = updateMetrics(text, 'verify', runOutcome('verify', { exitCode: 0, startedAt: new Date(0), finishedAt: new Date(2000), result: { checked: { dumps: 2, objects: 42, bytes: 5000 } } })!);
+    text = updateMetrics(text, 'verify', runOutcome('verify', { exitCode: 0, startedAt: new Date(0), finishedAt: new Date(2000), result: { checked: { dumps: 2, objects: 42, bytes: 5000 }, retries: { count: 3, causes: { ECONNRESET: 3 } } } })!);
     text = updateMetrics(text, 'drill', runOutcome('drill', { exitCode: 0, startedAt: new Date(0), finishedAt: new Date(3000), result: { ok: true, objects: { count: 41, bytes: 4999 } } })!);
     const families = parseExposition(text);
     assert.deepEqual(families.get('pachbackup_last_result')?.samples.map((s) => s.labels.command), ['backup', 'drill', 'verify']);
@@ -220,6 +220,8 @@ describe('metrics file', () => {
     assert.equal(valueOf(families, 'pachbackup_last_bytes', 'verify'), 5000);
     assert.equal(valueOf(families, 'pachbackup_last_objects', 'drill'), 41);
     assert.equal(valueOf(families, 'pachbackup_last_run_timestamp_seconds', 'verify'), 2);
+    assert.equal(valueOf(families, 'pachbackup_last_retries', 'verify'), 3);
+    assert.equal(valueOf(families, 'pachbackup_last_retries', 'drill'), undefined, 'a report without retries writes none');
   });
 
   test('a restore dry run records nothing; a real restore does', () => {

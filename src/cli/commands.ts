@@ -43,7 +43,7 @@ export function verifyReportText(r: VerifyReport): string {
   const head = r.ok
     ? `backup ${r.id} verified: ${r.checked.dumps} dump(s) and ${r.checked.objects} objects (${formatBytes(r.checked.bytes)}) match their checksums; every referenced key is held`
     : `backup ${r.id} FAILED verification: ${r.problems.length} problem(s)`;
-  return [head, ...r.problems.map((p) => `  ✗ ${p.item}: ${p.problem}`), ...(r.orphans ? [`  (info) ${r.orphans} object(s) held but not referenced by the database`] : []), `took ${formatMs(r.ms)}`].join('\n');
+  return [head, ...r.problems.map((p) => `  ✗ ${p.item}: ${p.problem}`), ...(r.orphans ? [`  (info) ${r.orphans} object(s) held but not referenced by the database`] : []), `retried requests: ${retriesText(r.retries)}`, `took ${formatMs(r.ms)}`].join('\n');
 }
 
 export function listingText(listing: BackupListing): string {

@@ -6,7 +6,7 @@ import { Command, Option } from 'commander';
 import type { ConfigOverride } from '../config/load.js';
 import type { Config } from '../config/schema.js';
 import { runBackup, runPlan } from '../engine/backup.js';
-import { openRepository } from '../engine/context.js';
+import { newRetryTally, openRepository } from '../engine/context.js';
 import { restoreTargetsFromConfig, runRestore } from '../engine/restore.js';
 import { verifyBackup } from '../engine/verify.js';
 import { PauseLedger } from '../quiesce/ledger.js';
@@ -123,13 +123,14 @@ export function buildProgram(): Command {
     .action(async (backup: string, opts: { concurrency?: number }) => {
       await run(globals(), async ({ renderer, signal }) => {
         const config = load(globals(), []);
-        const repo = openRepository(config);
+        const retries = newRetryTally((message) => renderer.sink({ type: 'warning', message }));
+        const repo = openRepository(config, undefined, retries.policy());
         await repo.open(false);
         // A read lock, so a prune cannot delete what is being verified.
         const lock = await acquireLock(repo.store, 'read', { command: `pachbackup verify ${backup}` }, { onEvent: renderer.sink });
         try {
           const manifest = await repo.resolve(backup);
-          const report = await verifyBackup({ repo, manifest, emit: renderer.sink, concurrency: opts.concurrency ?? config.backup.concurrency, signal });
+          const report = await verifyBackup({ repo, manifest, emit: renderer.sink, concurrency: opts.concurrency ?? config.backup.concurrency, signal, retries });
           renderer.result('verify', report, () => verifyReportText(report));
           return report.ok ? 0 : EXIT_FAILED;
         } finally {

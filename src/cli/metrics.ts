@@ -23,7 +23,7 @@ export interface RunOutcome {
   objects?: number;
   /** Backup only. */
   downtimeSeconds?: number;
-  /** Backup and restore: requests retried after transient object-store faults. */
+  /** Requests retried after transient object-store faults. */
   retries?: number;
 }
 
@@ -48,7 +48,7 @@ export const METRIC_FAMILIES: readonly Family[] = [
   { name: 'pachbackup_last_objects', help: 'Objects handled by the last successful run of the command (held, restored or re-read).', perCommand: true },
   {
     name: 'pachbackup_last_retries',
-    help: 'Object-store requests the last successful backup or restore retried after a transient fault (throttling, timeouts, resets); a rising value asks for a lower concurrency.',
+    help: 'Object-store requests the last successful run of the command retried after a transient fault (throttling, timeouts, resets); a rising value asks for a lower concurrency.',
     perCommand: true,
   },
   { name: 'pachbackup_last_downtime_seconds', help: 'Seconds the last successful backup kept the cluster paused (0 in online mode).', perCommand: false },
@@ -132,8 +132,8 @@ const retried = z.object({ count: z.number() }).optional();
 const resultShapes = {
   backup: z.object({ objects: figures, databases: z.array(z.object({ bytes: z.number() })), downtimeMs: z.number().nullable(), retries: retried }),
   restore: z.object({ dryRun: z.boolean(), objects: figures, retries: retried }),
-  verify: z.object({ checked: z.object({ objects: z.number(), bytes: z.number() }) }),
-  drill: z.object({ objects: figures }),
+  verify: z.object({ checked: z.object({ objects: z.number(), bytes: z.number() }), retries: retried }),
+  drill: z.object({ objects: figures, retries: retried }),
 };
 
 /** This run's outcome from its exit code and the result it reported; undefined for a restore dry run. */
@@ -159,12 +159,12 @@ export function runOutcome(command: MetricsCommand, run: { exitCode: number; sta
     }
     case 'verify': {
       const r = resultShapes.verify.safeParse(run.result);
-      if (r.success) Object.assign(outcome, { bytes: r.data.checked.bytes, objects: r.data.checked.objects });
+      if (r.success) Object.assign(outcome, { bytes: r.data.checked.bytes, objects: r.data.checked.objects, ...(r.data.retries ? { retries: r.data.retries.count } : {}) });
       break;
     }
     case 'drill': {
       const r = resultShapes.drill.safeParse(run.result);
-      if (r.success) Object.assign(outcome, { bytes: r.data.objects.bytes, objects: r.data.objects.count });
+      if (r.success) Object.assign(outcome, { bytes: r.data.objects.bytes, objects: r.data.objects.count, ...(r.data.retries ? { retries: r.data.retries.count } : {}) });
       break;
     }
   }

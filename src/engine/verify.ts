@@ -1,5 +1,6 @@
 import { isNotFound, StoreError } from '../objectstore/store.js';
-import { defaultRetryPolicy, failsAtOnce, withRetry, type RetryPolicy } from '../objectstore/retry.js';
+import { defaultRetryPolicy, failsAtOnce, withRetry, type RetryPolicy, type RetrySummary, type RetryTally } from '../objectstore/retry.js';
+import { newRetryTally } from './context.js';
 import { asRetryable } from './objects.js';
 import { createWriteStream } from 'node:fs';
 import { pipeline } from 'node:stream/promises';
@@ -24,6 +25,8 @@ export interface VerifyReport {
   /** Objects held by the backup that its pachyderm database does not reference (information only). */
   orphans: number;
   ms: number;
+  /** Requests and reads retried after transient object-store faults, by cause. */
+  retries: RetrySummary;
 }
 
 /** Reads of a stored file that break mid-body: five attempts in all. */
@@ -115,12 +118,22 @@ export async function checkDump(
  * dump byte and every object byte against their recorded checksum (SHA-256, or MD5 for `md5:`
  * entries), and that every key the database references is held. Problems are collected, not thrown, so one run names them all.
  */
-export async function verifyBackup(options: { repo: Repository; manifest: Manifest; emit: EventSink; concurrency: number; signal?: AbortSignal }): Promise<VerifyReport> {
+export async function verifyBackup(options: {
+  repo: Repository;
+  manifest: Manifest;
+  emit: EventSink;
+  concurrency: number;
+  signal?: AbortSignal;
+  /** The run's tally, when the repository's store counts into it too (the CLI's); else one of its own for the re-reads. */
+  retries?: RetryTally;
+}): Promise<VerifyReport> {
   const { repo, manifest, emit, signal } = options;
   const started = performance.now();
+  const retries = options.retries ?? newRetryTally((message) => emit({ type: 'warning', message }));
+  const retry = retries.policy(BODY_READ_RETRY);
   const problems: VerifyProblem[] = [];
   const { orphans, indexReadable } = await crossCheck(repo, manifest, problems);
-  for (const db of manifest.databases) problems.push(...(await checkDump(repo, db, { signal, concurrency: options.concurrency })));
+  for (const db of manifest.databases) problems.push(...(await checkDump(repo, db, { signal, concurrency: options.concurrency, retry })));
   const progress = new ProgressReporter(emit, 'verify', manifest.objects.count, manifest.objects.bytes);
   let checkedObjects = 0;
   if (indexReadable) {
@@ -129,7 +142,7 @@ export async function verifyBackup(options: { repo: Repository; manifest: Manife
       repo.streamIndex(manifest.objects.index),
       options.concurrency,
       async (entry) => {
-        const problem = await checkStoredFile(repo, layout.object(entry.key), entry, signal);
+        const problem = await checkStoredFile(repo, layout.object(entry.key), entry, signal, undefined, retry);
         if (problem) problems.push({ item: `object ${entry.key}`, problem });
         checkedObjects++;
         progress.add(1, entry.size);
@@ -145,6 +158,7 @@ export async function verifyBackup(options: { repo: Repository; manifest: Manife
     checked: { dumps: manifest.databases.length, objects: checkedObjects, bytes: progress.bytes },
     orphans,
     ms: Math.round(performance.now() - started),
+    retries: retries.summary(),
   };
 }
 
