@@ -105,5 +105,11 @@ describe('retry tally', () => {
     const flaky = new Repository(new RetryStore(new FaultStore(counting, [rule({ op: 'get', kind: 'reset', limit: 2 })]), fast));
     assert.equal(await checkStoredFile(flaky, 'objects/o', expected), undefined);
     assert.equal(gets, 3);
+    // A local copy that cannot be written (here: its directory does not exist; a full disk alike) is
+    // no fault of the store: one read, then the write's own error.
+    gets = 0;
+    const plain = new Repository(new RetryStore(counting, tally.policy(fast)));
+    await assert.rejects(checkStoredFile(plain, 'objects/o', expected, undefined, join(dir, 'no-such-dir', 'copy')), (err: unknown) => (err as NodeJS.ErrnoException).code === 'ENOENT' && !(err instanceof StoreError));
+    assert.equal(gets, 1, 'the object was read once, not again for a local write error');
   });
 });

@@ -124,7 +124,7 @@ export function buildProgram(): Command {
       await run(globals(), async ({ renderer, signal }) => {
         const config = load(globals(), []);
         const retries = newRetryTally((message) => renderer.sink({ type: 'warning', message }));
-        const repo = openRepository(config, undefined, retries.policy());
+        const repo = openRepository(config, { retry: retries.policy() });
         await repo.open(false);
         // A read lock, so a prune cannot delete what is being verified.
         const lock = await acquireLock(repo.store, 'read', { command: `pachbackup verify ${backup}` }, { onEvent: renderer.sink });

@@ -128,13 +128,14 @@ export async function writeMetrics(path: string, command: MetricsCommand, outcom
 
 // The parts of each command's reported result the metrics use.
 const figures = z.object({ count: z.number(), bytes: z.number() });
-const retried = z.object({ count: z.number() }).optional();
 const resultShapes = {
-  backup: z.object({ objects: figures, databases: z.array(z.object({ bytes: z.number() })), downtimeMs: z.number().nullable(), retries: retried }),
-  restore: z.object({ dryRun: z.boolean(), objects: figures, retries: retried }),
-  verify: z.object({ checked: z.object({ objects: z.number(), bytes: z.number() }), retries: retried }),
-  drill: z.object({ objects: figures, retries: retried }),
+  backup: z.object({ objects: figures, databases: z.array(z.object({ bytes: z.number() })), downtimeMs: z.number().nullable() }),
+  restore: z.object({ dryRun: z.boolean(), objects: figures }),
+  verify: z.object({ checked: z.object({ objects: z.number(), bytes: z.number() }) }),
+  drill: z.object({ objects: figures }),
 };
+/** Every command's result may report its retries the same way. */
+const retriesShape = z.object({ retries: z.object({ count: z.number() }) });
 
 /** This run's outcome from its exit code and the result it reported; undefined for a restore dry run. */
 export function runOutcome(command: MetricsCommand, run: { exitCode: number; startedAt: Date; finishedAt: Date; result: unknown }): RunOutcome | undefined {
@@ -146,7 +147,6 @@ export function runOutcome(command: MetricsCommand, run: { exitCode: number; sta
         outcome.bytes = r.data.objects.bytes + r.data.databases.reduce((n, d) => n + d.bytes, 0);
         outcome.objects = r.data.objects.count;
         outcome.downtimeSeconds = (r.data.downtimeMs ?? 0) / 1000;
-        if (r.data.retries) outcome.retries = r.data.retries.count;
       }
       break;
     }
@@ -154,20 +154,22 @@ export function runOutcome(command: MetricsCommand, run: { exitCode: number; sta
       const r = resultShapes.restore.safeParse(run.result);
       // A dry run restores nothing: it is neither a restore's success nor its failure.
       if (r.success && r.data.dryRun) return undefined;
-      if (r.success) Object.assign(outcome, { bytes: r.data.objects.bytes, objects: r.data.objects.count, ...(r.data.retries ? { retries: r.data.retries.count } : {}) });
+      if (r.success) Object.assign(outcome, { bytes: r.data.objects.bytes, objects: r.data.objects.count });
       break;
     }
     case 'verify': {
       const r = resultShapes.verify.safeParse(run.result);
-      if (r.success) Object.assign(outcome, { bytes: r.data.checked.bytes, objects: r.data.checked.objects, ...(r.data.retries ? { retries: r.data.retries.count } : {}) });
+      if (r.success) Object.assign(outcome, { bytes: r.data.checked.bytes, objects: r.data.checked.objects });
       break;
     }
     case 'drill': {
       const r = resultShapes.drill.safeParse(run.result);
-      if (r.success) Object.assign(outcome, { bytes: r.data.objects.bytes, objects: r.data.objects.count, ...(r.data.retries ? { retries: r.data.retries.count } : {}) });
+      if (r.success) Object.assign(outcome, { bytes: r.data.objects.bytes, objects: r.data.objects.count });
       break;
     }
   }
+  const retried = retriesShape.safeParse(run.result);
+  if (retried.success) outcome.retries = retried.data.retries.count;
   return outcome;
 }
 

@@ -95,8 +95,8 @@ async function backupUnderLock(options: BackupOptions, lockBox: { lock?: LockHan
   // ---- preflight: everything that can fail is checked before the cluster is touched.
   const pre = await phases.run('preflight', async () => {
     assertSeparateStores(config.cluster.objectStore, 'cluster.objectStore', config.repository);
-    const cluster = openCluster(config, concurrency * 2, retries.policy());
-    const repo = openRepository(config, concurrency * 2, retries.policy());
+    const cluster = openCluster(config, { maxSockets: concurrency * 2, retry: retries.policy() });
+    const repo = openRepository(config, { maxSockets: concurrency * 2, retry: retries.policy() });
     await cluster.source.store.check();
     await repo.store.check();
     await repo.open(true);

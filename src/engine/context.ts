@@ -1,7 +1,7 @@
 import type { Config, ObjectStoreConfig } from '../config/schema.js';
 import { resolveSecret } from '../config/secret.js';
-import { openStore, type OpenedStore } from '../objectstore/open.js';
-import { CHECKSUM_FALLBACK, RetryTally, type RetryPolicy } from '../objectstore/retry.js';
+import { openStore, type OpenedStore, type OpenOptions } from '../objectstore/open.js';
+import { CHECKSUM_FALLBACK, RetryTally } from '../objectstore/retry.js';
 import { locationsOverlap } from '../objectstore/url.js';
 import { pgServer, type PgServer } from '../postgres/connection.js';
 import { ENCRYPTION_CONFIG_KEY, KeyEncryptionKey } from '../repository/encryption.js';
@@ -12,8 +12,8 @@ export class PreflightError extends Error {
 }
 
 /** The repository the config names, with its key-encryption key when `repository.encryption` is set (unlocked by `open`). */
-export function openRepository(config: Config, maxSockets?: number, retry?: RetryPolicy): Repository {
-  const store = openStore(config.repository, 'repository', { ...(maxSockets ? { maxSockets } : {}), ...(retry ? { retry } : {}) }).store;
+export function openRepository(config: Config, options: OpenOptions = {}): Repository {
+  const store = openStore(config.repository, 'repository', options).store;
   const encryption = config.repository.encryption;
   const kek = encryption ? KeyEncryptionKey.fromSecret(resolveSecret(encryption.key, ENCRYPTION_CONFIG_KEY), ENCRYPTION_CONFIG_KEY) : undefined;
   return new Repository(store, kek ? { kek } : {});
@@ -36,12 +36,12 @@ export interface ClusterHandles {
   databases: Array<{ role: 'pachyderm' | 'dex'; name: string }>;
 }
 
-export function openCluster(config: Config, maxSockets?: number, retry?: RetryPolicy): ClusterHandles {
+export function openCluster(config: Config, options: OpenOptions = {}): ClusterHandles {
   const databases: ClusterHandles['databases'] = [{ role: 'pachyderm', name: config.cluster.databases.pachyderm }];
   if (config.cluster.databases.dex) databases.push({ role: 'dex', name: config.cluster.databases.dex });
   return {
     postgres: pgServer(config.cluster.postgres, 'cluster.postgres'),
-    source: openStore(config.cluster.objectStore, 'cluster.objectStore', { ...(maxSockets ? { maxSockets } : {}), ...(retry ? { retry } : {}) }),
+    source: openStore(config.cluster.objectStore, 'cluster.objectStore', options),
     databases,
   };
 }

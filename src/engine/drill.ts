@@ -112,7 +112,7 @@ export async function runDrill(options: DrillOptions): Promise<DrillReport> {
   const server = pgServer(targets.postgres, targets.postgresKey);
 
   // ---- before anything is created: the backup exists and the scratch targets are safe to use.
-  const repo = openRepository(config, options.concurrency * 2);
+  const repo = openRepository(config, { maxSockets: options.concurrency * 2 });
   await repo.open(false);
   const manifest = await repo.resolve(options.backup);
   const scratch = openStore(scratchConfig, 'drill.objectStore', { maxSockets: options.concurrency * 2 });

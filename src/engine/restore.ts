@@ -105,7 +105,7 @@ async function restoreWithScratch(options: RestoreOptions, lockBox: { lock?: Loc
   const retries = newRetryTally((message) => emit({ type: 'warning', message }));
 
   const pre = await phases.run('preflight', async () => {
-    const repo = openRepository(config, options.concurrency * 2, retries.policy());
+    const repo = openRepository(config, { maxSockets: options.concurrency * 2, retry: retries.policy() });
     await repo.open(false);
     lockBox.lock = await acquireLock(repo.store, 'read', { command: `pachbackup restore ${options.backup}` }, { onEvent: emit });
     const manifest = await repo.resolve(options.backup);

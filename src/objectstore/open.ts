@@ -14,8 +14,14 @@ export interface OpenedStore {
   s3?: S3ObjectStore;
 }
 
+/** How a store is opened: its retry policy (default defaultRetryPolicy) and HTTP sockets (S3). */
+export interface OpenOptions {
+  retry?: RetryPolicy;
+  maxSockets?: number;
+}
+
 /** Builds the store a config section describes, wrapped in the retry policy. `keyPath` names it in errors. */
-export function openStore(config: ObjectStoreConfig, keyPath: string, options: { retry?: RetryPolicy; maxSockets?: number } = {}): OpenedStore {
+export function openStore(config: ObjectStoreConfig, keyPath: string, options: OpenOptions = {}): OpenedStore {
   const location = parseStoreUrl(config.url, `${keyPath}.url`);
   const retry = options.retry ?? defaultRetryPolicy;
   // Faults sit under the retry decorator, so injected transient faults exercise the retry policy.

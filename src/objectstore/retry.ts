@@ -72,12 +72,9 @@ export function retriesText(retries: RetrySummary): string {
  */
 export const CHECKSUM_FALLBACK = 'ChecksumFallback';
 
-/** A failure that ends the enclosing withRetry at once; see `failsAtOnce`. */
-class FailsAtOnce extends Error {
-  constructor(readonly original: unknown) {
-    super('fails at once');
-  }
-}
+/** Errors marked by failsAtOnce. The error itself is marked, not wrapped, so it is recognised
+ * whichever way it travels (a write stream's error also destroys the streams piped into it). */
+const markedFailures = new WeakSet<object>();
 
 /**
  * Marks a call inside the operation of a withRetry whose failure must not be retried there: a call
@@ -87,8 +84,15 @@ class FailsAtOnce extends Error {
  */
 export function failsAtOnce<T>(call: Promise<T>): Promise<T> {
   return call.catch((err: unknown) => {
-    throw new FailsAtOnce(err);
+    const error = typeof err === 'object' && err !== null ? err : new Error(String(err));
+    markedFailures.add(error);
+    throw error;
   });
+}
+
+/** Whether `err` is a failure marked by failsAtOnce (wrappers must pass it through unchanged). */
+export function failedAtOnce(err: unknown): boolean {
+  return typeof err === 'object' && err !== null && markedFailures.has(err);
 }
 
 export function isRetryable(err: unknown): boolean {
@@ -104,7 +108,7 @@ export async function withRetry<T>(operation: () => Promise<T>, policy: RetryPol
     try {
       return await operation();
     } catch (err) {
-      if (err instanceof FailsAtOnce) throw err.original;
+      if (failedAtOnce(err)) throw err;
       if (!isRetryable(err) || attempt >= policy.attempts || signal?.aborted) throw err;
       const cap = Math.min(policy.maxDelayMs, policy.baseDelayMs * 2 ** (attempt - 1));
       const delay = Math.round(Math.random() * cap);
