@@ -228,6 +228,14 @@ describe('bad input table: databases, repositories and restore targets (fs)', ()
     assert.match(errorLine(run), /pbnoread|permission denied for (table|schema)/, describeRun(run));
   });
 
+  test('Helm values that cannot be parsed, for an unencrypted repository (their secrets cannot be redacted; refused before pausing)', { timeout: 120_000 }, async (t) => {
+    const values = join(cluster.work, 'broken-values.yaml');
+    await writeFile(values, 'pachd:\n  storage:\n    amazon: [unclosed\n');
+    await refusedBackup(t, cluster, 'malformed Helm values', 'cluster.helmValues is not YAML (unencrypted repository)', (raw) => {
+      raw.cluster.helmValues = values;
+    }, { exit: EXIT_FAILED, message: [/cluster\.helmValues/, /cannot be parsed to redact/, /keepHelmSecrets/] });
+  });
+
   test('repository equal to the cluster directory (fs, the same path)', { timeout: 120_000 }, async (t) => {
     await refusedBackup(t, cluster, 'repository equal to the cluster bucket', 'repository.url is cluster.objectStore.url (fs)', (raw) => {
       raw.repository.url = raw.cluster.objectStore.url;

@@ -107,7 +107,7 @@ async function backupUnderLock(options: BackupOptions, lockBox: { lock?: LockHan
     const dumpVersion = await toolVersion(pgDump);
     const databaseBytes = await checkDatabases(cluster, pgDump, dumpVersion);
     const rawHelmValues = await readHelmValues(config);
-    const helmValues = rawHelmValues && repo.helmValuesForStorage(rawHelmValues, config.backup.keepHelmSecrets);
+    const helmValues = rawHelmValues && (await repo.helmValuesForStorage(rawHelmValues, config.backup.keepHelmSecrets));
     if (mode === 'paused') await assertExpectedContext(strategy, config.pause.expectedContext);
     if (mode === 'online' && rawHelmValues && pachydermGcEnabled(rawHelmValues.toString('utf8'))) {
       events.warn('the Helm values enable Pachyderm garbage collection; online mode still proves every referenced object is held, but a chunk deleted mid-backup fails the backup');

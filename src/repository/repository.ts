@@ -5,7 +5,6 @@ import { createGunzip, createGzip, gunzipSync } from 'node:zlib';
 import { z } from 'zod';
 import { defaultRetryPolicy, RetryStore, withRetry } from '../objectstore/retry.js';
 import { NotFoundError, PreconditionFailedError, type ObjectStore } from '../objectstore/store.js';
-import { redactHelmSecrets } from '../pachyderm/helmValues.js';
 import { isChecksum, type Checksum } from './checksum.js';
 import { DigestStream, pipeWithDigest, sha256Hex } from './digest.js';
 import {
@@ -277,9 +276,12 @@ export class Repository {
    * in, otherwise with their secret fields redacted. Called in preflight, so values that cannot be
    * parsed stop the backup before anything is paused.
    */
-  helmValuesForStorage(values: Buffer, keepSecrets: boolean): { data: Buffer; redacted: boolean } {
+  async helmValuesForStorage(values: Buffer, keepSecrets: boolean): Promise<{ data: Buffer; redacted: boolean }> {
     if (this.#dataKey || keepSecrets) return { data: values, redacted: false };
-    let result: ReturnType<typeof redactHelmSecrets>;
+    // Loaded here, not at start-up: the YAML and JSON-schema libraries it brings cost ~50 ms of
+    // start-up that commands which never keep Helm values (and a backup's copy) need not pay.
+    const { redactHelmSecrets } = await import('../pachyderm/helmValues.js');
+    let result: { yaml: string; redacted: string[] };
     try {
       result = redactHelmSecrets(values.toString('utf8'));
     } catch (err) {
