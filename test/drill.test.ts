@@ -101,6 +101,23 @@ describe('pachbackup drill', () => {
     await assertNothingLeft();
   });
 
+  test("counts the retries of the drill's own requests (its scratch listings), not only its restore's", async () => {
+    // Faults on the drill's own handle of the scratch store only (the restore opens it as restore.objectStore).
+    process.env.PACHBACKUP_FAULTS = JSON.stringify([{ store: 'drill.objectStore', op: 'list', kind: 'transient', limit: 2 }]);
+    let result: Awaited<ReturnType<typeof drill>>;
+    try {
+      result = await drill();
+    } finally {
+      delete process.env.PACHBACKUP_FAULTS;
+    }
+    const { report, events } = result;
+    assert.equal(report.ok, true, report.problems.join('\n'));
+    assert.equal(report.retries.count, 2, JSON.stringify(report.retries));
+    assert.deepEqual(report.retries.causes, { SlowDown: 2 });
+    assert.equal(events.filter((e) => e.type === 'warning' && /transient object-store fault \(SlowDown\)/.test(e.message)).length, 1, 'the first retry of a cause is warned once');
+    await assertNothingLeft();
+  });
+
   test('refuses a scratch store inside the cluster bucket before creating anything', async () => {
     const unsafe = validateConfig({ ...raw, drill: { objectStore: (raw.cluster as { objectStore: unknown }).objectStore } }, 'unsafe drill config');
     await assert.rejects(

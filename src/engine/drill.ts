@@ -11,7 +11,7 @@ import { compareKeys, Cursor, inKeyOrder } from '../objectstore/sorted.js';
 import { IndexSource } from './objects.js';
 import type { Manifest } from '../repository/manifest.js';
 import type { Repository } from '../repository/repository.js';
-import { openRepository, PreflightError } from './context.js';
+import { newRetryTally, openRepository, PreflightError } from './context.js';
 import type { EventSink } from './events.js';
 import { runRestore, type RestoreSummary } from './restore.js';
 
@@ -72,7 +72,7 @@ export interface DrillReport {
   phases: DrillPhase[];
   cleanup: { ok: boolean; databasesDropped: string[]; objectsRemoved: number; problems: string[] };
   totalMs: number;
-  /** The restore's requests retried after transient object-store faults, by cause. */
+  /** Requests retried after transient object-store faults, by cause: the restore's and the drill's own (referenced-key check, clean-up). */
   retries: RestoreSummary['retries'];
 }
 
@@ -112,10 +112,12 @@ export async function runDrill(options: DrillOptions): Promise<DrillReport> {
   const server = pgServer(targets.postgres, targets.postgresKey);
 
   // ---- before anything is created: the backup exists and the scratch targets are safe to use.
-  const repo = openRepository(config, { maxSockets: options.concurrency * 2 });
+  // One tally for the drill's own requests (the referenced-key check, the clean-up) and its restore's.
+  const retries = newRetryTally((message) => emit({ type: 'warning', message }));
+  const repo = openRepository(config, { maxSockets: options.concurrency * 2, retry: retries.policy() });
   await repo.open(false);
   const manifest = await repo.resolve(options.backup);
-  const scratch = openStore(scratchConfig, 'drill.objectStore', { maxSockets: options.concurrency * 2 });
+  const scratch = openStore(scratchConfig, 'drill.objectStore', { maxSockets: options.concurrency * 2, retry: retries.policy() });
   assertScratchIsolated(scratch.location, scratchConfig, config);
   const base = openStore(targets.objectStore, 'drill.objectStore');
   await base.store.check();
@@ -172,6 +174,7 @@ export async function runDrill(options: DrillOptions): Promise<DrillReport> {
         noOwner: options.noOwner,
         concurrency: options.concurrency,
         emit: recordingEmit,
+        retries,
         ...(signal ? { signal } : {}),
       });
       checks.push(...restored.checks);
@@ -211,7 +214,7 @@ export async function runDrill(options: DrillOptions): Promise<DrillReport> {
     phases,
     cleanup,
     totalMs: Math.round(performance.now() - started),
-    retries: restored?.retries ?? { count: 0, causes: {} },
+    retries: retries.summary(),
   };
 }
 

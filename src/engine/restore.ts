@@ -2,7 +2,7 @@ import { mkdir, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { Config, ObjectStoreConfig, PostgresConfig } from '../config/schema.js';
 import { openStore } from '../objectstore/open.js';
-import { CHECKSUM_FALLBACK, failsAtOnce, withRetry, type RetryPolicy, type RetrySummary } from '../objectstore/retry.js';
+import { CHECKSUM_FALLBACK, failsAtOnce, withRetry, type RetryPolicy, type RetrySummary, type RetryTally } from '../objectstore/retry.js';
 import { ChecksumMismatchError, StoreError, type ObjectInfo, type ObjectStore } from '../objectstore/store.js';
 import { locationsOverlap } from '../objectstore/url.js';
 import { REDACTED, rewriteHelmValues } from '../pachyderm/helmValues.js';
@@ -43,6 +43,8 @@ export interface RestoreOptions {
   jobs?: number;
   emit: EventSink;
   signal?: AbortSignal;
+  /** Counts this restore's retries into a caller's tally (a drill's, which also counts its own requests); default a new one. */
+  retries?: RetryTally;
 }
 
 export interface RestoreSummary {
@@ -102,7 +104,7 @@ async function restoreWithScratch(options: RestoreOptions, lockBox: { lock?: Loc
   const phases = new PhaseRunner(emit);
   const plan: string[] = [];
   const jobs = options.jobs ?? config.restore?.jobs ?? 1;
-  const retries = newRetryTally((message) => emit({ type: 'warning', message }));
+  const retries = options.retries ?? newRetryTally((message) => emit({ type: 'warning', message }));
 
   const pre = await phases.run('preflight', async () => {
     const repo = openRepository(config, { maxSockets: options.concurrency * 2, retry: retries.policy() });
