@@ -33,7 +33,7 @@ async function assertNothingSealed(cluster: TestCluster, config: string, sealedB
 }
 
 // With s3rver the repository is a directory: objects then stream through pachbackup (a repository in
-// the same S3 service would get server-side copies, which bypass the injected faults).
+// the same S3 service would get server-side copies, which only fault rules of op `copy` reach).
 for (const kind of ['fs', 's3rver'] as StoreKind[]) {
   describe(`backup failures (${kind} cluster store)`, () => {
     let cluster: TestCluster;

@@ -1,7 +1,8 @@
 /**
  * Issue 6: object-store and database faults during real backups and restores, against real
  * PostgreSQL 15 servers and real stores. Faults come from the PACHBACKUP_FAULTS store decorator
- * (503 SlowDown, AccessDenied, bodies that break mid-stream) and from the TCP fault proxy in front
+ * (503 SlowDown, AccessDenied, bodies that break mid-stream; its `copy` rules reach server-side
+ * copies, which bypass the decorator) and from the TCP fault proxy in front
  * of s3rver and PostgreSQL (connection resets, truncated responses). Each test proves the three
  * promises: no data lost (restored fingerprints equal the source), the cluster never left paused,
  * and nothing that fails is sealed.
@@ -21,8 +22,10 @@ import { addChunks } from '../src/demo/pachydermFixture.js';
 import { openRepository } from '../src/engine/context.js';
 import { verifyBackup } from '../src/engine/verify.js';
 import { startFaultProxy, type FaultProxy } from '../src/objectstore/faultProxy.js';
-import { FaultStore, type FaultRule } from '../src/objectstore/faults.js';
-import { compareFingerprints, describeRun, TestCluster, type CliResult } from './helpers/cluster.js';
+import { FaultStore, faultsFromEnv, withCopyFaults, type FaultRule } from '../src/objectstore/faults.js';
+import { StoreError } from '../src/objectstore/store.js';
+import { compareFingerprints, describeRun, TestCluster, type CliResult, type StoreKind } from './helpers/cluster.js';
+import { cephRgwSkipReason } from './helpers/servers.js';
 
 const EXIT_FAILED = 1;
 const exec = promisify(execFile);
@@ -654,14 +657,186 @@ describe('the TCP fault proxy itself', () => {
   });
 });
 
+// Server-side copies (CopyObject) do not pass through the store decorator: rules of op `copy` apply
+// to each copy call instead, under the ServerSideCopier, so the copier classifies an injected fault
+// as it does the service's own errors: a retryable one (503 SlowDown) is retried and counted, any
+// other switches server-side copying off for the rest of the run and the objects are streamed.
+const copyFaultServers: Array<{ kind: StoreKind; label: string; skip: string | false }> = [
+  { kind: 's3rver', label: 's3rver', skip: false },
+  { kind: 'ceph', label: 'Ceph RGW', skip: cephRgwSkipReason() ?? false },
+];
+
+for (const { kind, label, skip } of copyFaultServers) {
+  describe(`faults on server-side copies, op copy (${label})`, { skip }, () => {
+    const total = 30;
+    let cluster: TestCluster | undefined;
+    let skipReason: string | undefined;
+    before(async () => {
+      const created = await TestCluster.create({ kind, chunks: total, chunkSize: 16 * 1024 });
+      if (typeof created === 'string') skipReason = created;
+      else cluster = created;
+    });
+    after(async () => cluster?.cleanup());
+
+    /** The cluster, or undefined with the test marked skipped (Ceph RGW could not start). */
+    const ready = (t: TestContext): TestCluster | undefined => {
+      if (!cluster) t.skip(skipReason ?? 'the test cluster did not start');
+      return cluster;
+    };
+
+    test('30% of server-side copies fail with 503 SlowDown: retried and counted; copied server-side; verifies; restored objects equal', { timeout: 600_000 }, async (t) => {
+      const cluster = ready(t);
+      if (!cluster) return;
+      const config = await cluster.writeConfig();
+      const run = await cluster.runCli(['--config', config, '--json', '--yes', 'backup'], {
+        env: faultsEnv([{ store: 'repository', op: 'copy', kind: 'transient', rate: 0.3 }]),
+      });
+      assert.equal(run.code, 0, describeRun(run));
+      const summary = run.result!;
+      assert.equal(summary.objects.newCount, total);
+      assert.equal(summary.copyPath, 'server-side', `every object was copied server-side, none streamed: ${describeRun(run)}`);
+      const slowDowns: number = summary.retries.causes['SlowDown'] ?? 0;
+      assert.ok(slowDowns > 0, `the retried copies are counted as SlowDown: ${JSON.stringify(summary.retries)}`);
+      assert.ok(!run.events.some((e) => /server-side copy was not possible/.test(String(e.message))), 'a transient fault does not switch server-side copying off');
+      const verify = await cluster.runCli(['--config', config, '--json', 'verify', summary.id]);
+      assert.equal(verify.code, 0, describeRun(verify));
+      const restore = await cluster.runCli(['--config', config, '--json', '--yes', 'restore', summary.id]);
+      assert.equal(restore.code, 0, describeRun(restore));
+      assert.deepEqual(compareFingerprints(await cluster.sourceFingerprints(), await cluster.restoredFingerprints()), [], 'the restored cluster equals the source, object by object');
+      record(t, {
+        category: 'object store',
+        fault: `30% of server-side copies (CopyObject) fail with 503 SlowDown (${label})`,
+        runs: 3,
+        detail: `backup sealed with copy path server-side, ${slowDowns} SlowDown retries counted; verify passed; restored data equal`,
+      });
+    });
+
+    test('one server-side copy refused (403): server-side copying switches off with the key as reason, the rest is streamed; verifies', { timeout: 300_000 }, async (t) => {
+      const cluster = ready(t);
+      if (!cluster) return;
+      const added = (await addChunksTo(cluster, 10)).sort();
+      // In the middle of the key order: the copies before it were started server-side already.
+      const refused = added[5]!;
+      const config = await cluster.writeConfig();
+      const run = await cluster.runCli(['--config', config, '--json', '--yes', 'backup'], {
+        env: faultsEnv([{ store: 'repository', op: 'copy', keyContains: refused, kind: 'permanent' }]),
+      });
+      assert.equal(run.code, 0, `a refused copy falls back to streaming, like a service that refuses CopyObject: ${describeRun(run)}`);
+      assert.equal(run.result!.objects.newCount, added.length);
+      assert.equal(run.result!.copyPath, 'mixed', `copies before the refusal were server-side, the refused object and those after it streamed: ${describeRun(run)}`);
+      const reason = run.events.find((e) => e.type === 'info' && /server-side copy was not possible/.test(String(e.message)));
+      assert.ok(reason && String(reason.message).includes(refused) && /AccessDenied/.test(String(reason.message)), `the summary says why, naming the key: ${describeRun(run)}`);
+      const verify = await cluster.runCli(['--config', config, '--json', 'verify', run.result!.id]);
+      assert.equal(verify.code, 0, describeRun(verify));
+      record(t, {
+        category: 'object store',
+        fault: `one server-side copy refused with 403 AccessDenied (${label})`,
+        runs: 2,
+        detail: `backup sealed with copy path ${run.result!.copyPath}: "${String(reason.message).slice(0, 200)}"; verify passed`,
+      });
+    });
+
+    test('a server-side copy that keeps failing with 503 while paused: clear error naming the key, resumed, nothing sealed; the next backup copies only what is missing', { timeout: 300_000 }, async (t) => {
+      const cluster = ready(t);
+      if (!cluster) return;
+      const added = (await addChunksTo(cluster, 10)).sort();
+      const failing = added[3]!;
+      await cluster.resetMarker();
+      const sealedBefore = (await cluster.sealedBackups()).sort();
+      const heldBefore = await repositoryObjectKeys(cluster);
+      const config = await cluster.writeConfig();
+      const failed = await cluster.runCli(['--config', config, '--json', '--yes', 'backup', '--no-precopy', '--concurrency', '2'], {
+        env: faultsEnv([{ store: 'repository', op: 'copy', keyContains: failing, kind: 'transient' }]),
+      });
+      assert.equal(failed.code, EXIT_FAILED, describeRun(failed));
+      assert.match(errorLine(failed), new RegExp(`${failing.replace(/[.]/g, '\\.')}.*SlowDown`), `one error, naming the key and the cause: ${describeRun(failed)}`);
+      assert.deepEqual(await cluster.markerLines(), ['paused', 'resumed'], 'paused once, then resumed');
+      assert.deepEqual((await cluster.sealedBackups()).sort(), sealedBefore, 'nothing sealed');
+      const status = await cluster.runCli(['--config', config, '--json', 'status']);
+      assert.equal(status.result?.paused, false, describeRun(status));
+      const copied = [...(await repositoryObjectKeys(cluster))].filter((key) => !heldBefore.has(key));
+      assert.ok(!copied.includes(`objects/${failing}`), 'the failing object was not copied');
+
+      await cluster.resetMarker();
+      const next = await cluster.runCli(['--config', config, '--json', '--yes', 'backup']);
+      assert.equal(next.code, 0, describeRun(next));
+      const summary = next.result!;
+      assert.equal(summary.copyPath, 'server-side');
+      assert.equal(
+        summary.objects.newCount,
+        added.length - copied.length,
+        `the next backup copies exactly what the failed one did not (${added.length} - ${copied.length}): the failed run journaled its copies`,
+      );
+      const verify = await cluster.runCli(['--config', config, '--json', 'verify', summary.id]);
+      assert.equal(verify.code, 0, describeRun(verify));
+      record(t, {
+        category: 'object store',
+        fault: `one server-side copy fails with 503 SlowDown on every attempt, while paused; then a backup without the fault (${label})`,
+        runs: 3,
+        detail: `failed run: "${errorLine(failed)}"; resumed, nothing sealed, ${copied.length} of ${added.length} new objects copied; next backup copied ${summary.objects.newCount} server-side and verifies`,
+      });
+    });
+
+    test('PACHBACKUP_FAULTS with a truncate rule for op copy: refused before anything is paused', { timeout: 120_000 }, async (t) => {
+      const cluster = ready(t);
+      if (!cluster) return;
+      await cluster.resetMarker();
+      const sealedBefore = (await cluster.sealedBackups()).sort();
+      const run = await cluster.runCli(['--config', await cluster.writeConfig(), '--yes', 'backup'], {
+        env: faultsEnv([{ store: 'repository', op: 'copy', kind: 'truncate' }]),
+      });
+      assert.notEqual(run.code, 0, describeRun(run));
+      assert.match(errorLine(run), /PACHBACKUP_FAULTS is not a valid list of fault rules: kind truncate and reset .*op copy.*\(at \[0\]\.kind\)/, describeRun(run));
+      assert.deepEqual(await cluster.markerLines(), [], 'never paused');
+      assert.deepEqual((await cluster.sealedBackups()).sort(), sealedBefore);
+      record(t, { category: 'bad input', fault: `PACHBACKUP_FAULTS rule {op: copy, kind: truncate} (${label})`, runs: 1, detail: `refused before pausing: "${errorLine(run)}"` });
+    });
+  });
+}
+
+test('fault rules of op copy: truncate and reset are refused at parse time, copy rules only for the repository; the others apply to each copy call', async (t) => {
+  const parse = (rules: unknown[]): FaultRule[] => faultsFromEnv({ PACHBACKUP_FAULTS: JSON.stringify(rules) });
+  for (const kind of ['truncate', 'reset']) {
+    assert.throws(
+      () => parse([{ store: 'repository', op: 'get', kind: 'transient' }, { store: 'repository', op: 'copy', kind }]),
+      /^Error: PACHBACKUP_FAULTS is not a valid list of fault rules: kind truncate and reset break the body of a get; a server-side copy \(op copy\) streams no body through pachbackup: use transient, permanent or delay \(at \[1\]\.kind\)$/,
+      kind,
+    );
+  }
+  assert.throws(() => parse([{ store: 'cluster.objectStore', op: 'copy', kind: 'transient' }]), /op copy applies to store "repository".*\(at \[0\]\.store\)/);
+  // truncate and reset stay valid for the operations that read a body.
+  assert.equal(parse([{ store: 'repository', op: 'get', kind: 'reset' }]).length, 1);
+  const rules = parse([
+    { store: 'repository', op: 'copy', keyContains: 'slow', kind: 'transient', limit: 1 },
+    { store: 'repository', op: 'copy', keyContains: 'denied', kind: 'permanent' },
+    { store: 'repository', op: 'copy', keyContains: 'late', kind: 'delay', ms: 150 },
+  ]);
+  const calls: string[] = [];
+  const copy = async (key: string, size: number): Promise<{ key: string; size: number }> => {
+    calls.push(key);
+    return { key, size };
+  };
+  assert.equal(withCopyFaults('repository', copy, []), copy, 'without copy rules, the copy is not wrapped');
+  assert.equal(withCopyFaults('repository', copy, parse([{ store: 'repository', op: 'put', kind: 'permanent' }])), copy, 'rules of other operations leave the copy alone');
+  const faulty = withCopyFaults('repository', copy, rules);
+  await assert.rejects(faulty('chunk/slow', 1), (err: unknown) => err instanceof StoreError && err.retryable && err.code === 'SlowDown' && /copy chunk\/slow/.test(err.message));
+  assert.deepEqual(await faulty('chunk/slow', 1), { key: 'chunk/slow', size: 1 }, 'limit 1: the second call goes through');
+  await assert.rejects(faulty('chunk/denied', 2), (err: unknown) => err instanceof StoreError && !err.retryable && /copy chunk\/denied: AccessDenied/.test(err.message));
+  const started = Date.now();
+  assert.deepEqual(await faulty('chunk/late', 3), { key: 'chunk/late', size: 3 });
+  assert.ok(Date.now() - started >= 140, 'delay waits, then copies');
+  assert.deepEqual(calls, ['chunk/slow', 'chunk/late'], 'a faulted call never reaches the service');
+  record(t, { category: 'bad input', fault: 'PACHBACKUP_FAULTS rules of op copy with kind truncate or reset, or for another store than the repository', runs: 0, detail: 'refused at parse time with the rule and field named; transient, permanent and delay apply to each copy call' });
+});
+
 function errorLine(run: CliResult): string {
   const line = run.stderr.split('\n').find((l) => l.startsWith('pachbackup: error: ')) ?? run.events.find((e) => e.type === 'error')?.message ?? '';
   return line.replace(/^pachbackup: error: /, '').slice(0, 300);
 }
 
 /** Writes `count` more chunks the way pachd does (row, object, uploaded), so a backup has new work. */
-async function addChunksTo(cluster: TestCluster, count: number, chunkSize = 16 * 1024): Promise<void> {
-  await addChunks(cluster.source, cluster.clusterStore(), count, { chunkSize });
+async function addChunksTo(cluster: TestCluster, count: number, chunkSize = 16 * 1024): Promise<string[]> {
+  return (await addChunks(cluster.source, cluster.clusterStore(), count, { chunkSize })).keys;
 }
 
 /** A fault proxy (initially passing everything) in front of the cluster's S3 server. */

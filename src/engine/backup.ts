@@ -25,6 +25,7 @@ import { copyMissingObjects, copyPlanned, CopyJournal, entriesLookup, planCopy, 
 import { algorithmOf } from '../repository/checksum.js';
 import { compareKeys, Cursor, mergeByKey, readRows, RowWriter, ScratchDir } from '../objectstore/sorted.js';
 import { openStore } from '../objectstore/open.js';
+import { withCopyFaults } from '../objectstore/faults.js';
 import { defaultRetryPolicy, withRetry, type RetryPolicy, type RetrySummary } from '../objectstore/retry.js';
 
 export interface BackupOptions {
@@ -621,7 +622,8 @@ function serverSideCopier(config: Config, cluster: ClusterHandles, concurrency: 
   if (!source || (config.repository as Record<string, unknown>).encryption) return undefined;
   const target = openStore(config.repository, 'repository', { maxSockets: concurrency * 2 }).s3;
   if (!target || !source.sameServiceAs(target)) return undefined;
-  return new ServerSideCopier((key, size, signal, sourceMd5) => target.copyFrom(source, key, layout.object(key), size, signal, sourceMd5));
+  // PACHBACKUP_FAULTS rules of op `copy` apply here, under the copier: it classifies them as the service's errors.
+  return new ServerSideCopier(withCopyFaults('repository', (key: string, size: number, signal?: AbortSignal, sourceMd5?: string) => target.copyFrom(source, key, layout.object(key), size, signal, sourceMd5)));
 }
 
 function copyPathOf(serverSide: number, streamed: number): 'stream' | 'server-side' | 'mixed' | 'none' {
