@@ -1,6 +1,6 @@
 import { gzipSync } from 'node:zlib';
-import { CHECKSUM_FALLBACK, failedAtOnce, failsAtOnce, withRetry, defaultRetryPolicy, type RetryPolicy } from '../objectstore/retry.js';
-import { ChecksumMismatchError, md5OfEtag, StoreError, type ObjectInfo, type ObjectStore } from '../objectstore/store.js';
+import { CHECKSUM_FALLBACK, failedAtOnce, failsAtOnce, isRetryable, withRetry, defaultRetryPolicy, type RetryPolicy } from '../objectstore/retry.js';
+import { ChecksumMismatchError, md5OfEtag, NotFoundError, StoreError, type ObjectInfo, type ObjectStore } from '../objectstore/store.js';
 import { checksumOf, isChecksum, type Checksum } from '../repository/checksum.js';
 import { digestOf, pipeWithDigest } from '../repository/digest.js';
 import type { FileRef } from '../repository/manifest.js';
@@ -312,21 +312,50 @@ async function copyOne(ctx: CopyContext, info: ObjectInfo): Promise<IndexEntry &
       const body = await failsAtOnce(source.get(info.key, signal));
       const put = { size: info.size, ...(checked ? { contentMd5: checked } : {}) };
       const { bytes, hex } = await pipeWithDigest(body, (digest, putSignal) => repo.store.put(layout.object(info.key), digest, put, putSignal), signal, checked ? null : 'sha256').catch(
-        (err: unknown) => {
+        async (err: unknown) => {
           if (err instanceof ChecksumMismatchError) {
             // The listed ETag is not the object's MD5 (or the object changed): hash it here instead, from now on.
             ctx.serviceMd5?.disable(`${info.key}: ${err.message}`);
             throw new StoreError(`copying ${info.key}: ${err.message}; copying it again with a SHA-256 computed here`, true, { cause: err, code: CHECKSUM_FALLBACK });
           }
-          throw asRetryable(err, `copying ${info.key}`, signal);
+          const failure = asRetryable(err, `copying ${info.key}`, signal);
+          // A body of another length than listed fails the upload just as a broken connection
+          // does (an S3 PUT of a declared length): before trying again, make sure it is not the
+          // object itself that changed, which no retry would fix.
+          if (isRetryable(failure) && !failedAtOnce(failure) && !signal?.aborted) await assertListedSize(source, info);
+          throw failure;
         },
       );
-      if (bytes !== info.size) throw new StoreError(`object ${info.key} was ${info.size} bytes when listed but ${bytes} when read; it changed during the backup`, false);
+      if (bytes !== info.size) {
+        // Only a store that does not hold a put to its declared size (a directory) gets here. An
+        // object still of its listed size means the read ended early (a truncated response): tried again.
+        await assertListedSize(source, info);
+        throw new StoreError(`copying ${info.key}: read ${bytes} of its ${info.size} bytes`, true, { code: 'BodyLength' });
+      }
       return { key: info.key, size: bytes, checksum: checked ? checksumOf('md5', checked) : hex, serverSide: false };
     },
     ctx.retry ?? defaultRetryPolicy,
     signal,
   );
+}
+
+/**
+ * Asked only when a streamed copy broke or read another number of bytes than listed (never per
+ * object copied): throws if the object is no longer as listed. Gone: the NotFoundError its read
+ * would have met, so it is treated as any object that disappears between listing and copying.
+ * Another size: a permanent error, since copying it again cannot give the listed object.
+ */
+async function assertListedSize(source: ObjectStore, info: ObjectInfo): Promise<void> {
+  // The stat is retried by the store already: its failure ends the copy instead of multiplying
+  // the attempts of the enclosing withRetry.
+  const now = await failsAtOnce(source.stat(info.key));
+  if (!now) throw new NotFoundError(`${info.key} not found in ${source.description}`);
+  if (now.size !== info.size) {
+    throw new StoreError(
+      `object ${info.key} was ${info.size} bytes when listed but is ${now.size} bytes now; it changed during the backup (Pachyderm writes each object once, so something else is writing to the bucket): find that writer, then run the backup again`,
+      false,
+    );
+  }
 }
 
 export interface CopyOptions extends CopyContext {
