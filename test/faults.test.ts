@@ -20,6 +20,8 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { after, before, describe, test, type TestContext } from 'node:test';
 import { addChunks } from '../src/demo/pachydermFixture.js';
 import { openRepository } from '../src/engine/context.js';
+import type { EngineEvent } from '../src/engine/events.js';
+import { restoreTargetsFromConfig, runRestore } from '../src/engine/restore.js';
 import { verifyBackup } from '../src/engine/verify.js';
 import { startFaultProxy, type FaultProxy } from '../src/objectstore/faultProxy.js';
 import { FaultStore, faultsFromEnv, withCopyFaults, type FaultRule } from '../src/objectstore/faults.js';
@@ -206,6 +208,27 @@ describe('transient object-store faults (s3rver)', () => {
       fault: '5% of requests fail with 503 SlowDown (list, stat, get, put, remove, check of the cluster bucket, the repository and the restore target); 5% of object reads reset mid-body',
       runs: 5,
       detail: `2 backups, 1 restore, 2 verifies (resets included) completed; ${total} faults injected (${shown}); restored data equal; resumed after each pause`,
+    });
+  });
+
+  test('the read of a database dump breaks twice while pg_restore reads it: that database is restored again from the start, the retries counted, data equal', { timeout: 300_000 }, async (t) => {
+    // The first read of the pachyderm dump (the preflight's check) passes; the next two, the ones
+    // pg_restore is fed from, break mid-body. Before the fix, the first break failed the restore.
+    const rules = [{ store: 'repository', op: 'get', keyContains: 'db/pachyderm.dump', kind: 'reset', after: 1, limit: 2, rate: 1, ms: 0 }];
+    const config = cluster.config(streamed);
+    await cluster.backup(streamed);
+    const events: EngineEvent[] = [];
+    const restored = await withFaults(rules, () =>
+      runRestore({ config, backup: 'latest', targets: restoreTargetsFromConfig(config), force: true, dryRun: false, noOwner: true, concurrency: 4, emit: (e) => events.push(e) }),
+    );
+    assert.equal(restored.retries.causes['ECONNRESET'], 2, `both breaks retried and counted: ${JSON.stringify(restored.retries)}`);
+    assert.equal(events.filter((e) => e.type === 'warning' && /transient object-store fault \(ECONNRESET\).*reading the dump of pachyderm/.test(String(e.message))).length, 1, 'the first retry is warned, naming the dump');
+    assert.deepEqual(compareFingerprints(await cluster.sourceFingerprints(), await cluster.restoredFingerprints()), [], 'the restored cluster equals the source');
+    record(t, {
+      category: 'object store',
+      fault: 'the read of a database dump breaks mid-body (ECONNRESET) twice while pg_restore is fed from it',
+      runs: 1,
+      detail: `restore completed: the database was created again and the dump streamed a third time; retries ${JSON.stringify(restored.retries.causes)}; restored data equal`,
     });
   });
 

@@ -2,7 +2,7 @@ import { mkdir, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { Config, ObjectStoreConfig, PostgresConfig } from '../config/schema.js';
 import { openStore } from '../objectstore/open.js';
-import { CHECKSUM_FALLBACK, failsAtOnce, withRetry, type RetryPolicy, type RetrySummary, type RetryTally } from '../objectstore/retry.js';
+import { CHECKSUM_FALLBACK, failsAtOnce, isRetryable, withRetry, type RetryPolicy, type RetrySummary, type RetryTally } from '../objectstore/retry.js';
 import { ChecksumMismatchError, StoreError, type ObjectInfo, type ObjectStore } from '../objectstore/store.js';
 import { locationsOverlap } from '../objectstore/url.js';
 import { REDACTED, rewriteHelmValues } from '../pachyderm/helmValues.js';
@@ -221,7 +221,7 @@ async function restoreWithScratch(options: RestoreOptions, lockBox: { lock?: Loc
         createdDatabases.push(name);
         const local = pre.localDumps.get(db);
         if (local) await pgRestoreFromFile(local, db, target, name, pgRestore, { noOwner: options.noOwner, jobs }, signal);
-        else await pgRestoreFromRepository(repo, db, target, name, pgRestore, options.noOwner, signal);
+        else await pgRestoreFromRepository(repo, db, target, name, pgRestore, options.noOwner, retries.policy(BODY_READ_RETRY), signal);
         done.push({ name, from: db.name, tables: db.tables.length, rows: db.tables.reduce((n, t) => n + t.rows, 0) });
       }
       return done;
@@ -362,6 +362,13 @@ async function pgRestoreFromFile(
   }
 }
 
+/**
+ * pg_restore fed straight from the repository (a custom-format dump, one job): nothing on local
+ * disk. pg_restore runs in one transaction, so when the read of the dump breaks mid-body (a reset
+ * connection) the partial restore rolls back; the database is then created again and the whole
+ * dump streamed once more, up to `retry.attempts` times. A failure of pg_restore itself, or a
+ * dump that does not decrypt or match its checksum, is not retried.
+ */
 async function pgRestoreFromRepository(
   repo: Repository,
   db: DatabaseEntry,
@@ -369,22 +376,45 @@ async function pgRestoreFromRepository(
   name: string,
   pgRestore: string,
   noOwner: boolean,
+  retry: RetryPolicy,
   signal?: AbortSignal,
 ): Promise<void> {
   const args = ['--no-password', '--exit-on-error', '--single-transaction', `--dbname=${name}`];
   if (noOwner) args.push('--no-owner', '--no-acl');
-  const tool = startTool(pgRestore, args, childEnv(server));
-  try {
-    const body = await repo.store.get(db.file, signal);
-    const [digest] = await Promise.all([
-      pipeWithDigest(body, (stream) => new Promise<void>((resolve, reject) => stream.pipe(tool.child.stdin).on('finish', resolve).on('error', reject)), signal),
-      tool.done,
-    ]);
-    if (digest.hex !== db.sha256) throw new RestoreError(`the dump of ${db.name} changed while it was restored (checksum mismatch); the restore is not trustworthy`);
-  } catch (err) {
-    const cause = await stopTool(tool, err);
-    throw new RestoreError(`restoring database ${name} on ${describeServer(server)}: ${(cause as Error).message ?? String(cause)}`);
-  }
+  let attempt = 0;
+  await withRetry(
+    async () => {
+      if (attempt++ > 0) {
+        // Start again from an empty database (the rolled-back transaction left it so; this makes sure).
+        await dropDatabase(server, name);
+        await createDatabase(server, name);
+      }
+      const tool = startTool(pgRestore, args, childEnv(server));
+      let readBroke: unknown;
+      try {
+        const body = await failsAtOnce(repo.store.get(db.file, signal));
+        body.once('error', (err) => (readBroke ??= err));
+        const [digest] = await Promise.all([
+          pipeWithDigest(body, (stream) => new Promise<void>((resolve, reject) => stream.pipe(tool.child.stdin).on('finish', resolve).on('error', reject)), signal),
+          tool.done,
+        ]);
+        if (digest.hex !== db.sha256) throw new RestoreError(`the dump of ${db.name} changed while it was restored (checksum mismatch); the restore is not trustworthy`);
+      } catch (err) {
+        const cause = await stopTool(tool, err);
+        if (readBroke !== undefined && !signal?.aborted) {
+          // The dump's read broke, not pg_restore: a transient fault unless the store says otherwise.
+          const failure = asRetryable(readBroke, `reading the dump of ${db.name} into pg_restore`, signal);
+          if (isRetryable(failure)) throw failure;
+        }
+        throw new RestoreError(`restoring database ${name} on ${describeServer(server)}: ${(cause as Error).message ?? String(cause)}`);
+      }
+    },
+    retry,
+    signal,
+  ).catch((err: unknown) => {
+    if (err instanceof StoreError && err.retryable) throw new RestoreError(`restoring database ${name} on ${describeServer(server)}: ${err.message} (read ${attempt} times)`);
+    throw err;
+  });
 }
 
 /** Compares the restored result with the manifest: rows per table and objects (count and bytes). */
