@@ -109,8 +109,9 @@ async function repositoryObjectKeys(cluster: TestCluster): Promise<Set<string>> 
 }
 
 // Every operation of every store fails with probability 5% (503 SlowDown, retryable), and 5% of
-// object reads break mid-body (ECONNRESET). Dump uploads are left out here: a dump streams from
-// pg_dump and is the subject of its own test below.
+// reads break mid-body (ECONNRESET): the cluster's objects, and every read of the repository.
+// Dump uploads are left out here: a dump streams from pg_dump and is the subject of its own test
+// below.
 const TRANSIENT_RATE = 0.05;
 const REPOSITORY_PUT_KEYS = ['objects/', '/journal/', '/index', '/referenced', '/manifest', 'ledger/', 'tmp/', 'locks/', 'pachbackup.json'];
 
@@ -123,7 +124,8 @@ function fivePercentRules(): FaultRule[] {
     else rules.push(rule({ store, op: 'put', kind: 'transient' }));
   }
   rules.push(rule({ store: 'cluster.objectStore', op: 'get', kind: 'reset' }));
-  rules.push(rule({ store: 'repository', op: 'get', keyContains: 'objects/', kind: 'reset' }));
+  // Every read of the repository: objects, and its own files (indexes, manifests, journals, locks, dumps).
+  rules.push(rule({ store: 'repository', op: 'get', kind: 'reset' }));
   return rules;
 }
 
@@ -156,7 +158,7 @@ describe('transient object-store faults (s3rver)', () => {
     raw.backup.concurrency = 4;
   };
 
-  test('backup, restore and verify complete with 5% of requests failing (503) and 5% of object reads reset mid-body; data equal', { timeout: 600_000 }, async (t) => {
+  test('backup, restore and verify complete with 5% of requests failing (503) and 5% of reads (objects and repository files) reset mid-body; data equal', { timeout: 600_000 }, async (t) => {
     const counter = countInjectedFaults();
     let injected: Map<string, number>;
     try {
@@ -205,7 +207,7 @@ describe('transient object-store faults (s3rver)', () => {
     for (const { bucket, n } of perStore) assert.ok(n > 0, `faults were injected into ${bucket} (${shown})`);
     record(t, {
       category: 'object store',
-      fault: '5% of requests fail with 503 SlowDown (list, stat, get, put, remove, check of the cluster bucket, the repository and the restore target); 5% of object reads reset mid-body',
+      fault: '5% of requests fail with 503 SlowDown (list, stat, get, put, remove, check of the cluster bucket, the repository and the restore target); 5% of reads reset mid-body (cluster objects; repository objects, indexes, manifests, journals, locks, dumps)',
       runs: 5,
       detail: `2 backups, 1 restore, 2 verifies (resets included) completed; ${total} faults injected (${shown}); restored data equal; resumed after each pause`,
     });

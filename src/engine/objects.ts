@@ -1,5 +1,5 @@
 import { gzipSync } from 'node:zlib';
-import { CHECKSUM_FALLBACK, failedAtOnce, failsAtOnce, isRetryable, withRetry, defaultRetryPolicy, type RetryPolicy } from '../objectstore/retry.js';
+import { asRetryable, CHECKSUM_FALLBACK, failedAtOnce, failsAtOnce, isRetryable, withRetry, defaultRetryPolicy, type RetryPolicy } from '../objectstore/retry.js';
 import { ChecksumMismatchError, md5OfEtag, NotFoundError, StoreError, type ObjectInfo, type ObjectStore } from '../objectstore/store.js';
 import { checksumOf, isChecksum, type Checksum } from '../repository/checksum.js';
 import { digestOf, pipeWithDigest } from '../repository/digest.js';
@@ -479,13 +479,3 @@ export async function copyPlanned(options: CopyOptions & { plan: AsyncIterable<P
   return result;
 }
 
-/**
- * A stream that breaks mid-copy (reset, truncated body) is worth another try; an abort is not,
- * nor a failure marked failsAtOnce (a local write, a call retried already).
- */
-export function asRetryable(err: unknown, doing: string, signal?: AbortSignal): unknown {
-  if (err instanceof StoreError || failedAtOnce(err) || signal?.aborted) return err;
-  const { code, name } = err as { code?: unknown; name?: unknown };
-  const cause = typeof code === 'string' ? code : typeof name === 'string' && name !== 'Error' ? name : undefined;
-  return new StoreError(`${doing}: ${(err as Error).message ?? String(err)}`, true, { cause: err, ...(cause ? { code: cause } : {}) });
-}

@@ -1,7 +1,6 @@
 import { isNotFound, StoreError } from '../objectstore/store.js';
-import { defaultRetryPolicy, failsAtOnce, withRetry, type RetryPolicy, type RetrySummary, type RetryTally } from '../objectstore/retry.js';
+import { asRetryable, defaultRetryPolicy, failsAtOnce, withRetry, type RetryPolicy, type RetrySummary, type RetryTally } from '../objectstore/retry.js';
 import { newRetryTally } from './context.js';
-import { asRetryable } from './objects.js';
 import { createWriteStream } from 'node:fs';
 import { pipeline } from 'node:stream/promises';
 import { algorithmOf, checksumOf, describeChecksum, type Checksum } from '../repository/checksum.js';

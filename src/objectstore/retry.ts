@@ -110,12 +110,28 @@ export async function withRetry<T>(operation: () => Promise<T>, policy: RetryPol
     } catch (err) {
       if (failedAtOnce(err)) throw err;
       if (!isRetryable(err) || attempt >= policy.attempts || signal?.aborted) throw err;
-      const cap = Math.min(policy.maxDelayMs, policy.baseDelayMs * 2 ** (attempt - 1));
-      const delay = Math.round(Math.random() * cap);
-      policy.onRetry?.(err as StoreError, attempt, delay);
-      await new Promise((resolve) => setTimeout(resolve, delay));
+      await backOff(err as StoreError, attempt, policy);
     }
   }
+}
+
+/** Reports the retry after failed attempt `attempt` and waits its delay (exponential, full jitter). */
+export async function backOff(err: StoreError, attempt: number, policy: RetryPolicy): Promise<void> {
+  const cap = Math.min(policy.maxDelayMs, policy.baseDelayMs * 2 ** (attempt - 1));
+  const delay = Math.round(Math.random() * cap);
+  policy.onRetry?.(err, attempt, delay);
+  await new Promise((resolve) => setTimeout(resolve, delay));
+}
+
+/**
+ * A stream that breaks mid-copy (reset, truncated body) is worth another try; an abort is not,
+ * nor a failure marked failsAtOnce (a local write, a call retried already).
+ */
+export function asRetryable(err: unknown, doing: string, signal?: AbortSignal): unknown {
+  if (err instanceof StoreError || failedAtOnce(err) || signal?.aborted) return err;
+  const { code, name } = err as { code?: unknown; name?: unknown };
+  const cause = typeof code === 'string' ? code : typeof name === 'string' && name !== 'Error' ? name : undefined;
+  return new StoreError(`${doing}: ${(err as Error).message ?? String(err)}`, true, { cause: err, ...(cause ? { code: cause } : {}) });
 }
 
 /**
@@ -167,4 +183,23 @@ export class RetryStore implements ObjectStore {
   get md5CheckedPutLimit(): number | undefined {
     return this.inner.md5CheckedPutLimit;
   }
+}
+
+/**
+ * A whole object, read again from its start when its body breaks mid-read (a reset connection),
+ * under the store's own retry policy when it has one. Opening it is retried by that store already
+ * (failsAtOnce: not again here); an object that fails otherwise (one that does not decrypt) is not
+ * read again.
+ */
+export function readWhole(store: ObjectStore, key: string, policy: RetryPolicy = store instanceof RetryStore ? store.policy : defaultRetryPolicy): Promise<Buffer> {
+  return withRetry(async () => {
+    const stream = await failsAtOnce(store.get(key));
+    const chunks: Buffer[] = [];
+    try {
+      for await (const chunk of stream) chunks.push(chunk as Buffer);
+    } catch (err) {
+      throw asRetryable(err, `reading ${key}`);
+    }
+    return Buffer.concat(chunks);
+  }, policy);
 }

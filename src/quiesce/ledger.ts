@@ -2,6 +2,7 @@ import { mkdir, readFile, rename, rm, writeFile } from 'node:fs/promises';
 import { homedir } from 'node:os';
 import { join } from 'node:path';
 import { NotFoundError, type ObjectStore } from '../objectstore/store.js';
+import { readWhole } from '../objectstore/retry.js';
 import type { PauseRecord } from './strategy.js';
 
 export const LEDGER_KEY = 'ledger/pause.json';
@@ -44,10 +45,7 @@ export class PauseLedger {
   /** The ledger from the repository, else from the local file; undefined when nothing is paused. */
   async read(): Promise<LedgerEntry | undefined> {
     try {
-      const stream = await this.store.get(LEDGER_KEY);
-      const chunks: Buffer[] = [];
-      for await (const c of stream) chunks.push(c as Buffer);
-      return JSON.parse(Buffer.concat(chunks).toString('utf8')) as LedgerEntry;
+      return JSON.parse((await readWhole(this.store, LEDGER_KEY)).toString('utf8')) as LedgerEntry;
     } catch (err) {
       // Not in the repository (or the repository is what broke): the local copy may still hold it.
       if (!(err instanceof NotFoundError) && !(err instanceof Error)) throw err;

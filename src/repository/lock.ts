@@ -2,6 +2,7 @@ import { randomBytes } from 'node:crypto';
 import { hostname } from 'node:os';
 import { z } from 'zod';
 import { NotFoundError, PreconditionFailedError, type ObjectStore } from '../objectstore/store.js';
+import { readWhole } from '../objectstore/retry.js';
 
 /**
  * Lease locks in the repository; docs/repository-format.md ("Locks") is their specification.
@@ -372,10 +373,7 @@ function lockBytes(info: LockInfo): Buffer {
 }
 
 async function readText(store: ObjectStore, key: string): Promise<string> {
-  const stream = await store.get(key);
-  const chunks: Buffer[] = [];
-  for await (const chunk of stream) chunks.push(chunk as Buffer);
-  return Buffer.concat(chunks).toString('utf8');
+  return (await readWhole(store, key)).toString('utf8');
 }
 
 function safeJson(text: string): unknown {

@@ -3,8 +3,8 @@ import { Readable } from 'node:stream';
 import { createInterface } from 'node:readline';
 import { createGunzip, createGzip, gunzipSync } from 'node:zlib';
 import { z } from 'zod';
-import { defaultRetryPolicy, RetryStore, withRetry } from '../objectstore/retry.js';
-import { NotFoundError, PreconditionFailedError, type ObjectStore } from '../objectstore/store.js';
+import { asRetryable, backOff, defaultRetryPolicy, isRetryable, readWhole, RetryStore, withRetry, type RetryPolicy } from '../objectstore/retry.js';
+import { NotFoundError, PreconditionFailedError, StoreError, type ObjectStore } from '../objectstore/store.js';
 import { isChecksum, type Checksum } from './checksum.js';
 import { DigestStream, pipeWithDigest, sha256Hex } from './digest.js';
 import {
@@ -236,10 +236,7 @@ export class Repository {
     let text: string;
     try {
       // Always from the raw store: the config is what says whether, and how, the rest is encrypted.
-      const stream = await this.rawStore.get(layout.config);
-      const chunks: Buffer[] = [];
-      for await (const chunk of stream) chunks.push(chunk as Buffer);
-      text = Buffer.concat(chunks).toString('utf8');
+      text = (await readWhole(this.rawStore, layout.config, this.#policy())).toString('utf8');
     } catch (err) {
       if (err instanceof NotFoundError) return undefined;
       throw err;
@@ -302,10 +299,12 @@ export class Repository {
   }
 
   async readSmall(path: string): Promise<Buffer> {
-    const stream = await this.store.get(path);
-    const chunks: Buffer[] = [];
-    for await (const chunk of stream) chunks.push(chunk as Buffer);
-    return Buffer.concat(chunks);
+    return readWhole(this.store, path, this.#policy());
+  }
+
+  /** The store's own retry policy, which may count the retries for the run's summary. */
+  #policy(): RetryPolicy {
+    return this.rawStore instanceof RetryStore ? this.rawStore.policy : defaultRetryPolicy;
   }
 
   /** Reads a file and checks it against its reference; throws naming the file when it differs. */
@@ -355,9 +354,7 @@ export class Repository {
   async writeLinesGz(path: string, lines: () => AsyncIterable<string>, signal?: AbortSignal): Promise<FileRef & { count: number }> {
     // A streamed put cannot be replayed by the store's retries: a transient fault (503 SlowDown)
     // writes the whole file again, from a fresh pass over `lines`.
-    // The store's own policy (which may count the retries for the run's summary).
-    const policy = this.rawStore instanceof RetryStore ? this.rawStore.policy : defaultRetryPolicy;
-    return withRetry(() => this.#writeLinesGzOnce(path, lines(), signal), policy, signal);
+    return withRetry(() => this.#writeLinesGzOnce(path, lines(), signal), this.#policy(), signal);
   }
 
   async #writeLinesGzOnce(path: string, lines: AsyncIterable<string>, signal?: AbortSignal): Promise<FileRef & { count: number }> {
@@ -399,34 +396,61 @@ export class Repository {
     yield* this.streamLinesGz(ref.file, ref);
   }
 
-  /** The lines of a gzip file; with `ref`, its size and SHA-256 are checked when it ends. */
+  /**
+   * The lines of a gzip file; with `ref`, its size and SHA-256 are checked when it ends. When the
+   * body breaks mid-read (a reset connection), the file is read again from its start, the lines
+   * already handed out are skipped, and the checksum covers the read that completed.
+   */
   private async *streamLinesGz(path: string, ref?: FileRef): AsyncGenerator<string> {
-    let body: Readable;
-    try {
-      body = await this.store.get(path);
-    } catch (err) {
-      if (err instanceof NotFoundError) throw new RepositoryError(`${path} is missing from ${this.description}`);
-      throw err;
-    }
-    const digest = new DigestStream();
-    const gunzip = createGunzip();
-    body.on('error', (err) => digest.destroy(err));
-    digest.on('error', (err) => gunzip.destroy(err));
-    body.pipe(digest).pipe(gunzip);
-    const lines = createInterface({ input: gunzip, crlfDelay: Infinity });
-    try {
-      for await (const line of lines) if (line !== '') yield line;
-    } catch (err) {
-      if ((ref && digest.bytes !== ref.size) || (err as NodeJS.ErrnoException).code?.startsWith('Z_')) {
-        throw new RepositoryError(`${path} is corrupt: ${(err as Error).message}`);
+    const policy = this.#policy();
+    let handedOut = 0;
+    for (let attempt = 1; ; attempt++) {
+      let body: Readable;
+      try {
+        body = await this.store.get(path);
+      } catch (err) {
+        if (err instanceof NotFoundError) throw new RepositoryError(`${path} is missing from ${this.description}`);
+        throw err;
       }
-      throw err;
-    } finally {
-      lines.close();
-      body.destroy();
-    }
-    if (ref && (digest.bytes !== ref.size || digest.sha256 !== ref.sha256)) {
-      throw new RepositoryError(`${ref.file} is corrupt: expected ${ref.size} bytes with SHA-256 ${ref.sha256.slice(0, 12)}…, found ${digest.bytes} bytes with ${digest.sha256.slice(0, 12)}…`);
+      const digest = new DigestStream();
+      const gunzip = createGunzip();
+      let broke: unknown;
+      body.on('error', (err) => {
+        broke ??= err;
+        digest.destroy(err);
+      });
+      digest.on('error', (err) => gunzip.destroy(err));
+      body.pipe(digest).pipe(gunzip);
+      const lines = createInterface({ input: gunzip, crlfDelay: Infinity });
+      let skip = handedOut;
+      try {
+        for await (const line of lines) {
+          if (line === '') continue;
+          if (skip > 0) {
+            skip--;
+            continue;
+          }
+          handedOut++;
+          yield line;
+        }
+      } catch (err) {
+        const failure = broke === undefined ? undefined : asRetryable(broke, `reading ${path}`);
+        if (failure !== undefined && isRetryable(failure) && attempt < policy.attempts) {
+          await backOff(failure as StoreError, attempt, policy);
+          continue;
+        }
+        if (failure === undefined && ((ref && digest.bytes !== ref.size) || (err as NodeJS.ErrnoException).code?.startsWith('Z_'))) {
+          throw new RepositoryError(`${path} is corrupt: ${(err as Error).message}`);
+        }
+        throw failure ?? err;
+      } finally {
+        lines.close();
+        body.destroy();
+      }
+      if (ref && (digest.bytes !== ref.size || digest.sha256 !== ref.sha256)) {
+        throw new RepositoryError(`${ref.file} is corrupt: expected ${ref.size} bytes with SHA-256 ${ref.sha256.slice(0, 12)}…, found ${digest.bytes} bytes with ${digest.sha256.slice(0, 12)}…`);
+      }
+      return;
     }
   }
 
