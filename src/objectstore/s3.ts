@@ -19,6 +19,9 @@ export interface S3StoreOptions {
   requestTimeoutSeconds: number;
   /** Sockets kept per store; the copy concurrency should not exceed it. */
   maxSockets?: number;
+  /** Tests only: the largest object copied with one CopyObject (default 5 GiB, S3's limit), and the part size above it. */
+  copyObjectLimit?: number;
+  copyPartSize?: number;
 }
 
 /** Parts of a streamed upload; memory per upload is partSize × queueSize. */
@@ -292,20 +295,26 @@ export class S3ObjectStore implements ObjectStore {
     const Key = this.prefix + key;
     const CopySource = encodeURI(`${source.bucket}/${source.prefix}${sourceKey}`).replace(/[+?#]/g, (c) => encodeURIComponent(c));
     const opts = signal ? { abortSignal: signal } : {};
+    const limit = this.options.copyObjectLimit ?? COPY_OBJECT_LIMIT;
+    const partSize = this.options.copyPartSize ?? COPY_PART_SIZE;
     try {
-      if (size <= COPY_OBJECT_LIMIT && this.#http && source.#http) return await this.#copyThin(source, sourceKey, Key, CopySource, size, signal, sourceMd5);
+      if (size <= limit && this.#http && source.#http) return await this.#copyThin(source, sourceKey, Key, CopySource, size, signal, sourceMd5);
       const { sdk, client } = await this.sdk();
-      if (size <= COPY_OBJECT_LIMIT) {
+      if (size <= limit) {
         const out = await client.send(new sdk.CopyObjectCommand({ Bucket: this.bucket, Key, CopySource, ChecksumAlgorithm: 'SHA256' }), opts);
         return checksumOfCopy(sha256OfCopy(out.CopyObjectResult?.ChecksumSHA256), out.CopyObjectResult?.ETag, sourceMd5);
       }
+      // Every part from the same version of the source: a source replaced between two parts fails
+      // the copy (412) instead of joining two versions.
+      const head = await client.send(new sdk.HeadObjectCommand({ Bucket: source.bucket, Key: source.prefix + sourceKey }), opts);
+      if (head.ContentLength !== size) throw new StoreError(`object ${sourceKey} was ${size} bytes when listed but is ${head.ContentLength} bytes now; it changed during the backup`, false);
       const { UploadId } = await client.send(new sdk.CreateMultipartUploadCommand({ Bucket: this.bucket, Key }), opts);
       try {
         const parts = [];
-        for (let start = 0, n = 1; start < size; start += COPY_PART_SIZE, n++) {
-          const end = Math.min(size, start + COPY_PART_SIZE) - 1;
+        for (let start = 0, n = 1; start < size; start += partSize, n++) {
+          const end = Math.min(size, start + partSize) - 1;
           const part = await client.send(
-            new sdk.UploadPartCopyCommand({ Bucket: this.bucket, Key, UploadId, PartNumber: n, CopySource, CopySourceRange: `bytes=${start}-${end}` }),
+            new sdk.UploadPartCopyCommand({ Bucket: this.bucket, Key, UploadId, PartNumber: n, CopySource, CopySourceRange: `bytes=${start}-${end}`, CopySourceIfMatch: head.ETag }),
             opts,
           );
           parts.push({ PartNumber: n, ETag: part.CopyPartResult?.ETag });
@@ -317,6 +326,8 @@ export class S3ObjectStore implements ObjectStore {
       }
       return {};
     } catch (err) {
+      if (err instanceof StoreError) throw err;
+      if (statusOf(err) === 412) throw new StoreError(`object ${sourceKey} changed while it was copied in parts; it changed during the backup`, false, { cause: err });
       throw this.classify(err, `server-side copy of ${sourceKey}`);
     }
   }
@@ -396,7 +407,8 @@ export class S3ObjectStore implements ObjectStore {
     }
     if (status === 403) return new StoreError(`${doing}: access denied (${name}); check the credentials and the bucket policy`, false, { cause: err });
     if (status === 404) return new StoreError(`${doing}: not found (${name})`, false, { cause: err });
-    const retryable = status === undefined || status === 408 || status === 429 || status >= 500 || name === 'TimeoutError' || name === 'RequestTimeout';
+    // 501 NotImplemented (an operation this service lacks, e.g. UploadPartCopy) is never transient.
+    const retryable = status === undefined || status === 408 || status === 429 || (status >= 500 && status !== 501) || name === 'TimeoutError' || name === 'RequestTimeout';
     // One name per cause whichever path reported it: a timeout is TimeoutError (the thin path's carry code ETIMEDOUT too).
     const cause = name === 'TimeoutError' ? name : (code ?? (name !== 'Error' ? name : status ? `HTTP ${status}` : undefined));
     return new StoreError(`${doing}: ${name}${status ? ` (HTTP ${status})` : ''}: ${message}`, retryable, { cause: err, ...(cause ? { code: cause } : {}) });
