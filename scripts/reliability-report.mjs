@@ -52,6 +52,8 @@ const ROOT = join(dirname(fileURLToPath(import.meta.url)), '..');
 /** The files of the suite that inject faults or feed bad input, and the category of rows without a record. */
 const FILES = [
   { name: 'faults', category: 'object store' },
+  { name: 'changedObject', category: 'object store' },
+  { name: 'repositoryReads', category: 'object store' },
   { name: 'crashpoints', category: 'process' },
   { name: 'corruption', category: 'corruption' },
   { name: 'badInputTable', category: 'bad input' },
