@@ -12,7 +12,7 @@
  */
 import assert from 'node:assert/strict';
 import { execFile } from 'node:child_process';
-import { mkdir, readdir } from 'node:fs/promises';
+import { mkdir, readdir, readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { pathToFileURL } from 'node:url';
 import { promisify } from 'node:util';
@@ -21,7 +21,8 @@ import { after, before, describe, test, type TestContext } from 'node:test';
 import { addChunks } from '../src/demo/pachydermFixture.js';
 import { openRepository } from '../src/engine/context.js';
 import type { EngineEvent } from '../src/engine/events.js';
-import { restoreTargetsFromConfig, runRestore } from '../src/engine/restore.js';
+import { RestoreError, restoreTargetsFromConfig, runRestore } from '../src/engine/restore.js';
+import { findPgTool } from '../src/postgres/tools.js';
 import { verifyBackup } from '../src/engine/verify.js';
 import { startFaultProxy, type FaultProxy } from '../src/objectstore/faultProxy.js';
 import { FaultStore, faultsFromEnv, withCopyFaults, type FaultRule } from '../src/objectstore/faults.js';
@@ -231,6 +232,43 @@ describe('transient object-store faults (s3rver)', () => {
       fault: 'the read of a database dump breaks mid-body (ECONNRESET) twice while pg_restore is fed from it',
       runs: 1,
       detail: `restore completed: the database was created again and the dump streamed a third time; retries ${JSON.stringify(restored.retries.causes)}; restored data equal`,
+    });
+  });
+
+  test('pg_restore fails on its own while the dump streams into it: one attempt, its own error reported, not taken for a broken read', { timeout: 300_000 }, async (t) => {
+    // A stand-in pg_restore that answers --version as the real one, then closes its stdin (our
+    // writes fail with EPIPE, which breaks the dump's read) and fails as a missing role would.
+    await cluster.backup(streamed);
+    const bin = join(cluster.work, `failing-pg-restore-${Date.now()}`);
+    await mkdir(bin, { recursive: true });
+    const runs = join(bin, 'runs');
+    const script = [
+      '#!/bin/sh',
+      `if [ "$1" = "--version" ]; then exec "${findPgTool('pg_restore')}" --version; fi`,
+      `echo run >> "${runs}"`,
+      'exec 0<&-',
+      'sleep 0.2',
+      `echo 'pg_restore: error: could not execute query: ERROR:  role "nobody" does not exist' >&2`,
+      'exit 1',
+    ].join('\n');
+    await writeFile(join(bin, 'pg_restore'), `${script}\n`, { mode: 0o755 });
+    const config = cluster.config((raw) => {
+      streamed(raw);
+      raw.restore.postgres.binDir = bin;
+    });
+    const events: EngineEvent[] = [];
+    await assert.rejects(
+      runRestore({ config, backup: 'latest', targets: restoreTargetsFromConfig(config), force: true, dryRun: false, noOwner: true, concurrency: 4, emit: (e) => events.push(e) }),
+      (err: unknown) => err instanceof RestoreError && /role "nobody" does not exist/.test(err.message) && !/EPIPE|read \d+ times/.test(err.message),
+    );
+    assert.equal((await readFile(runs, 'utf8')).trim().split('\n').length, 1, 'pg_restore ran once');
+    // (The clean-up's removal of the restored objects may meet s3rver's own 500s; those are retried and not this test's subject.)
+    assert.ok(!events.some((e) => e.type === 'warning' && /transient object-store fault.*(dump|EPIPE)/.test(String(e.message))), `the dump's read was not reported as a store fault: ${JSON.stringify(events.filter((e) => e.type === 'warning'))}`);
+    record(t, {
+      category: 'process',
+      fault: 'pg_restore fails on its own (closes its input, exits 1) while the dump streams into it',
+      runs: 1,
+      detail: 'restore refused with pg_restore\'s own error; pg_restore ran once; not retried as a broken read',
     });
   });
 

@@ -1,5 +1,6 @@
 import { mkdir, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
 import type { Config, ObjectStoreConfig, PostgresConfig } from '../config/schema.js';
 import { openStore } from '../objectstore/open.js';
 import { asRetryable, CHECKSUM_FALLBACK, failsAtOnce, isRetryable, withRetry, type RetryPolicy, type RetrySummary, type RetryTally } from '../objectstore/retry.js';
@@ -362,6 +363,9 @@ async function pgRestoreFromFile(
   }
 }
 
+/** How long a pg_restore that stopped reading its input may take to exit with its own error. */
+const TOOL_EXIT_GRACE_MS = 5000;
+
 /**
  * pg_restore fed straight from the repository (a custom-format dump, one job): nothing on local
  * disk. pg_restore runs in one transaction, so when the read of the dump breaks mid-body (a reset
@@ -384,6 +388,7 @@ async function pgRestoreFromRepository(
   let attempt = 0;
   await withRetry(
     async () => {
+      signal?.throwIfAborted();
       if (attempt++ > 0) {
         // Start again from an empty database (the rolled-back transaction left it so; this makes sure).
         await dropDatabase(server, name);
@@ -391,17 +396,42 @@ async function pgRestoreFromRepository(
       }
       const tool = startTool(pgRestore, args, childEnv(server));
       let readBroke: unknown;
+      // pg_restore failed or stopped reading on its own: a broken read is then its consequence
+      // (EPIPE), and its own error is the one to report, once.
+      let toolFailed = false;
+      let stopping = false;
+      tool.done.catch(() => {
+        if (!stopping) toolFailed = true;
+      });
       try {
         const body = await failsAtOnce(repo.store.get(db.file, signal));
         body.once('error', (err) => (readBroke ??= err));
         const [digest] = await Promise.all([
-          pipeWithDigest(body, (stream) => new Promise<void>((resolve, reject) => stream.pipe(tool.child.stdin).on('finish', resolve).on('error', reject)), signal),
+          pipeWithDigest(
+            body,
+            (stream) =>
+              new Promise<void>((resolve, reject) =>
+                stream
+                  .pipe(tool.child.stdin)
+                  .on('finish', resolve)
+                  .on('error', (err) => {
+                    if (!stopping) toolFailed = true;
+                    reject(err);
+                  }),
+              ),
+            signal,
+          ),
           tool.done,
         ]);
         if (digest.hex !== db.sha256) throw new RestoreError(`the dump of ${db.name} changed while it was restored (checksum mismatch); the restore is not trustworthy`);
       } catch (err) {
+        stopping = true;
+        const toolExited = tool.child.exitCode !== null || tool.child.signalCode !== null;
+        const readFault = readBroke !== undefined && !toolFailed && !toolExited && !signal?.aborted;
+        // pg_restore closed its input: give it a moment to exit and say why, rather than kill it.
+        if (toolFailed && !toolExited) await Promise.race([tool.done.catch(() => undefined), sleep(TOOL_EXIT_GRACE_MS)]);
         const cause = await stopTool(tool, err);
-        if (readBroke !== undefined && !signal?.aborted) {
+        if (readFault) {
           // The dump's read broke, not pg_restore: a transient fault unless the store says otherwise.
           const failure = asRetryable(readBroke, `reading the dump of ${db.name} into pg_restore`, signal);
           if (isRetryable(failure)) throw failure;
