@@ -14,11 +14,11 @@ import { join } from 'node:path';
 import { Readable } from 'node:stream';
 import { after, before, describe, test, type TestContext } from 'node:test';
 import { addChunks } from '../src/demo/pachydermFixture.js';
-import { copyMissingObjects, CopyJournal } from '../src/engine/objects.js';
+import { copyMissingObjects, CopyJournal, ServerSideCopier } from '../src/engine/objects.js';
 import { startFaultProxy, type FaultProxy } from '../src/objectstore/faultProxy.js';
 import { FsObjectStore } from '../src/objectstore/fs.js';
 import type { RetryPolicy } from '../src/objectstore/retry.js';
-import { NotFoundError, StoreError, type ObjectInfo, type ObjectStore } from '../src/objectstore/store.js';
+import { NotFoundError, SOURCE_CHANGED, StoreError, type ObjectInfo, type ObjectStore } from '../src/objectstore/store.js';
 import { Repository } from '../src/repository/repository.js';
 import { describeRun, TestCluster, type StoreKind } from './helpers/cluster.js';
 
@@ -221,12 +221,39 @@ describe('a streamed copy whose bytes differ from the listed size (the copy engi
     assert.deepEqual({ retries, gets: source.gets, stats: source.stats }, { retries: 0, gets: 1, stats: 0 });
   });
 
-  test('a stat that fails (after its own retries) ends the copy: the attempts do not multiply', async () => {
+  test("a stat that fails (after its own retries) leaves the copy's own failure to decide: retried as that failure, which is the one reported", async () => {
     const source = new ScriptedSource([Buffer.alloc(40, 1)], () => {
       throw new StoreError('stat chunk/0a1b2c: SlowDown (HTTP 503)', true, { code: 'SlowDown' });
     });
     const { retries, error } = await copy(source);
-    assert.match(String((error as Error)?.message), /SlowDown/);
-    assert.deepEqual({ retries, gets: source.gets, stats: source.stats }, { retries: 0, gets: 1, stats: 1 });
+    assert.ok(error instanceof StoreError && !/SlowDown/.test(error.message) && /read 40 of its 100 bytes/.test(error.message), String(error));
+    assert.deepEqual({ retries, gets: source.gets, stats: source.stats }, { retries: 7, gets: 8, stats: 8 });
+  });
+});
+
+describe('server-side copies: an object that changed or vanished is that object\'s failure, not the service refusing copies', () => {
+  const info: ObjectInfo = { key: 'chunk/0a1b2c', size: 100 };
+  const repo = new Repository(new FsObjectStore(tmpdir()));
+
+  for (const [what, error] of [
+    ['changed (another size, or replaced between parts)', new StoreError('object chunk/0a1b2c changed while it was copied in parts; it changed during the backup', false, { code: SOURCE_CHANGED })],
+    ['gone (404)', new StoreError('server-side copy of chunk/0a1b2c: not found (NoSuchKey)', false, { code: 'NotFound' })],
+  ] as const) {
+    test(`${what}: thrown, and server-side copying stays on for the other objects`, async () => {
+      const copier = new ServerSideCopier(async () => {
+        throw error;
+      });
+      await assert.rejects(copier.copy(repo, info), (err: unknown) => err === error);
+      assert.equal(copier.disabled, false);
+    });
+  }
+
+  test('a refusal of the operation (403): server-side copying switches off with the reason, the object is left to streaming', async () => {
+    const copier = new ServerSideCopier(async () => {
+      throw new StoreError('server-side copy of chunk/0a1b2c: access denied (AccessDenied); check the credentials and the bucket policy', false);
+    });
+    assert.equal(await copier.copy(repo, info), undefined);
+    assert.equal(copier.disabled, true);
+    assert.match(copier.reason ?? '', /AccessDenied/);
   });
 });

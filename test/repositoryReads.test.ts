@@ -11,9 +11,12 @@ import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
+import { Readable } from 'node:stream';
 import { FaultStore, type FaultRule } from '../src/objectstore/faults.js';
 import { FsObjectStore } from '../src/objectstore/fs.js';
-import { RetryStore, RetryTally } from '../src/objectstore/retry.js';
+import { defaultRetryPolicy, policyOf, RetryStore, RetryTally, type RetryPolicy } from '../src/objectstore/retry.js';
+import type { ObjectStore } from '../src/objectstore/store.js';
+import { DecryptionError } from '../src/repository/encryption.js';
 import { sha256Hex } from '../src/repository/digest.js';
 import type { FileRef } from '../src/repository/manifest.js';
 import { layout, Repository, RepositoryError, type IndexEntry } from '../src/repository/repository.js';
@@ -95,6 +98,84 @@ describe('repository reads that break mid-body', () => {
     assert.equal(tally.count, 7, '8 attempts: 7 retries');
   });
 
+  /**
+   * A repository whose first read of the index serves `first` instead: 64 KiB of it, then the
+   * error `breakWith` (the stream ends there). Later reads are the file's own.
+   */
+  async function firstReadReplaced(first: Buffer, breakWith: Error, tally: RetryTally, policy?: RetryPolicy): Promise<Repository> {
+    const inner = new FsObjectStore(dir);
+    let reads = 0;
+    const store = new Proxy(inner, {
+      get(target, prop) {
+        if (prop === 'get') {
+          return async (key: string): Promise<Readable> => {
+            if (!key.endsWith('index.gz') || reads++ > 0) return target.get(key);
+            let sent = false;
+            return new Readable({
+              read() {
+                if (sent) {
+                  // Later, so that the lines of the first 64 KiB reach the consumer before the break.
+                  setTimeout(() => this.destroy(breakWith), 100);
+                  return;
+                }
+                sent = true;
+                this.push(first.subarray(0, 64 * 1024));
+              },
+            });
+          };
+        }
+        const value = Reflect.get(target, prop, target) as unknown;
+        return typeof value === 'function' ? (value as (...args: unknown[]) => unknown).bind(target) : value;
+      },
+    }) as ObjectStore;
+    const repo = new Repository(new RetryStore(store, policy ?? tally.policy({ attempts: 8, baseDelayMs: 1, maxDelayMs: 5 })));
+    await repo.open(false);
+    return repo;
+  }
+
+  test('a read that breaks after handing out lines: the next read skips exactly those, every entry once', async () => {
+    let handedBeforeRetry = -1;
+    const read: IndexEntry[] = [];
+    const tally = new RetryTally();
+    const counting = { ...tally.policy(), onRetry: () => void (handedBeforeRetry = read.length) };
+    const reset = Object.assign(new Error('read ECONNRESET'), { code: 'ECONNRESET' });
+    const repo = await firstReadReplaced(await readFile(join(dir, indexPath)), reset, tally, counting);
+    for await (const entry of repo.streamIndex(index)) read.push(entry);
+    assert.ok(handedBeforeRetry > 0 && handedBeforeRetry < ENTRIES, `the broken read handed out ${handedBeforeRetry} entries before the retry`);
+    assert.deepEqual(read, entries);
+  });
+
+  test('lines handed out by a broken read that the next read does not confirm: corrupt, not a silent mix of two versions', async () => {
+    // Another version of the index: the same keys, other checksums.
+    const other = entries.map((e) => ({ ...e, checksum: randomBytes(32).toString('hex') }));
+    const otherRef = await new Repository(new FsObjectStore(dir)).writeIndex('backups/20261124T000000Z-test/other.gz', other);
+    const reset = Object.assign(new Error('read ECONNRESET'), { code: 'ECONNRESET' });
+    const tally = new RetryTally();
+    const repo = await firstReadReplaced(await readFile(join(dir, otherRef.file)), reset, tally);
+    const read: IndexEntry[] = [];
+    await assert.rejects(
+      async () => {
+        for await (const entry of repo.streamIndex(index)) read.push(entry);
+      },
+      (err: unknown) => err instanceof RepositoryError && /read differently after a broken read/.test(err.message),
+      `read ${read.length}, tally ${tally.count}`,
+    );
+    assert.ok(read.length > 0 && read.length < ENTRIES, `the broken read handed out ${read.length} entries first (tally ${tally.count})`);
+    assert.equal(tally.count, 1, 'read again once, then refused');
+  });
+
+  test('a read that fails for good mid-body (a file that does not decrypt): reported corrupt, not read again', async () => {
+    const tally = new RetryTally();
+    const repo = await firstReadReplaced(await readFile(join(dir, indexPath)), new DecryptionError(`${indexPath}: segment 1 fails authentication`), tally);
+    await assert.rejects(
+      async () => {
+        for await (const _ of repo.streamIndex(index)) void _;
+      },
+      (err: unknown) => err instanceof RepositoryError && /is corrupt/.test(err.message),
+    );
+    assert.equal(tally.count, 0);
+  });
+
   test('a damaged index is reported as corrupt, and not read again', async () => {
     const damagedPath = 'backups/20261124T000000Z-test/damaged.gz';
     const data = await readFile(join(dir, indexPath));
@@ -112,4 +193,11 @@ describe('repository reads that break mid-body', () => {
     );
     assert.equal(tally.count, 0);
   });
+});
+
+test("policyOf finds the RetryStore a store is or wraps (an encrypting store's), so reads through it count their retries", () => {
+  const retrying = new RetryStore(new FsObjectStore(tmpdir()), { attempts: 3, baseDelayMs: 1, maxDelayMs: 1 });
+  assert.equal(policyOf(retrying), retrying.policy);
+  assert.equal(policyOf({ inner: { inner: retrying } } as unknown as ObjectStore), retrying.policy);
+  assert.equal(policyOf(new FsObjectStore(tmpdir())), defaultRetryPolicy);
 });

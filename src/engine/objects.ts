@@ -1,6 +1,6 @@
 import { gzipSync } from 'node:zlib';
 import { asRetryable, CHECKSUM_FALLBACK, failedAtOnce, failsAtOnce, isRetryable, withRetry, defaultRetryPolicy, type RetryPolicy } from '../objectstore/retry.js';
-import { ChecksumMismatchError, md5OfEtag, NotFoundError, StoreError, type ObjectInfo, type ObjectStore } from '../objectstore/store.js';
+import { ChecksumMismatchError, md5OfEtag, NotFoundError, SOURCE_CHANGED, StoreError, type ObjectInfo, type ObjectStore } from '../objectstore/store.js';
 import { checksumOf, isChecksum, type Checksum } from '../repository/checksum.js';
 import { digestOf, pipeWithDigest } from '../repository/digest.js';
 import type { FileRef } from '../repository/manifest.js';
@@ -249,7 +249,9 @@ export class ServerSideCopier {
     try {
       result = await this.copyInService(info.key, info.size, signal, sourceMd5);
     } catch (err) {
-      if (err instanceof StoreError && err.retryable) throw err;
+      // Transient, or about this object (gone, changed): streaming it would not do better, and the
+      // service can still copy the others. Anything else is the service refusing server-side copies.
+      if (err instanceof StoreError && (err.retryable || err.code === SOURCE_CHANGED || err.code === 'NotFound')) throw err;
       this.disabled = true;
       this.reason = (err as Error).message;
       return undefined;
@@ -346,14 +348,19 @@ async function copyOne(ctx: CopyContext, info: ObjectInfo): Promise<IndexEntry &
  * Another size: a permanent error, since copying it again cannot give the listed object.
  */
 async function assertListedSize(source: ObjectStore, info: ObjectInfo): Promise<void> {
-  // The stat is retried by the store already: its failure ends the copy instead of multiplying
-  // the attempts of the enclosing withRetry.
-  const now = await failsAtOnce(source.stat(info.key));
+  let now: ObjectInfo | undefined;
+  try {
+    now = await source.stat(info.key);
+  } catch {
+    // The probe itself failed (the store retried it already): leave the copy's own failure to decide.
+    return;
+  }
   if (!now) throw new NotFoundError(`${info.key} not found in ${source.description}`);
   if (now.size !== info.size) {
     throw new StoreError(
       `object ${info.key} was ${info.size} bytes when listed but is ${now.size} bytes now; it changed during the backup (Pachyderm writes each object once, so something else is writing to the bucket): find that writer, then run the backup again`,
       false,
+      { code: SOURCE_CHANGED },
     );
   }
 }

@@ -187,11 +187,11 @@ export class RetryStore implements ObjectStore {
 
 /**
  * A whole object, read again from its start when its body breaks mid-read (a reset connection),
- * under the store's own retry policy when it has one. Opening it is retried by that store already
- * (failsAtOnce: not again here); an object that fails otherwise (one that does not decrypt) is not
- * read again.
+ * under the policy of the RetryStore the store is or wraps. Opening it is retried by that store
+ * already (failsAtOnce: not again here); an object that fails otherwise (one that does not
+ * decrypt) is not read again.
  */
-export function readWhole(store: ObjectStore, key: string, policy: RetryPolicy = store instanceof RetryStore ? store.policy : defaultRetryPolicy): Promise<Buffer> {
+export function readWhole(store: ObjectStore, key: string, policy: RetryPolicy = policyOf(store)): Promise<Buffer> {
   return withRetry(async () => {
     const stream = await failsAtOnce(store.get(key));
     const chunks: Buffer[] = [];
@@ -202,4 +202,13 @@ export function readWhole(store: ObjectStore, key: string, policy: RetryPolicy =
     }
     return Buffer.concat(chunks);
   }, policy);
+}
+
+/**
+ * The retry policy of the RetryStore that `store` is or wraps (an encrypting store wraps one),
+ * so a read through it counts its retries where the run counts them; else the default.
+ */
+export function policyOf(store: ObjectStore): RetryPolicy {
+  for (let s: ObjectStore | undefined = store; s; s = (s as { inner?: ObjectStore }).inner) if (s instanceof RetryStore) return s.policy;
+  return defaultRetryPolicy;
 }

@@ -5,7 +5,7 @@ import { Readable } from 'node:stream';
 import type { S3Client, S3ClientConfig } from '@aws-sdk/client-s3';
 import type { Secret } from '../config/secret.js';
 import { parseListPage, readSmallBody, S3Http, S3HttpError, xmlText, type ListPage } from './s3http.js';
-import { ChecksumMismatchError, md5OfEtag, NotFoundError, PreconditionFailedError, StoreError, type ObjectInfo, type ObjectStore, type PutOptions } from './store.js';
+import { ChecksumMismatchError, md5OfEtag, NotFoundError, PreconditionFailedError, SOURCE_CHANGED, StoreError, type ObjectInfo, type ObjectStore, type PutOptions } from './store.js';
 
 export interface S3StoreOptions {
   bucket: string;
@@ -307,7 +307,7 @@ export class S3ObjectStore implements ObjectStore {
       // Every part from the same version of the source: a source replaced between two parts fails
       // the copy (412) instead of joining two versions.
       const head = await client.send(new sdk.HeadObjectCommand({ Bucket: source.bucket, Key: source.prefix + sourceKey }), opts);
-      if (head.ContentLength !== size) throw new StoreError(`object ${sourceKey} was ${size} bytes when listed but is ${head.ContentLength} bytes now; it changed during the backup`, false);
+      if (head.ContentLength !== size) throw new StoreError(`object ${sourceKey} was ${size} bytes when listed but is ${head.ContentLength} bytes now; it changed during the backup`, false, { code: SOURCE_CHANGED });
       const { UploadId } = await client.send(new sdk.CreateMultipartUploadCommand({ Bucket: this.bucket, Key }), opts);
       try {
         const parts = [];
@@ -327,7 +327,7 @@ export class S3ObjectStore implements ObjectStore {
       return {};
     } catch (err) {
       if (err instanceof StoreError) throw err;
-      if (statusOf(err) === 412) throw new StoreError(`object ${sourceKey} changed while it was copied in parts; it changed during the backup`, false, { cause: err });
+      if (statusOf(err) === 412) throw new StoreError(`object ${sourceKey} changed while it was copied in parts; it changed during the backup`, false, { cause: err, code: SOURCE_CHANGED });
       throw this.classify(err, `server-side copy of ${sourceKey}`);
     }
   }
@@ -371,7 +371,7 @@ export class S3ObjectStore implements ObjectStore {
         throw new StoreError(`reading back the server-side copy of ${sourceKey} (${reason}): ${(err as Error).message}`, true, { cause: err });
       });
     }
-    if (hashed.bytes !== size) throw new StoreError(`object ${sourceKey} was ${size} bytes when listed but ${hashed.bytes} when copied; it changed during the backup`, false);
+    if (hashed.bytes !== size) throw new StoreError(`object ${sourceKey} was ${size} bytes when listed but ${hashed.bytes} when copied; it changed during the backup`, false, { code: SOURCE_CHANGED });
     return { sha256: hashed.sha256 };
   }
 
@@ -406,7 +406,7 @@ export class S3ObjectStore implements ObjectStore {
       return new StoreError(`${doing}: cannot reach ${this.options.endpoint ?? 'S3'} (${code}); check the endpoint`, true, { cause: err, code });
     }
     if (status === 403) return new StoreError(`${doing}: access denied (${name}); check the credentials and the bucket policy`, false, { cause: err });
-    if (status === 404) return new StoreError(`${doing}: not found (${name})`, false, { cause: err });
+    if (status === 404) return new StoreError(`${doing}: not found (${name})`, false, { cause: err, code: 'NotFound' });
     // 501 NotImplemented (an operation this service lacks, e.g. UploadPartCopy) is never transient.
     const retryable = status === undefined || status === 408 || status === 429 || (status >= 500 && status !== 501) || name === 'TimeoutError' || name === 'RequestTimeout';
     // One name per cause whichever path reported it: a timeout is TimeoutError (the thin path's carry code ETIMEDOUT too).

@@ -111,3 +111,9 @@ export class ChecksumMismatchError extends StoreError {
 export function isNotFound(err: unknown): err is NotFoundError {
   return err instanceof NotFoundError;
 }
+
+/**
+ * StoreError code of an object that is no longer the one listed (another size, or replaced during
+ * a copy in parts): no retry and no other copy path can give the listed object.
+ */
+export const SOURCE_CHANGED = 'SourceChanged';

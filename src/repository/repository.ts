@@ -1,9 +1,9 @@
-import { randomBytes } from 'node:crypto';
+import { createHash, randomBytes } from 'node:crypto';
 import { Readable } from 'node:stream';
 import { createInterface } from 'node:readline';
 import { createGunzip, createGzip, gunzipSync } from 'node:zlib';
 import { z } from 'zod';
-import { asRetryable, backOff, defaultRetryPolicy, isRetryable, readWhole, RetryStore, withRetry, type RetryPolicy } from '../objectstore/retry.js';
+import { asRetryable, backOff, isRetryable, policyOf, readWhole, withRetry, type RetryPolicy } from '../objectstore/retry.js';
 import { NotFoundError, PreconditionFailedError, StoreError, type ObjectStore } from '../objectstore/store.js';
 import { isChecksum, type Checksum } from './checksum.js';
 import { DigestStream, pipeWithDigest, sha256Hex } from './digest.js';
@@ -275,8 +275,9 @@ export class Repository {
    */
   async helmValuesForStorage(values: Buffer, keepSecrets: boolean): Promise<{ data: Buffer; redacted: boolean }> {
     if (this.#dataKey || keepSecrets) return { data: values, redacted: false };
-    // Loaded here, not at start-up: the YAML and JSON-schema libraries it brings cost ~50 ms of
-    // start-up that commands which never keep Helm values (and a backup's copy) need not pay.
+    // Loaded here rather than with this module: a process that opens a repository without keeping
+    // Helm values (the copy benchmark's worker, tests, an embedding program) does not load the
+    // YAML and JSON-schema libraries (~50 ms). The CLI still loads them with its commands.
     const { redactHelmSecrets } = await import('../pachyderm/helmValues.js');
     let result: { yaml: string; redacted: string[] };
     try {
@@ -304,7 +305,7 @@ export class Repository {
 
   /** The store's own retry policy, which may count the retries for the run's summary. */
   #policy(): RetryPolicy {
-    return this.rawStore instanceof RetryStore ? this.rawStore.policy : defaultRetryPolicy;
+    return policyOf(this.rawStore);
   }
 
   /** Reads a file and checks it against its reference; throws naming the file when it differs. */
@@ -404,6 +405,7 @@ export class Repository {
   private async *streamLinesGz(path: string, ref?: FileRef): AsyncGenerator<string> {
     const policy = this.#policy();
     let handedOut = 0;
+    const handed = createHash('sha256');
     for (let attempt = 1; ; attempt++) {
       let body: Readable;
       try {
@@ -423,23 +425,31 @@ export class Repository {
       body.pipe(digest).pipe(gunzip);
       const lines = createInterface({ input: gunzip, crlfDelay: Infinity });
       let skip = handedOut;
+      // The lines handed out by a broken read are checked against this read's (the final checksum covers only this one).
+      const skipped = skip > 0 ? createHash('sha256') : undefined;
       try {
         for await (const line of lines) {
           if (line === '') continue;
           if (skip > 0) {
-            skip--;
+            skipped!.update(`${line}\n`);
+            if (--skip === 0 && skipped!.digest('hex') !== handed.copy().digest('hex')) {
+              throw new RepositoryError(`${path} is corrupt: its first ${handedOut} lines read differently after a broken read`);
+            }
             continue;
           }
           handedOut++;
+          handed.update(`${line}\n`);
           yield line;
         }
+        if (skip > 0) throw new RepositoryError(`${path} is corrupt: it ended after fewer lines than a broken read had handed out`);
       } catch (err) {
         const failure = broke === undefined ? undefined : asRetryable(broke, `reading ${path}`);
         if (failure !== undefined && isRetryable(failure) && attempt < policy.attempts) {
           await backOff(failure as StoreError, attempt, policy);
           continue;
         }
-        if (failure === undefined && ((ref && digest.bytes !== ref.size) || (err as NodeJS.ErrnoException).code?.startsWith('Z_'))) {
+        // Damage: the data itself (not a broken transfer) fails to decompress, decrypt or add up.
+        if ((failure === undefined || !isRetryable(failure)) && ((ref && digest.bytes !== ref.size) || (err as NodeJS.ErrnoException).code?.startsWith('Z_'))) {
           throw new RepositoryError(`${path} is corrupt: ${(err as Error).message}`);
         }
         throw failure ?? err;
