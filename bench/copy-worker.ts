@@ -56,7 +56,7 @@ async function copyWorker(spec: WorkerSpec): Promise<WorkerReport> {
   let serverSide: ServerSideCopier | undefined;
   if (spec.serverSide) {
     const copier = openStore(storeConfig(spec.target), 'repository', { maxSockets: spec.concurrency * 2 }).s3!;
-    serverSide = new ServerSideCopier((key, size, signal, sourceMd5) => copier.copyFrom(source.s3!, key, layout.object(key), size, signal, sourceMd5));
+    serverSide = new ServerSideCopier((key, size, signal, sourceMd5, sourceEtag) => copier.copyFrom(source.s3!, key, layout.object(key), size, signal, sourceMd5, sourceEtag));
   }
   const listing = await listSource(source.store);
   const held = new Map<string, IndexEntry>();

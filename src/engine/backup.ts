@@ -623,7 +623,7 @@ function serverSideCopier(config: Config, cluster: ClusterHandles, concurrency: 
   const target = openStore(config.repository, 'repository', { maxSockets: concurrency * 2 }).s3;
   if (!target || !source.sameServiceAs(target)) return undefined;
   // PACHBACKUP_FAULTS rules of op `copy` apply here, under the copier: it classifies them as the service's errors.
-  return new ServerSideCopier(withCopyFaults('repository', (key: string, size: number, signal?: AbortSignal, sourceMd5?: string) => target.copyFrom(source, key, layout.object(key), size, signal, sourceMd5)));
+  return new ServerSideCopier(withCopyFaults('repository', (key: string, size: number, signal?: AbortSignal, sourceMd5?: string, sourceEtag?: string) => target.copyFrom(source, key, layout.object(key), size, signal, sourceMd5, sourceEtag)));
 }
 
 function copyPathOf(serverSide: number, streamed: number): 'stream' | 'server-side' | 'mixed' | 'none' {

@@ -237,7 +237,7 @@ export interface CopyResult {
 export class ServerSideCopier {
   disabled = false;
   reason: string | undefined;
-  constructor(private readonly copyInService: (key: string, size: number, signal?: AbortSignal, sourceMd5?: string) => Promise<{ sha256?: string; md5?: string }>) {}
+  constructor(private readonly copyInService: (key: string, size: number, signal?: AbortSignal, sourceMd5?: string, sourceEtag?: string) => Promise<{ sha256?: string; md5?: string }>) {}
 
   /**
    * Copies and returns the checksum: the service's SHA-256, or the source's MD5 when the copy's
@@ -247,7 +247,7 @@ export class ServerSideCopier {
     if (this.disabled) return undefined;
     let result: { sha256?: string; md5?: string };
     try {
-      result = await this.copyInService(info.key, info.size, signal, sourceMd5);
+      result = await this.copyInService(info.key, info.size, signal, sourceMd5, info.etag);
     } catch (err) {
       // Transient, or about this object (gone, changed): streaming it would not do better, and the
       // service can still copy the others. Anything else is the service refusing server-side copies.

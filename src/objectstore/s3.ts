@@ -291,23 +291,31 @@ export class S3ObjectStore implements ObjectStore {
    * copy's ETag equals it: the service vouches that the copy has the bytes of that MD5. Returns
    * neither when the caller must read the copy back to learn its checksum.
    */
-  async copyFrom(source: S3ObjectStore, sourceKey: string, key: string, size: number, signal?: AbortSignal, sourceMd5?: string): Promise<{ sha256?: string; md5?: string }> {
+  /**
+   * Copies `sourceKey` of `source` to `key` inside the service. With `sourceEtag` (the ETag the
+   * listing gave), the service copies only that version (`x-amz-copy-source-if-match`): a source
+   * replaced since it was listed fails with SOURCE_CHANGED instead of being copied under the
+   * listed size.
+   */
+  async copyFrom(source: S3ObjectStore, sourceKey: string, key: string, size: number, signal?: AbortSignal, sourceMd5?: string, sourceEtag?: string): Promise<{ sha256?: string; md5?: string }> {
     const Key = this.prefix + key;
     const CopySource = encodeURI(`${source.bucket}/${source.prefix}${sourceKey}`).replace(/[+?#]/g, (c) => encodeURIComponent(c));
     const opts = signal ? { abortSignal: signal } : {};
     const limit = this.options.copyObjectLimit ?? COPY_OBJECT_LIMIT;
     const partSize = this.options.copyPartSize ?? COPY_PART_SIZE;
     try {
-      if (size <= limit && this.#http && source.#http) return await this.#copyThin(source, sourceKey, Key, CopySource, size, signal, sourceMd5);
+      if (size <= limit && this.#http && source.#http) return await this.#copyThin(source, sourceKey, Key, CopySource, size, signal, sourceMd5, sourceEtag);
       const { sdk, client } = await this.sdk();
       if (size <= limit) {
-        const out = await client.send(new sdk.CopyObjectCommand({ Bucket: this.bucket, Key, CopySource, ChecksumAlgorithm: 'SHA256' }), opts);
+        const out = await client.send(new sdk.CopyObjectCommand({ Bucket: this.bucket, Key, CopySource, ChecksumAlgorithm: 'SHA256', ...(sourceEtag ? { CopySourceIfMatch: sourceEtag } : {}) }), opts);
         return checksumOfCopy(sha256OfCopy(out.CopyObjectResult?.ChecksumSHA256), out.CopyObjectResult?.ETag, sourceMd5);
       }
       // Every part from the same version of the source: a source replaced between two parts fails
       // the copy (412) instead of joining two versions.
       const head = await client.send(new sdk.HeadObjectCommand({ Bucket: source.bucket, Key: source.prefix + sourceKey }), opts);
-      if (head.ContentLength !== size) throw new StoreError(`object ${sourceKey} was ${size} bytes when listed but is ${head.ContentLength} bytes now; it changed during the backup`, false, { code: SOURCE_CHANGED });
+      if (head.ContentLength !== size || (sourceEtag !== undefined && !sameEtag(head.ETag, sourceEtag))) {
+        throw new StoreError(`object ${sourceKey} was ${size} bytes when listed but is ${head.ContentLength} bytes now; it changed during the backup`, false, { code: SOURCE_CHANGED });
+      }
       const { UploadId } = await client.send(new sdk.CreateMultipartUploadCommand({ Bucket: this.bucket, Key }), opts);
       try {
         const parts = [];
@@ -327,7 +335,7 @@ export class S3ObjectStore implements ObjectStore {
       return {};
     } catch (err) {
       if (err instanceof StoreError) throw err;
-      if (statusOf(err) === 412) throw new StoreError(`object ${sourceKey} changed while it was copied in parts; it changed during the backup`, false, { cause: err, code: SOURCE_CHANGED });
+      if (statusOf(err) === 412) throw new StoreError(`object ${sourceKey} is no longer the version listed (or changed while it was copied in parts); it changed during the backup`, false, { cause: err, code: SOURCE_CHANGED });
       throw this.classify(err, `server-side copy of ${sourceKey}`);
     }
   }
@@ -340,11 +348,13 @@ export class S3ObjectStore implements ObjectStore {
    * copy is read back and hashed, as before. With `sourceMd5`, nothing is read: the copy's ETag
    * is compared with it instead (see copyFrom).
    */
-  async #copyThin(source: S3ObjectStore, sourceKey: string, Key: string, copySource: string, size: number, signal?: AbortSignal, sourceMd5?: string): Promise<{ sha256?: string; md5?: string }> {
+  async #copyThin(source: S3ObjectStore, sourceKey: string, Key: string, copySource: string, size: number, signal?: AbortSignal, sourceMd5?: string, sourceEtag?: string): Promise<{ sha256?: string; md5?: string }> {
     const http = this.#http!;
     const withSignal = signal ? { signal } : {};
     const copying = (async () => {
-      const res = await http.send({ method: 'PUT', key: Key, headers: { 'x-amz-copy-source': copySource, 'x-amz-checksum-algorithm': 'SHA256' }, ...withSignal });
+      const headers: Record<string, string> = { 'x-amz-copy-source': copySource, 'x-amz-checksum-algorithm': 'SHA256' };
+      if (sourceEtag) headers['x-amz-copy-source-if-match'] = sourceEtag;
+      const res = await http.send({ method: 'PUT', key: Key, headers, ...withSignal });
       const body = await readSmallBody(res);
       // CopyObject can fail after its 200 status line: the error is then in the body.
       const code = /<Error>[\s\S]*?<Code>([^<]*)<\/Code>/.exec(body)?.[1];
