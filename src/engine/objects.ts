@@ -249,9 +249,13 @@ export class ServerSideCopier {
     try {
       result = await this.copyInService(info.key, info.size, signal, sourceMd5, info.etag);
     } catch (err) {
-      // Transient, or about this object (gone, changed): streaming it would not do better, and the
-      // service can still copy the others. Anything else is the service refusing server-side copies.
-      if (err instanceof StoreError && (err.retryable || err.code === SOURCE_CHANGED || err.code === 'NotFound')) throw err;
+      // Transient, or this object changed: streaming it would not do better, and the service can
+      // still copy the others.
+      if (err instanceof StoreError && (err.retryable || err.code === SOURCE_CHANGED)) throw err;
+      // Not found: gone, or a copy source this service misreads (s3rver: '+' in a key). This one
+      // object is streamed; its read says which.
+      if (err instanceof StoreError && err.code === 'NotFound') return undefined;
+      // Anything else is the service refusing server-side copies: off for the run.
       this.disabled = true;
       this.reason = (err as Error).message;
       return undefined;
