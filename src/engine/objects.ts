@@ -1,6 +1,6 @@
 import { gzipSync } from 'node:zlib';
 import { asRetryable, CHECKSUM_FALLBACK, failedAtOnce, failsAtOnce, isRetryable, withRetry, defaultRetryPolicy, type RetryPolicy } from '../objectstore/retry.js';
-import { ChecksumMismatchError, md5OfEtag, NotFoundError, SOURCE_CHANGED, StoreError, type ObjectInfo, type ObjectStore } from '../objectstore/store.js';
+import { ChecksumMismatchError, md5OfEtag, NotFoundError, SOURCE_CHANGED, sourceChanged, StoreError, type ObjectInfo, type ObjectStore } from '../objectstore/store.js';
 import { checksumOf, isChecksum, type Checksum } from '../repository/checksum.js';
 import { digestOf, pipeWithDigest } from '../repository/digest.js';
 import type { FileRef } from '../repository/manifest.js';
@@ -311,7 +311,7 @@ async function copyOne(ctx: CopyContext, info: ObjectInfo): Promise<IndexEntry &
       const md5 = ctx.serviceMd5?.md5For(info);
       const copied = await ctx.serverSide?.copy(repo, info, signal, md5);
       if (copied) {
-        if (copied.size !== info.size) throw new StoreError(`object ${info.key} was ${info.size} bytes when listed but ${copied.size} when copied; it changed during the backup`, false);
+        if (copied.size !== info.size) throw sourceChanged(info.key, `was ${info.size} bytes when listed but ${copied.size} when copied`);
         return { key: info.key, ...copied, serverSide: true };
       }
       const checked = md5 !== undefined && info.size <= (repo.store.md5CheckedPutLimit ?? -1) ? md5 : undefined;
@@ -360,13 +360,7 @@ async function assertListedSize(source: ObjectStore, info: ObjectInfo): Promise<
     return;
   }
   if (!now) throw new NotFoundError(`${info.key} not found in ${source.description}`);
-  if (now.size !== info.size) {
-    throw new StoreError(
-      `object ${info.key} was ${info.size} bytes when listed but is ${now.size} bytes now; it changed during the backup (Pachyderm writes each object once, so something else is writing to the bucket): find that writer, then run the backup again`,
-      false,
-      { code: SOURCE_CHANGED },
-    );
-  }
+  if (now.size !== info.size) throw sourceChanged(info.key, `was ${info.size} bytes when listed but is ${now.size} bytes now`);
 }
 
 export interface CopyOptions extends CopyContext {

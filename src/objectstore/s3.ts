@@ -5,7 +5,7 @@ import { Readable } from 'node:stream';
 import type { S3Client, S3ClientConfig } from '@aws-sdk/client-s3';
 import type { Secret } from '../config/secret.js';
 import { parseListPage, readSmallBody, S3Http, S3HttpError, xmlText, type ListPage } from './s3http.js';
-import { ChecksumMismatchError, md5OfEtag, NotFoundError, PreconditionFailedError, SOURCE_CHANGED, StoreError, type ObjectInfo, type ObjectStore, type PutOptions } from './store.js';
+import { ChecksumMismatchError, md5OfEtag, NotFoundError, PreconditionFailedError, sourceChanged, StoreError, type ObjectInfo, type ObjectStore, type PutOptions } from './store.js';
 
 export interface S3StoreOptions {
   bucket: string;
@@ -289,13 +289,10 @@ export class S3ObjectStore implements ObjectStore {
    * this store must be able to read the source. Returns the SHA-256 when the service computed one,
    * else the MD5 when `sourceMd5` (the MD5 the source's listed ETag stands for) is given and the
    * copy's ETag equals it: the service vouches that the copy has the bytes of that MD5. Returns
-   * neither when the caller must read the copy back to learn its checksum.
-   */
-  /**
-   * Copies `sourceKey` of `source` to `key` inside the service. With `sourceEtag` (the ETag the
-   * listing gave), the service copies only that version (`x-amz-copy-source-if-match`): a source
-   * replaced since it was listed fails with SOURCE_CHANGED instead of being copied under the
-   * listed size.
+   * neither when the caller must read the copy back to learn its checksum. With `sourceEtag` (the
+   * ETag the listing gave), the service copies only that version (`x-amz-copy-source-if-match`):
+   * a source replaced since it was listed fails with SOURCE_CHANGED instead of being copied under
+   * the listed size.
    */
   async copyFrom(source: S3ObjectStore, sourceKey: string, key: string, size: number, signal?: AbortSignal, sourceMd5?: string, sourceEtag?: string): Promise<{ sha256?: string; md5?: string }> {
     const Key = this.prefix + key;
@@ -312,17 +309,17 @@ export class S3ObjectStore implements ObjectStore {
       }
       // Every part from the same version of the source: a source replaced between two parts fails
       // the copy (412) instead of joining two versions.
-      const head = await client.send(new sdk.HeadObjectCommand({ Bucket: source.bucket, Key: source.prefix + sourceKey }), opts);
-      if (head.ContentLength !== size || (sourceEtag !== undefined && !sameEtag(head.ETag, sourceEtag))) {
-        throw new StoreError(`object ${sourceKey} was ${size} bytes when listed but is ${head.ContentLength} bytes now; it changed during the backup`, false, { code: SOURCE_CHANGED });
-      }
+      const now = await source.stat(sourceKey);
+      if (!now) throw new StoreError(`server-side copy of ${sourceKey}: not found`, false, { code: 'NotFound' });
+      if (now.size !== size) throw sourceChanged(sourceKey, `was ${size} bytes when listed but is ${now.size} bytes now`);
+      if (sourceEtag !== undefined && !sameEtag(now.etag, sourceEtag)) throw sourceChanged(sourceKey, `has ETag ${now.etag ?? '(none)'} now, not the listed ${sourceEtag}`);
       const { UploadId } = await client.send(new sdk.CreateMultipartUploadCommand({ Bucket: this.bucket, Key }), opts);
       try {
         const parts = [];
         for (let start = 0, n = 1; start < size; start += partSize, n++) {
           const end = Math.min(size, start + partSize) - 1;
           const part = await client.send(
-            new sdk.UploadPartCopyCommand({ Bucket: this.bucket, Key, UploadId, PartNumber: n, CopySource, CopySourceRange: `bytes=${start}-${end}`, CopySourceIfMatch: head.ETag }),
+            new sdk.UploadPartCopyCommand({ Bucket: this.bucket, Key, UploadId, PartNumber: n, CopySource, CopySourceRange: `bytes=${start}-${end}`, CopySourceIfMatch: now.etag }),
             opts,
           );
           parts.push({ PartNumber: n, ETag: part.CopyPartResult?.ETag });
@@ -335,7 +332,7 @@ export class S3ObjectStore implements ObjectStore {
       return {};
     } catch (err) {
       if (err instanceof StoreError) throw err;
-      if (statusOf(err) === 412) throw new StoreError(`object ${sourceKey} is no longer the version listed (or changed while it was copied in parts); it changed during the backup`, false, { cause: err, code: SOURCE_CHANGED });
+      if (statusOf(err) === 412) throw sourceChanged(sourceKey, 'is no longer the version listed (or changed while it was copied in parts)', err);
       throw this.classify(err, `server-side copy of ${sourceKey}`);
     }
   }
@@ -381,7 +378,7 @@ export class S3ObjectStore implements ObjectStore {
         throw new StoreError(`reading back the server-side copy of ${sourceKey} (${reason}): ${(err as Error).message}`, true, { cause: err });
       });
     }
-    if (hashed.bytes !== size) throw new StoreError(`object ${sourceKey} was ${size} bytes when listed but ${hashed.bytes} when copied; it changed during the backup`, false, { code: SOURCE_CHANGED });
+    if (hashed.bytes !== size) throw sourceChanged(sourceKey, `was ${size} bytes when listed but ${hashed.bytes} when copied`);
     return { sha256: hashed.sha256 };
   }
 

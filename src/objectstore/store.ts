@@ -117,3 +117,12 @@ export function isNotFound(err: unknown): err is NotFoundError {
  * a copy in parts): no retry and no other copy path can give the listed object.
  */
 export const SOURCE_CHANGED = 'SourceChanged';
+
+/** The error of an object that is no longer the one listed; `how` says what differs, after "object <key>". */
+export function sourceChanged(key: string, how: string, cause?: unknown): StoreError {
+  return new StoreError(
+    `object ${key} ${how}; it changed during the backup (Pachyderm writes each object once, so something else is writing to the bucket): find that writer, then run the backup again`,
+    false,
+    { code: SOURCE_CHANGED, ...(cause === undefined ? {} : { cause }) },
+  );
+}

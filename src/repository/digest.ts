@@ -24,6 +24,11 @@ export class DigestStream extends Transform {
     callback(null, chunk);
   }
 
+  /** The hex digest of the bytes passed so far (empty when only counting), the stream going on. */
+  get hexSoFar(): string {
+    return this.#hash ? this.#hash.copy().digest('hex') : '';
+  }
+
   /** The hex digest (empty when only counting); only valid once the stream has ended. */
   get hex(): string {
     this.#digest ??= this.#hash ? this.#hash.digest('hex') : '';

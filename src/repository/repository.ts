@@ -1,9 +1,9 @@
-import { createHash, randomBytes } from 'node:crypto';
-import { Readable } from 'node:stream';
+import { createHash, randomBytes, type Hash } from 'node:crypto';
+import { Readable, Transform, type TransformCallback } from 'node:stream';
 import { createInterface } from 'node:readline';
 import { createGunzip, createGzip, gunzipSync } from 'node:zlib';
 import { z } from 'zod';
-import { asRetryable, backOff, isRetryable, policyOf, readWhole, withRetry, type RetryPolicy } from '../objectstore/retry.js';
+import { asRetryable, backOff, isRetryable, policyOf, readWhole, withRetry } from '../objectstore/retry.js';
 import { NotFoundError, PreconditionFailedError, StoreError, type ObjectStore } from '../objectstore/store.js';
 import { isChecksum, type Checksum } from './checksum.js';
 import { DigestStream, pipeWithDigest, sha256Hex } from './digest.js';
@@ -236,7 +236,7 @@ export class Repository {
     let text: string;
     try {
       // Always from the raw store: the config is what says whether, and how, the rest is encrypted.
-      text = (await readWhole(this.rawStore, layout.config, this.#policy())).toString('utf8');
+      text = (await readWhole(this.rawStore, layout.config)).toString('utf8');
     } catch (err) {
       if (err instanceof NotFoundError) return undefined;
       throw err;
@@ -300,13 +300,9 @@ export class Repository {
   }
 
   async readSmall(path: string): Promise<Buffer> {
-    return readWhole(this.store, path, this.#policy());
+    return readWhole(this.store, path);
   }
 
-  /** The store's own retry policy, which may count the retries for the run's summary. */
-  #policy(): RetryPolicy {
-    return policyOf(this.rawStore);
-  }
 
   /** Reads a file and checks it against its reference; throws naming the file when it differs. */
   async readVerified(ref: FileRef): Promise<Buffer> {
@@ -355,7 +351,8 @@ export class Repository {
   async writeLinesGz(path: string, lines: () => AsyncIterable<string>, signal?: AbortSignal): Promise<FileRef & { count: number }> {
     // A streamed put cannot be replayed by the store's retries: a transient fault (503 SlowDown)
     // writes the whole file again, from a fresh pass over `lines`.
-    return withRetry(() => this.#writeLinesGzOnce(path, lines(), signal), this.#policy(), signal);
+    // The store's own policy, which may count the retries for the run's summary.
+    return withRetry(() => this.#writeLinesGzOnce(path, lines(), signal), policyOf(this.rawStore), signal);
   }
 
   async #writeLinesGzOnce(path: string, lines: AsyncIterable<string>, signal?: AbortSignal): Promise<FileRef & { count: number }> {
@@ -399,13 +396,15 @@ export class Repository {
 
   /**
    * The lines of a gzip file; with `ref`, its size and SHA-256 are checked when it ends. When the
-   * body breaks mid-read (a reset connection), the file is read again from its start, the lines
-   * already handed out are skipped, and the checksum covers the read that completed.
+   * body breaks mid-read (a reset connection), the file is read again from its start and the lines
+   * already handed out are skipped; the bytes they came from must hash the same the second time
+   * (PrefixCheck), and the final checksum covers the read that completed.
    */
   private async *streamLinesGz(path: string, ref?: FileRef): AsyncGenerator<string> {
-    const policy = this.#policy();
+    const policy = policyOf(this.rawStore);
     let handedOut = 0;
-    const handed = createHash('sha256');
+    // The longest prefix a broken read passed on, which the next read must repeat.
+    let seen = { bytes: 0, sha256: '' };
     for (let attempt = 1; ; attempt++) {
       let body: Readable;
       try {
@@ -414,37 +413,34 @@ export class Repository {
         if (err instanceof NotFoundError) throw new RepositoryError(`${path} is missing from ${this.description}`);
         throw err;
       }
+      const check = seen.bytes > 0 ? new PrefixCheck(seen.bytes, seen.sha256, () => new RepositoryError(`${path} is corrupt: the bytes of its first ${handedOut} lines read differently after a broken read`)) : undefined;
       const digest = new DigestStream();
       const gunzip = createGunzip();
       let broke: unknown;
       body.on('error', (err) => {
         broke ??= err;
-        digest.destroy(err);
+        (check ?? digest).destroy(err);
       });
+      check?.on('error', (err) => digest.destroy(err));
       digest.on('error', (err) => gunzip.destroy(err));
-      body.pipe(digest).pipe(gunzip);
+      (check ? body.pipe(check) : body).pipe(digest).pipe(gunzip);
       const lines = createInterface({ input: gunzip, crlfDelay: Infinity });
       let skip = handedOut;
-      // The lines handed out by a broken read are checked against this read's (the final checksum covers only this one).
-      const skipped = skip > 0 ? createHash('sha256') : undefined;
       try {
         for await (const line of lines) {
           if (line === '') continue;
           if (skip > 0) {
-            skipped!.update(`${line}\n`);
-            if (--skip === 0 && skipped!.digest('hex') !== handed.copy().digest('hex')) {
-              throw new RepositoryError(`${path} is corrupt: its first ${handedOut} lines read differently after a broken read`);
-            }
+            skip--;
             continue;
           }
           handedOut++;
-          handed.update(`${line}\n`);
           yield line;
         }
-        if (skip > 0) throw new RepositoryError(`${path} is corrupt: it ended after fewer lines than a broken read had handed out`);
       } catch (err) {
+        if (err instanceof RepositoryError) throw err;
         const failure = broke === undefined ? undefined : asRetryable(broke, `reading ${path}`);
         if (failure !== undefined && isRetryable(failure) && attempt < policy.attempts) {
+          if (digest.bytes > seen.bytes) seen = { bytes: digest.bytes, sha256: digest.hexSoFar };
           await backOff(failure as StoreError, attempt, policy);
           continue;
         }
@@ -591,4 +587,35 @@ function safeJson(text: string): unknown {
 export function newBackupId(now = new Date()): string {
   const stamp = now.toISOString().replace(/[-:]/g, '').replace(/\.\d+Z$/, 'Z');
   return `${stamp}-${randomBytes(3).toString('hex')}`;
+}
+
+/**
+ * Passes a re-read through and checks that its first `bytes` hash to `sha256`, what a broken read
+ * of the same file passed on before it broke; fails at that point (or at an earlier end) otherwise.
+ */
+class PrefixCheck extends Transform {
+  #left: number;
+  readonly #hash: Hash = createHash('sha256');
+  constructor(
+    bytes: number,
+    private readonly sha256: string,
+    private readonly mismatch: () => Error,
+  ) {
+    super();
+    this.#left = bytes;
+  }
+
+  override _transform(chunk: Buffer, _encoding: BufferEncoding, callback: TransformCallback): void {
+    if (this.#left > 0) {
+      const part = chunk.subarray(0, this.#left);
+      this.#hash.update(part);
+      this.#left -= part.length;
+      if (this.#left === 0 && this.#hash.digest('hex') !== this.sha256) return callback(this.mismatch());
+    }
+    callback(null, chunk);
+  }
+
+  override _flush(callback: TransformCallback): void {
+    callback(this.#left > 0 ? this.mismatch() : null);
+  }
 }
