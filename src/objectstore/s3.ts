@@ -108,6 +108,7 @@ export class S3ObjectStore implements ObjectStore {
         httpsAgent,
         requestTimeoutMs,
         connectionTimeoutMs: CONNECTION_TIMEOUT_MS,
+        ownReads: process.env.PACHBACKUP_OBJECT_READS !== 'node',
       });
     }
   }
@@ -199,7 +200,7 @@ export class S3ObjectStore implements ObjectStore {
 
   async get(key: string, signal?: AbortSignal): Promise<Readable> {
     try {
-      if (this.#http) return await this.#http.send({ method: 'GET', key: this.prefix + key, ...(signal ? { signal } : {}) });
+      if (this.#http) return await this.#http.getObject(this.prefix + key, signal);
       const { sdk, client } = await this.sdk();
       const out = await client.send(new sdk.GetObjectCommand({ Bucket: this.bucket, Key: this.prefix + key }), signal ? { abortSignal: signal } : {});
       if (!(out.Body instanceof Readable)) throw new StoreError(`reading ${key}: the response had no body`, true);

@@ -1,0 +1,405 @@
+import { connect, type Socket } from 'node:net';
+import { Readable } from 'node:stream';
+
+/**
+ * Object reads (GET) over plain HTTP/1.1 on sockets this module owns, for the one request a copy
+ * makes per object that moves its bytes in. Node's HTTP client copies every body chunk out of the
+ * socket's buffer (two 64 KiB allocations per read) and runs its parser over every byte; here each
+ * socket read lands in a buffer taken from a pool, the body is handed on as a view of it, and a
+ * consumer that has sent the chunk on (the thin PUT of a streamed copy) gives the buffer back, so
+ * a steady copy allocates nothing per read.
+ *
+ * Only the response this path was built for is read here: `200` with a `Content-Length` and no
+ * `Transfer-Encoding`. Anything else (an error status, a chunked or close-delimited body, an
+ * interim response) is answered `undefined` before a byte of its body is handed out, and the caller
+ * sends the request again on Node's HTTP client, which handles every case; an error therefore
+ * reaches the user exactly as on the general path.
+ */
+
+/** Bytes per socket read (as Node's own). */
+export const READ_SIZE = 64 * 1024;
+/** Longest response head read before the response is left to the general path. */
+const MAX_HEAD = 32 * 1024;
+/** Buffers kept for reuse (16 MiB); more are dropped to the garbage collector. */
+const MAX_FREE = 256;
+/** Idle keep-alive sockets kept. */
+const MAX_IDLE = 64;
+/** An idle socket unused this long is closed (servers close theirs after about a minute). */
+const IDLE_MS = 15_000;
+
+/**
+ * Set on a chunk of a body read here: called once the caller no longer needs the chunk's bytes
+ * (a socket write of it completed), it returns the chunk's buffer for the next socket read. A
+ * consumer that keeps chunks, or does not know this, never calls it; the buffer is then collected.
+ */
+export const RELEASE = Symbol('pachbackup.releaseChunk');
+export type ReleasableChunk = Buffer & { [RELEASE]?: () => void };
+
+export interface GetReaderOptions {
+  hostname: string;
+  port: number;
+  connectionTimeoutMs: number;
+  /** No bytes for this long, before or within the body, fails the read. */
+  requestTimeoutMs: number;
+}
+
+/** Thrown for a failure of the exchange itself (connection, timeout); shaped by the caller. */
+export class GetReadError extends Error {
+  constructor(
+    message: string,
+    readonly code: string,
+  ) {
+    super(message);
+    this.name = code === 'ETIMEDOUT' ? 'TimeoutError' : 'Error';
+  }
+}
+
+class BufferPool {
+  readonly #free: Buffer[] = [];
+  take(): Buffer {
+    return this.#free.pop() ?? Buffer.allocUnsafeSlow(READ_SIZE);
+  }
+  give(buffer: Buffer): void {
+    if (this.#free.length < MAX_FREE) this.#free.push(buffer);
+  }
+}
+
+/** What a connection's reads go to: the exchange in progress, or nothing while idle. */
+interface ReadTarget {
+  /** Bytes read into `buffer` (a pool buffer). Returns false to stop reading until resumed. */
+  onBytes(buffer: Buffer, length: number): boolean;
+  /** The connection closed, or was idle too long (`timedOut`). */
+  onEnd(err: Error | undefined, timedOut?: boolean): void;
+}
+
+/** One keep-alive socket, its reads dispatched to the exchange that owns it. */
+class Connection {
+  readonly socket: Socket;
+  target: ReadTarget | undefined;
+  idleTimer: NodeJS.Timeout | undefined;
+  /** Whether an exchange completed on it (a failure before any response byte may be a stale keep-alive socket). */
+  used = false;
+  #error: Error | undefined;
+
+  constructor(
+    readonly pool: BufferPool,
+    options: GetReaderOptions,
+  ) {
+    this.socket = connect({
+      host: options.hostname,
+      port: options.port,
+      noDelay: true,
+      onread: {
+        // Called for the buffer of each next read: the one just read may be on its way out in a chunk.
+        buffer: () => pool.take(),
+        callback: (length: number, buffer: Uint8Array) => {
+          const target = this.target;
+          if (!target) {
+            // Bytes while idle: nothing was asked, so the connection is out of step. Close it.
+            this.socket.destroy();
+            return false;
+          }
+          return target.onBytes(buffer as Buffer, length);
+        },
+      },
+    });
+    // Every failure comes to 'close'; the error, if any, is told then.
+    this.socket.on('error', (err) => (this.#error ??= err));
+    this.socket.on('timeout', () => this.target?.onEnd(undefined, true));
+    this.socket.once('end', () => this.socket.destroy());
+    this.socket.once('close', () => {
+      clearTimeout(this.idleTimer);
+      const target = this.target;
+      this.target = undefined;
+      target?.onEnd(this.#error);
+    });
+  }
+}
+
+/** A pool of keep-alive connections to one host, and the buffers their reads land in. */
+export class GetReader {
+  readonly #buffers = new BufferPool();
+  readonly #idle: Connection[] = [];
+
+  constructor(readonly options: GetReaderOptions) {}
+
+  /**
+   * Sends `head` (a whole GET request: request line, headers, blank line) and resolves with the
+   * body once a `200` response with a `Content-Length` arrived, or with undefined when the
+   * response is of another kind (see the module's comment). Rejects when the exchange fails.
+   */
+  async get(head: string, what: string, signal?: AbortSignal): Promise<Readable | undefined> {
+    const reused = this.#takeIdle();
+    try {
+      return await this.#exchange(reused ?? new Connection(this.#buffers, this.options), head, what, signal);
+    } catch (err) {
+      // A kept-alive socket the server had closed fails before any byte of the answer: once more on a new one.
+      if (reused && err instanceof StaleConnection) return this.#exchange(new Connection(this.#buffers, this.options), head, what, signal);
+      throw err instanceof StaleConnection ? err.failure : err;
+    }
+  }
+
+  /** Closes the idle connections (those in use close when their bodies end). */
+  close(): void {
+    for (const conn of this.#idle.splice(0)) {
+      clearTimeout(conn.idleTimer);
+      conn.socket.destroy();
+    }
+  }
+
+  #takeIdle(): Connection | undefined {
+    for (let conn = this.#idle.pop(); conn; conn = this.#idle.pop()) {
+      clearTimeout(conn.idleTimer);
+      if (!conn.socket.destroyed) {
+        conn.socket.ref();
+        return conn;
+      }
+    }
+    return undefined;
+  }
+
+  /** A body read to its end on a keep-alive response: the connection waits for the next request. */
+  #release(conn: Connection): void {
+    conn.target = undefined;
+    conn.used = true;
+    conn.socket.setTimeout(0);
+    if (conn.socket.destroyed || this.#idle.length >= MAX_IDLE) {
+      conn.socket.destroy();
+      return;
+    }
+    conn.socket.unref();
+    conn.idleTimer = setTimeout(() => {
+      const at = this.#idle.indexOf(conn);
+      if (at >= 0) this.#idle.splice(at, 1);
+      conn.socket.destroy();
+    }, IDLE_MS);
+    conn.idleTimer.unref();
+    this.#idle.push(conn);
+  }
+
+  #exchange(conn: Connection, head: string, what: string, signal: AbortSignal | undefined): Promise<Readable | undefined> {
+    const { socket } = conn;
+    const { requestTimeoutMs, connectionTimeoutMs } = this.options;
+    return new Promise<Readable | undefined>((resolve, reject) => {
+      /** Head bytes gathered (copied) across reads until the blank line. */
+      let pending: Buffer | undefined;
+      let body: GetBody | undefined;
+      let settled = false;
+      let connectTimer: NodeJS.Timeout | undefined;
+      const settle = (): void => {
+        settled = true;
+        clearTimeout(connectTimer);
+      };
+      // An abort fails the request, or breaks the body, until the body has ended.
+      const unlisten = (): void => signal?.removeEventListener('abort', onAbort);
+      /** The exchange failed: before the head, the promise rejects; within the body, the body breaks. */
+      const fail = (err: Error): void => {
+        conn.target = undefined;
+        socket.destroy();
+        if (body) body.broken(err);
+        else if (!settled) {
+          settle();
+          unlisten();
+          reject(err);
+        }
+      };
+      /** The response is not one this path reads: undefined, and the caller asks again on the general path. */
+      const leave = (): void => {
+        conn.target = undefined;
+        socket.destroy();
+        if (!settled) {
+          settle();
+          unlisten();
+          resolve(undefined);
+        }
+      };
+      const onAbort = (): void => fail(abortError(signal!));
+      if (signal?.aborted) {
+        fail(abortError(signal));
+        return;
+      }
+      signal?.addEventListener('abort', onAbort, { once: true });
+      // No bytes for the request timeout (waiting for the head, or within the body) fails the read.
+      socket.setTimeout(requestTimeoutMs);
+      if (socket.connecting) {
+        connectTimer = setTimeout(() => fail(new GetReadError(`${what}: could not connect within ${connectionTimeoutMs} ms`, 'ETIMEDOUT')), connectionTimeoutMs);
+        socket.once('connect', () => clearTimeout(connectTimer));
+      }
+      const target: ReadTarget = {
+        onBytes: (buffer, length) => {
+          if (body) return body.accept(buffer, length);
+          let bytes = buffer.subarray(0, length);
+          let ownsBuffer = pending === undefined;
+          if (pending) bytes = pending = Buffer.concat([pending, bytes]);
+          const end = bytes.indexOf('\r\n\r\n');
+          if (end < 0) {
+            if (bytes.length > MAX_HEAD) leave();
+            else pending ??= Buffer.from(bytes);
+            conn.pool.give(buffer);
+            return true;
+          }
+          const parsed = parseHead(bytes.subarray(0, end).toString('latin1'));
+          const rest = bytes.subarray(end + 4);
+          // Another response, or more than the body (the connection out of step): left to the general path.
+          if (!parsed || rest.length > parsed.length) {
+            leave();
+            return false;
+          }
+          settle();
+          body = new GetBody(parsed.length, what, conn, () => (parsed.keepAlive ? this.#release(conn) : socket.destroy()), unlisten);
+          resolve(body);
+          if (!ownsBuffer) {
+            conn.pool.give(buffer);
+            return body.accept(rest, rest.length, 0, false);
+          }
+          return body.accept(buffer, rest.length, end + 4, true);
+        },
+        onEnd: (err, timedOut) => {
+          if (timedOut) fail(new GetReadError(`${what}: no bytes ${body ? 'of the response body' : 'of a response'} for ${requestTimeoutMs} ms`, 'ETIMEDOUT'));
+          else if (!body && !settled && conn.used && pending === undefined) {
+            settle();
+            unlisten();
+            reject(new StaleConnection(err));
+          } else fail(new GetReadError(`${what}: ${err?.message ?? 'the connection closed'}`, (err as NodeJS.ErrnoException | undefined)?.code ?? 'ECONNRESET'));
+        },
+      };
+      conn.target = target;
+      socket.write(head, 'latin1');
+    });
+  }
+}
+
+/** A keep-alive socket that failed before any byte of the answer (the server had closed it). */
+class StaleConnection extends Error {
+  readonly failure: GetReadError;
+  constructor(cause: Error | undefined) {
+    super('stale keep-alive connection');
+    this.failure = new GetReadError(cause?.message ?? 'the connection closed', 'ECONNRESET');
+  }
+}
+
+/** The body of a response: views of the socket's read buffers, `length` bytes in all. */
+class GetBody extends Readable {
+  #remaining: number;
+  #done = false;
+  constructor(
+    readonly length: number,
+    readonly what: string,
+    readonly conn: Connection,
+    /** The whole body was received on a connection that may serve another request. */
+    readonly onComplete: () => void,
+    /** The body ended, broke or was left: once. */
+    readonly onDone: () => void,
+  ) {
+    super();
+    this.#remaining = length;
+  }
+
+  /**
+   * Bytes `[start, start + length)` of `buffer`, read from the socket. With `releasable`, the
+   * buffer is a pool buffer that the chunk may give back. Returns false to stop reading until the
+   * consumer asks for more.
+   */
+  accept(buffer: Buffer, length: number, start = 0, releasable = true): boolean {
+    if (this.#done) return false;
+    if (length > this.#remaining) {
+      // More than Content-Length: the connection is out of step. The body is what was announced; the connection closes.
+      const chunk = buffer.subarray(start, start + this.#remaining);
+      this.#remaining = 0;
+      this.conn.target = undefined;
+      this.conn.socket.destroy();
+      if (chunk.length > 0) this.push(chunk);
+      this.#end(false);
+      return false;
+    }
+    this.#remaining -= length;
+    let more = true;
+    if (length > 0) {
+      const chunk: ReleasableChunk = buffer.subarray(start, start + length);
+      if (releasable) {
+        const pool = this.conn.pool;
+        let given = false;
+        chunk[RELEASE] = () => {
+          if (given) return;
+          given = true;
+          pool.give(buffer);
+        };
+      }
+      more = this.push(chunk);
+    }
+    if (this.#remaining === 0) {
+      this.#end(true);
+      return true;
+    }
+    return more;
+  }
+
+  #end(reuse: boolean): void {
+    this.#done = true;
+    this.onDone();
+    this.push(null);
+    if (reuse) this.onComplete();
+  }
+
+  /** The connection failed within the body. */
+  broken(err: Error): void {
+    if (this.#done) return;
+    this.#done = true;
+    this.onDone();
+    const received = this.length - this.#remaining;
+    this.destroy(new GetReadError(`${err.message} after ${received} of the body's ${this.length} bytes`, (err as GetReadError).code ?? 'ECONNRESET'));
+  }
+
+  override _read(): void {
+    if (!this.#done) this.conn.socket.resume();
+  }
+
+  override _destroy(err: Error | null, callback: (error?: Error | null) => void): void {
+    if (!this.#done) {
+      // Left before its end: the rest of the body is still on its way, so the connection cannot serve another request.
+      this.#done = true;
+      this.onDone();
+      this.conn.target = undefined;
+      this.conn.socket.destroy();
+    }
+    callback(err);
+  }
+}
+
+interface ParsedHead {
+  length: number;
+  keepAlive: boolean;
+}
+
+/** The head of a response this path reads (`200`, a single `Content-Length`, no `Transfer-Encoding`), or undefined. */
+function parseHead(text: string): ParsedHead | undefined {
+  const lines = text.split('\r\n');
+  const status = /^HTTP\/1\.([01]) (\d{3})(?: |$)/.exec(lines[0]!);
+  if (!status || status[2] !== '200') return undefined;
+  let length: number | undefined;
+  let keepAlive = status[1] === '1';
+  for (let i = 1; i < lines.length; i++) {
+    const line = lines[i]!;
+    const colon = line.indexOf(':');
+    if (colon <= 0) return undefined;
+    const name = line.slice(0, colon).trim().toLowerCase();
+    const value = line.slice(colon + 1).trim();
+    if (name === 'content-length') {
+      if (!/^\d{1,15}$/.test(value) || (length !== undefined && length !== Number(value))) return undefined;
+      length = Number(value);
+    } else if (name === 'transfer-encoding') return undefined;
+    else if (name === 'connection') {
+      const tokens = value.toLowerCase().split(',').map((t) => t.trim());
+      if (tokens.includes('close')) keepAlive = false;
+      else if (tokens.includes('keep-alive')) keepAlive = true;
+    }
+  }
+  return length === undefined ? undefined : { length, keepAlive };
+}
+
+function abortError(signal: AbortSignal): Error {
+  const reason = signal.reason as unknown;
+  const err = new Error(`the request was aborted${reason instanceof Error ? `: ${reason.message}` : ''}`, { cause: reason });
+  err.name = 'AbortError';
+  return err;
+}
