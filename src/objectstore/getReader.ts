@@ -22,6 +22,8 @@ export const READ_SIZE = 64 * 1024;
 const MAX_HEAD = 32 * 1024;
 /** Buffers kept for reuse (16 MiB); more are dropped to the garbage collector. */
 const MAX_FREE = 256;
+/** Longest error body read here; a longer one is left to the general path. */
+const MAX_ERROR_BODY = 64 * 1024;
 /** Idle keep-alive sockets kept. */
 const MAX_IDLE = 64;
 /** An idle socket unused this long is closed (servers close theirs after about a minute). */
@@ -42,6 +44,9 @@ export interface GetReaderOptions {
   /** No bytes for this long, before or within the body, fails the read. */
   requestTimeoutMs: number;
 }
+
+/** What a read gave: a body to stream, a refusal (an error status and its body's text), or undefined for a response left to the general path. */
+export type GetResult = { body: Readable } | { status: number; statusMessage: string; text: string } | undefined;
 
 /** Thrown for a failure of the exchange itself (connection, timeout); shaped by the caller. */
 export class GetReadError extends Error {
@@ -125,10 +130,11 @@ export class GetReader {
 
   /**
    * Sends `head` (a whole GET request: request line, headers, blank line) and resolves with the
-   * body once a `200` response with a `Content-Length` arrived, or with undefined when the
-   * response is of another kind (see the module's comment). Rejects when the exchange fails.
+   * body once a `200` response with a `Content-Length` arrived, with the refusal once an error
+   * status and its (small) body arrived, or with undefined when the response is of another kind
+   * (see the module's comment). Rejects when the exchange fails.
    */
-  async get(head: string, what: string, signal?: AbortSignal): Promise<Readable | undefined> {
+  async get(head: string, what: string, signal?: AbortSignal): Promise<GetResult> {
     const reused = this.#takeIdle();
     try {
       return await this.#exchange(reused ?? new Connection(this.#buffers, this.options), head, what, signal);
@@ -177,13 +183,15 @@ export class GetReader {
     this.#idle.push(conn);
   }
 
-  #exchange(conn: Connection, head: string, what: string, signal: AbortSignal | undefined): Promise<Readable | undefined> {
+  #exchange(conn: Connection, head: string, what: string, signal: AbortSignal | undefined): Promise<GetResult> {
     const { socket } = conn;
     const { requestTimeoutMs, connectionTimeoutMs } = this.options;
-    return new Promise<Readable | undefined>((resolve, reject) => {
+    return new Promise<GetResult>((resolve, reject) => {
       /** Head bytes gathered (copied) across reads until the blank line. */
       let pending: Buffer | undefined;
       let body: GetBody | undefined;
+      /** An error response's body, gathered (copied) to its Content-Length. */
+      let refusal: { head: ParsedHead; bytes: Buffer } | undefined;
       let settled = false;
       let connectTimer: NodeJS.Timeout | undefined;
       const settle = (): void => {
@@ -225,9 +233,36 @@ export class GetReader {
         connectTimer = setTimeout(() => fail(new GetReadError(`${what}: could not connect within ${connectionTimeoutMs} ms`, 'ETIMEDOUT')), connectionTimeoutMs);
         socket.once('connect', () => clearTimeout(connectTimer));
       }
+      /** Bytes of an error response's body (copied); once all are in, the refusal is the answer. */
+      const gather = (bytes: Buffer): boolean => {
+        const r = refusal!;
+        r.bytes = Buffer.concat([r.bytes, bytes]);
+        const length = r.head.length;
+        const whole = length === undefined ? dechunk(r.bytes) : r.bytes.length >= length ? { text: r.bytes.subarray(0, length), used: length } : undefined;
+        if (whole === null || r.bytes.length > MAX_ERROR_BODY + MAX_HEAD) {
+          leave();
+          return false;
+        }
+        if (!whole) return true;
+        settle();
+        unlisten();
+        // Bytes past the body: the connection is out of step and closes.
+        if (r.head.keepAlive && whole.used === r.bytes.length) this.#release(conn);
+        else {
+          conn.target = undefined;
+          socket.destroy();
+        }
+        resolve({ status: r.head.status, statusMessage: r.head.statusMessage, text: whole.text.toString('utf8') });
+        return true;
+      };
       const target: ReadTarget = {
         onBytes: (buffer, length) => {
           if (body) return body.accept(buffer, length);
+          if (refusal) {
+            const more = gather(buffer.subarray(0, length));
+            conn.pool.give(buffer);
+            return more;
+          }
           let bytes = buffer.subarray(0, length);
           let ownsBuffer = pending === undefined;
           if (pending) bytes = pending = Buffer.concat([pending, bytes]);
@@ -240,14 +275,21 @@ export class GetReader {
           }
           const parsed = parseHead(bytes.subarray(0, end).toString('latin1'));
           const rest = bytes.subarray(end + 4);
+          if (parsed && parsed.status !== 200 && (parsed.length ?? 0) <= MAX_ERROR_BODY) {
+            refusal = { head: parsed, bytes: Buffer.alloc(0) };
+            const more = gather(rest);
+            conn.pool.give(buffer);
+            return more;
+          }
           // Another response, or more than the body (the connection out of step): left to the general path.
-          if (!parsed || rest.length > parsed.length) {
+          if (!parsed || parsed.status !== 200 || parsed.length === undefined || rest.length > parsed.length) {
             leave();
             return false;
           }
+          const bodyLength = parsed.length;
           settle();
-          body = new GetBody(parsed.length, what, conn, () => (parsed.keepAlive ? this.#release(conn) : socket.destroy()), unlisten);
-          resolve(body);
+          body = new GetBody(bodyLength, what, conn, () => (parsed.keepAlive ? this.#release(conn) : socket.destroy()), unlisten);
+          resolve({ body });
           if (!ownsBuffer) {
             conn.pool.give(buffer);
             return body.accept(rest, rest.length, 0, false);
@@ -255,8 +297,8 @@ export class GetReader {
           return body.accept(buffer, rest.length, end + 4, true);
         },
         onEnd: (err, timedOut) => {
-          if (timedOut) fail(new GetReadError(`${what}: no bytes ${body ? 'of the response body' : 'of a response'} for ${requestTimeoutMs} ms`, 'ETIMEDOUT'));
-          else if (!body && !settled && conn.used && pending === undefined) {
+          if (timedOut) fail(new GetReadError(body ? `${what}: no bytes of the response body for ${requestTimeoutMs} ms` : `${what}: no response within ${requestTimeoutMs} ms`, 'ETIMEDOUT'));
+          else if (!body && !settled && conn.used && pending === undefined && !refusal) {
             settle();
             unlisten();
             reject(new StaleConnection(err));
@@ -347,7 +389,8 @@ class GetBody extends Readable {
     this.#done = true;
     this.onDone();
     const received = this.length - this.#remaining;
-    this.destroy(new GetReadError(`${err.message} after ${received} of the body's ${this.length} bytes`, (err as GetReadError).code ?? 'ECONNRESET'));
+    if (err.name === 'AbortError') this.destroy(err);
+    else this.destroy(new GetReadError(`${err.message} after ${received} of the body's ${this.length} bytes`, (err as GetReadError).code ?? 'ECONNRESET'));
   }
 
   override _read(): void {
@@ -367,17 +410,25 @@ class GetBody extends Readable {
 }
 
 interface ParsedHead {
-  length: number;
+  status: number;
+  statusMessage: string;
+  /** Content-Length; undefined for a chunked body (an error response only). */
+  length: number | undefined;
   keepAlive: boolean;
 }
 
-/** The head of a response this path reads (`200`, a single `Content-Length`, no `Transfer-Encoding`), or undefined. */
+/**
+ * The head of a response this path reads, or undefined: `200` with a single `Content-Length` and
+ * no `Transfer-Encoding`, or an error status (400 and above) with a `Content-Length` or a chunked body.
+ */
 function parseHead(text: string): ParsedHead | undefined {
   const lines = text.split('\r\n');
-  const status = /^HTTP\/1\.([01]) (\d{3})(?: |$)/.exec(lines[0]!);
-  if (!status || status[2] !== '200') return undefined;
+  const status = /^HTTP\/1\.([01]) (\d{3})(?: (.*))?$/.exec(lines[0]!);
+  const code = Number(status?.[2]);
+  if (!status || (code !== 200 && (code < 400 || code > 599))) return undefined;
   let length: number | undefined;
   let keepAlive = status[1] === '1';
+  let chunked = false;
   for (let i = 1; i < lines.length; i++) {
     const line = lines[i]!;
     const colon = line.indexOf(':');
@@ -387,14 +438,50 @@ function parseHead(text: string): ParsedHead | undefined {
     if (name === 'content-length') {
       if (!/^\d{1,15}$/.test(value) || (length !== undefined && length !== Number(value))) return undefined;
       length = Number(value);
-    } else if (name === 'transfer-encoding') return undefined;
+    } else if (name === 'transfer-encoding') {
+      if (code === 200 || value.toLowerCase() !== 'chunked') return undefined;
+      chunked = true;
+    }
     else if (name === 'connection') {
       const tokens = value.toLowerCase().split(',').map((t) => t.trim());
       if (tokens.includes('close')) keepAlive = false;
       else if (tokens.includes('keep-alive')) keepAlive = true;
     }
   }
-  return length === undefined ? undefined : { length, keepAlive };
+  // Both, or neither: the body's end is unclear (RFC 9112 §6.3); left to the general path.
+  if (chunked === (length !== undefined)) return undefined;
+  return { status: code, statusMessage: status[3] ?? '', length, keepAlive };
+}
+
+/**
+ * A chunked body (RFC 9112 §7.1) decoded: its bytes and how many bytes of `raw` it took (the
+ * trailers included), undefined while incomplete, null when malformed.
+ */
+export function dechunk(raw: Buffer): { text: Buffer; used: number } | undefined | null {
+  const parts: Buffer[] = [];
+  let at = 0;
+  for (;;) {
+    const eol = raw.indexOf('\r\n', at);
+    if (eol < 0) return raw.length - at > 1024 ? null : undefined;
+    const sizeField = /^([0-9a-fA-F]{1,8})(?:[ \t]*;.*)?$/.exec(raw.subarray(at, eol).toString('latin1'));
+    if (!sizeField) return null;
+    const size = parseInt(sizeField[1]!, 16);
+    at = eol + 2;
+    if (size === 0) {
+      // Trailer lines up to an empty line.
+      for (;;) {
+        const end = raw.indexOf('\r\n', at);
+        if (end < 0) return undefined;
+        const empty = end === at;
+        at = end + 2;
+        if (empty) return { text: Buffer.concat(parts), used: at };
+      }
+    }
+    if (raw.length < at + size + 2) return undefined;
+    if (raw[at + size] !== 0x0d || raw[at + size + 1] !== 0x0a) return null;
+    parts.push(raw.subarray(at, at + size));
+    at += size + 2;
+  }
 }
 
 function abortError(signal: AbortSignal): Error {

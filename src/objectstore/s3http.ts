@@ -3,7 +3,7 @@ import { request as httpRequest, type Agent as HttpAgent, type IncomingMessage, 
 import { request as httpsRequest, type Agent as HttpsAgent } from 'node:https';
 import type { Readable } from 'node:stream';
 import { SignatureV4 } from '@smithy/signature-v4';
-import { GetReader, RELEASE, type ReleasableChunk } from './getReader.js';
+import { GetReader, RELEASE, type GetResult, type ReleasableChunk } from './getReader.js';
 import type { SourceData } from '@smithy/types';
 
 /**
@@ -153,15 +153,16 @@ export class S3Http {
     const req: S3HttpRequest = { method: 'GET', key, ...(signal ? { signal } : {}) };
     const { path, headers, length } = await this.#prepare(req);
     if (this.#reader) {
-      let body: Readable | undefined;
+      let read: GetResult;
       try {
-        body = await this.#reader.get(requestHead('GET', path, headers), `GET ${key}`, signal);
+        read = await this.#reader.get(requestHead('GET', path, headers), `GET ${key}`, signal);
       } catch (err) {
         if (signal?.aborted) throw abortError(signal);
         const { name, message, code } = err as Error & { code?: string };
         throw new S3HttpError(name, message, undefined, { cause: err, ...(code ? { code } : {}) });
       }
-      if (body) return body;
+      if (read && 'body' in read) return read.body;
+      if (read) throw errorFromResponse(req, read.status, read.statusMessage, read.text);
     }
     return this.#exchange(req, path, headers, length);
   }
@@ -236,7 +237,7 @@ export class S3Http {
         readSmallBody(res).then(
           (body) => {
             stop();
-            reject(errorFromResponse(req, status, res, body));
+            reject(errorFromResponse(req, status, res.statusMessage, body));
           },
           (err: Error) => {
             stop();
@@ -366,9 +367,9 @@ export function parseListPage(xml: string): ListPage {
   return { objects, nextToken: truncated && token ? xmlText(token) : undefined };
 }
 
-function errorFromResponse(req: S3HttpRequest, status: number, res: IncomingMessage, body: string): S3HttpError {
+function errorFromResponse(req: S3HttpRequest, status: number, statusMessage: string | undefined, body: string): S3HttpError {
   const code = /<Code>([^<]*)<\/Code>/.exec(body)?.[1] ?? defaultCode(status);
-  const message = /<Message>([^<]*)<\/Message>/.exec(body)?.[1] ?? res.statusMessage ?? '';
+  const message = /<Message>([^<]*)<\/Message>/.exec(body)?.[1] ?? statusMessage ?? '';
   return new S3HttpError(code, `${req.method} ${req.key}: ${code}${message ? `: ${message}` : ''}`, status);
 }
 
