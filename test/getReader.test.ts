@@ -8,7 +8,13 @@
  */
 import assert from 'node:assert/strict';
 import { createHash, randomBytes } from 'node:crypto';
+import { execFile } from 'node:child_process';
+import { mkdtemp, readFile, rm } from 'node:fs/promises';
 import { createServer, type Server, type Socket } from 'node:net';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { createServer as createTlsServer } from 'node:tls';
+import { promisify } from 'node:util';
 import { Writable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import { after, describe, test } from 'node:test';
@@ -28,10 +34,10 @@ interface RawRequest {
 }
 
 /** A server that parses requests (Content-Length bodies only) and lets the test write each answer byte by byte. */
-async function rawServer(answer: (req: RawRequest) => void | Promise<void>, options: { slowReads?: boolean } = {}): Promise<{ port: number; endpoint: string; requests: RawRequest[]; connections: number; close(): Promise<void> }> {
+async function rawServer(answer: (req: RawRequest) => void | Promise<void>, options: { slowReads?: boolean; tls?: { key: Buffer; cert: Buffer } } = {}): Promise<{ port: number; endpoint: string; requests: RawRequest[]; connections: number; close(): Promise<void> }> {
   const state = { requests: [] as RawRequest[], connections: 0 };
   const sockets = new Set<Socket>();
-  const server: Server = createServer((socket) => {
+  const onConnection = (socket: Socket): void => {
     state.connections++;
     sockets.add(socket);
     socket.on('close', () => sockets.delete(socket));
@@ -66,7 +72,8 @@ async function rawServer(answer: (req: RawRequest) => void | Promise<void>, opti
       buffered = Buffer.concat([buffered, chunk]);
       void next();
     });
-  });
+  };
+  const server: Server = options.tls ? createTlsServer(options.tls, onConnection) : createServer(onConnection);
   await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
   const port = (server.address() as { port: number }).port;
   return {
@@ -331,6 +338,38 @@ describe('object reads on own sockets', () => {
     await assert.rejects(readAll(started.body), (err: Error) => err.name === 'AbortError');
     get.close();
     slow.close();
+  });
+
+  test('over TLS: bodies byte for byte on one connection, and a certificate that does not name the host fails the read', async (t) => {
+    const dir = await mkdtemp(join(tmpdir(), 'pbt-getreader-tls-'));
+    try {
+      try {
+        await promisify(execFile)('openssl', ['req', '-x509', '-newkey', 'rsa:2048', '-nodes', '-keyout', join(dir, 'key.pem'), '-out', join(dir, 'cert.pem'), '-days', '1', '-subj', '/CN=localhost', '-addext', 'subjectAltName=DNS:localhost']);
+      } catch {
+        t.skip('the openssl CLI is not installed (apt-get install openssl)');
+        return;
+      }
+      const [key, cert] = await Promise.all([readFile(join(dir, 'key.pem')), readFile(join(dir, 'cert.pem'))]);
+      const object = randomBytes(3 * 1024 * 1024 + 11);
+      const server = await rawServer(async (req) => void (await dribble(req.socket, ok(object))), { tls: { key, cert } });
+      servers.push(server);
+      const get = new GetReader({ hostname: 'localhost', port: server.port, connectionTimeoutMs: 5_000, requestTimeoutMs: 10_000, tls: { ca: cert } });
+      for (let i = 0; i < 3; i++) {
+        const result = await get.get(head('/x'), 'GET x');
+        assert.ok(result && 'body' in result);
+        assert.equal(sha(await readAll(result.body)), sha(object));
+      }
+      assert.equal(server.connections, 1);
+      get.close();
+      // The certificate names localhost, not 127.0.0.1.
+      const wrongName = new GetReader({ hostname: '127.0.0.1', port: server.port, connectionTimeoutMs: 5_000, requestTimeoutMs: 10_000, tls: { ca: cert } });
+      await assert.rejects(wrongName.get(head('/x'), 'GET x'), (err: Error & { code?: string }) => err.code === 'ERR_TLS_CERT_ALTNAME_INVALID' && /127\.0\.0\.1/.test(err.message));
+      // No CA given: Node's own roots, which do not hold a self-signed certificate.
+      const untrusted = new GetReader({ hostname: 'localhost', port: server.port, connectionTimeoutMs: 5_000, requestTimeoutMs: 10_000, tls: {} });
+      await assert.rejects(untrusted.get(head('/x'), 'GET x'), (err: Error & { code?: string }) => err.code === 'DEPTH_ZERO_SELF_SIGNED_CERT');
+    } finally {
+      await rm(dir, { recursive: true, force: true });
+    }
   });
 
   test('through the store: errors classified as on the general path, a chunked 200 read by the general path, every request once unless left', async () => {

@@ -1,8 +1,9 @@
-import { connect, type Socket } from 'node:net';
+import { connect, isIP, type Socket } from 'node:net';
+import { connect as tlsConnect, type ConnectionOptions } from 'node:tls';
 import { Readable } from 'node:stream';
 
 /**
- * Object reads (GET) over plain HTTP/1.1 on sockets this module owns, for the one request a copy
+ * Object reads (GET) over HTTP/1.1 (plain or TLS) on sockets this module owns, for the one request a copy
  * makes per object that moves its bytes in. Node's HTTP client copies every body chunk out of the
  * socket's buffer (two 64 KiB allocations per read) and runs its parser over every byte; here each
  * socket read lands in a buffer taken from a pool, the body is handed on as a view of it, and a
@@ -43,6 +44,8 @@ export interface GetReaderOptions {
   connectionTimeoutMs: number;
   /** No bytes for this long, before or within the body, fails the read. */
   requestTimeoutMs: number;
+  /** HTTPS: TLS options (`{}` for Node's defaults, as its HTTPS agent uses); undefined for plain HTTP. */
+  tls?: ConnectionOptions;
 }
 
 /** What a read gave: a body to stream, a refusal (an error status and its body's text), or undefined for a response left to the general path. */
@@ -90,24 +93,24 @@ class Connection {
     readonly pool: BufferPool,
     options: GetReaderOptions,
   ) {
-    this.socket = connect({
-      host: options.hostname,
-      port: options.port,
-      noDelay: true,
-      onread: {
-        // Called for the buffer of each next read: the one just read may be on its way out in a chunk.
-        buffer: () => pool.take(),
-        callback: (length: number, buffer: Uint8Array) => {
-          const target = this.target;
-          if (!target) {
-            // Bytes while idle: nothing was asked, so the connection is out of step. Close it.
-            this.socket.destroy();
-            return false;
-          }
-          return target.onBytes(buffer as Buffer, length);
-        },
+    const onread = {
+      // Called for the buffer of each next read: the one just read may be on its way out in a chunk.
+      buffer: () => pool.take(),
+      callback: (length: number, buffer: Uint8Array) => {
+        const target = this.target;
+        if (!target) {
+          // Bytes while idle: nothing was asked, so the connection is out of step. Close it.
+          this.socket.destroy();
+          return false;
+        }
+        return target.onBytes(buffer as Buffer, length);
       },
-    });
+    };
+    const { hostname: host, port, tls } = options;
+    // TLS: the host name checked against the certificate and sent for SNI, unless the endpoint is an address.
+    // (Node's TLS sockets take `onread` as its plain ones do; its type declarations omit it.)
+    const secure: (ConnectionOptions & { onread: typeof onread }) | undefined = tls && { ...tls, host, port, ...(isIP(host) ? {} : { servername: host }), onread };
+    this.socket = secure ? tlsConnect(secure).setNoDelay(true) : connect({ host, port, noDelay: true, onread });
     // Every failure comes to 'close'; the error, if any, is told then.
     this.socket.on('error', (err) => (this.#error ??= err));
     this.socket.on('timeout', () => this.target?.onEnd(undefined, true));

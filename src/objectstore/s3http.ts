@@ -35,9 +35,9 @@ export interface S3HttpOptions {
   requestTimeoutMs: number;
   connectionTimeoutMs: number;
   /**
-   * Object reads on plain HTTP on this module's own sockets (getReader.ts) instead of Node's HTTP
-   * client: the same requests, a third of the client CPU. Default on; `PACHBACKUP_OBJECT_READS=node`
-   * turns it off for every store.
+   * Object reads on this module's own sockets (getReader.ts) instead of Node's HTTP client: the
+   * same requests, a fraction of the client CPU. Default on; `PACHBACKUP_OBJECT_READS=node` turns
+   * it off for every store.
    */
   ownReads?: boolean;
 }
@@ -107,7 +107,7 @@ export class S3Http {
   /** Everything before the encoded key in the request path: base path, and `/bucket` in path style. */
   readonly #pathPrefix: string;
   readonly #signer: SignatureV4;
-  /** Object reads on plain HTTP, when on. */
+  /** Object reads on own sockets, when on. */
   readonly #reader: GetReader | undefined;
 
   constructor(readonly options: S3HttpOptions) {
@@ -121,8 +121,14 @@ export class S3Http {
     this.#host = url.port ? `${this.#hostname}:${url.port}` : this.#hostname;
     this.#pathPrefix = virtualHost ? basePath : `${basePath}/${uriEncode(options.bucket)}`;
     this.#reader =
-      !this.#secure && options.ownReads !== false
-        ? new GetReader({ hostname: this.#hostname, port: this.#port ?? 80, connectionTimeoutMs: options.connectionTimeoutMs, requestTimeoutMs: options.requestTimeoutMs })
+      options.ownReads !== false
+        ? new GetReader({
+            hostname: this.#hostname,
+            port: this.#port ?? (this.#secure ? 443 : 80),
+            connectionTimeoutMs: options.connectionTimeoutMs,
+            requestTimeoutMs: options.requestTimeoutMs,
+            ...(this.#secure ? { tls: {} } : {}),
+          })
         : undefined;
     this.#signer = new SignatureV4({ service: 's3', region: options.region, credentials: options.credentials, sha256: NodeSha256, uriEscapePath: false, applyChecksum: false });
   }
@@ -146,8 +152,9 @@ export class S3Http {
 
   /**
    * Reads object `key` (the store prefix included): its body, once a 2xx response arrived; errors
-   * as `send`. On plain HTTP the read goes through this module's own reader, and only a response
-   * that reader leaves (an error status, an unusual body) is asked again through `send`'s path.
+   * as `send`. The read goes through the own reader (getReader.ts) when it is on, and only a
+   * response that reader leaves (a chunked or close-delimited 200, an interim answer) is asked
+   * again through `send`'s path.
    */
   async getObject(key: string, signal?: AbortSignal): Promise<Readable> {
     const req: S3HttpRequest = { method: 'GET', key, ...(signal ? { signal } : {}) };
