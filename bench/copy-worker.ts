@@ -31,6 +31,8 @@ export interface WorkerReport {
   /** Objects whose checksum is the MD5 the service checked (the rest were hashed with SHA-256 here). */
   md5: number;
   copyMs: number;
+  /** Process start to the start of the copy core (node's start-up and module loading): performance.now() counts from the process's start. */
+  startMs: number;
   /** Full (mark-compact) garbage collections during the run (see src/process/heapTuning.ts). */
   majorGcs: number;
 }
@@ -74,7 +76,7 @@ async function copyWorker(spec: WorkerSpec): Promise<WorkerReport> {
   });
   if (serverSide?.disabled) process.stderr.write(`server-side copy fell back to streaming: ${serverSide.reason}\n`);
   const md5 = result.entries.filter((e) => algorithmOf(e.checksum) === 'md5').length;
-  return { copied: result.newCount, serverSide: result.serverSideCount, md5, copyMs: Math.round(performance.now() - started), majorGcs };
+  return { copied: result.newCount, serverSide: result.serverSideCount, md5, copyMs: Math.round(performance.now() - started), startMs: Math.round(started), majorGcs };
 }
 
 // As the CLI's commands do.

@@ -79,15 +79,17 @@ const work = await workDir('pbbench-copy-');
 function contenders(ceph: BenchCeph, awsVars: Record<string, string>): Contender[] {
   const creds = { PBBENCH_S3_KEY: ceph.accessKeyId, PBBENCH_S3_SECRET: ceph.secretAccessKey };
   const rclone = (endpoint: string): Record<string, string> => rcloneEnv(endpoint, ceph, ['ceph', 'src', 'dst'], join(work, 'rclone.conf'));
-  const pachbackup = (serverSide: boolean, serviceChecksums = true): Contender['command'] => (endpoint, source, target) => ({
+  const pachbackup = (serverSide: boolean, serviceChecksums = true, extraEnv: Record<string, string> = {}): Contender['command'] => (endpoint, source, target) => ({
     command: process.execPath,
     args: [...flags['worker-node-args'].split(' ').filter(Boolean), WORKER, JSON.stringify({ endpoint, source, target, concurrency, serverSide, serviceChecksums } satisfies WorkerSpec)],
-    env: { ...process.env, ...creds },
+    env: { ...process.env, ...creds, ...extraEnv },
   });
   const all: Contender[] = [
     { name: 'pachbackup-stream', path: 'stream', prefix: 'objects/', command: pachbackup(false) },
     // backup.serviceChecksums: false, every byte hashed with SHA-256 here (the only mode before 0.3).
     { name: 'pachbackup-stream-sha256', path: 'stream', prefix: 'objects/', command: pachbackup(false, false) },
+    // Object reads on Node's HTTP client instead of pachbackup's own sockets (the path before 0.3).
+    { name: 'pachbackup-stream-node-http', path: 'stream', prefix: 'objects/', command: pachbackup(false, true, { PACHBACKUP_OBJECT_READS: 'node' }) },
     {
       name: 'rclone-stream',
       path: 'stream',
@@ -152,11 +154,11 @@ async function runOnce(ceph: BenchCeph, contender: Contender, endpoint: string, 
     let note: string | undefined;
     if (command === process.execPath) {
       const report = JSON.parse(m.stdout.trim().split('\n').pop() ?? '{}') as WorkerReport;
-      const notes = [`${report.md5} MD5 checked by the service, ${report.copied - report.md5} SHA-256 here; ${(report.copyMs / 1000).toFixed(1)} s from start of the copy core to its end (the rest of the wall time is process start-up); ${report.majorGcs} full GCs`];
+      const notes = [`${report.md5} MD5 checked by the service, ${report.copied - report.md5} SHA-256 here; ${(report.copyMs / 1000).toFixed(1)} s from start of the copy core to its end, ${report.startMs} ms of start-up before it; ${report.majorGcs} full GCs`];
       if (contender.path === 'server-side' && report.serverSide !== expected.count) notes.push(`only ${report.serverSide} of ${expected.count} copied server-side`);
       note = notes.join('; ');
     }
-    log(`  ${contender.name}: ${(m.wallMs / 1000).toFixed(1)} s wall, ${m.cpuSeconds.toFixed(1)} s client CPU, ${serverCpuSeconds.toFixed(1)} s server CPU`);
+    log(`  ${contender.name}: ${(m.wallMs / 1000).toFixed(1)} s wall, ${m.cpuSeconds.toFixed(1)} s client CPU, ${serverCpuSeconds.toFixed(1)} s server CPU${note ? ` (${note})` : ''}`);
     return { wallMs: m.wallMs, cpuSeconds: m.cpuSeconds, serverCpuSeconds, rssKiB: m.maxRssKiB, ...(note ? { note } : {}) };
   } finally {
     await ceph.deleteBucket(target);
