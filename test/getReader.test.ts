@@ -34,7 +34,7 @@ interface RawRequest {
 }
 
 /** A server that parses requests (Content-Length bodies only) and lets the test write each answer byte by byte. */
-async function rawServer(answer: (req: RawRequest) => void | Promise<void>, options: { slowReads?: boolean; tls?: { key: Buffer; cert: Buffer } } = {}): Promise<{ port: number; endpoint: string; requests: RawRequest[]; connections: number; close(): Promise<void> }> {
+async function rawServer(answer: (req: RawRequest) => void | Promise<void>, options: { slowReads?: boolean; tls?: { key: Buffer; cert: Buffer }; host?: string } = {}): Promise<{ port: number; endpoint: string; requests: RawRequest[]; connections: number; close(): Promise<void> }> {
   const state = { requests: [] as RawRequest[], connections: 0 };
   const sockets = new Set<Socket>();
   const onConnection = (socket: Socket): void => {
@@ -74,11 +74,12 @@ async function rawServer(answer: (req: RawRequest) => void | Promise<void>, opti
     });
   };
   const server: Server = options.tls ? createTlsServer(options.tls, onConnection) : createServer(onConnection);
-  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+  const host = options.host ?? '127.0.0.1';
+  await new Promise<void>((resolve) => server.listen(0, host, resolve));
   const port = (server.address() as { port: number }).port;
   return {
     port,
-    endpoint: `http://127.0.0.1:${port}`,
+    endpoint: `http://${host.includes(':') ? `[${host}]` : host}:${port}`,
     get requests() {
       return state.requests;
     },
@@ -116,6 +117,24 @@ async function readAll(body: NodeJS.ReadableStream): Promise<Buffer> {
 }
 
 const sha = (b: Buffer) => createHash('sha256').update(b).digest('hex');
+
+/** The SHA-256 of a body read by a consumer slower than the network: every `every`th chunk waits a little. */
+async function slowSha(body: NodeJS.ReadableStream, highWaterMark: number, every: number): Promise<string> {
+  const hash = createHash('sha256');
+  let writes = 0;
+  await pipeline(
+    body,
+    new Writable({
+      highWaterMark,
+      write(chunk: Buffer, _enc, done) {
+        hash.update(chunk);
+        if (++writes % every === 0) setTimeout(done, 1);
+        else done();
+      },
+    }),
+  );
+  return hash.digest('hex');
+}
 const reader = (port: number, requestTimeoutMs = 10_000) => new GetReader({ hostname: '127.0.0.1', port, connectionTimeoutMs: 5_000, requestTimeoutMs });
 const head = (path: string) => `GET ${path} HTTP/1.1\r\nHost: test\r\n\r\n`;
 
@@ -171,21 +190,8 @@ describe('object reads on own sockets', () => {
     const get = reader(server.port);
     const result = await get.get(head('/slow'), 'GET slow');
     assert.ok(result && 'body' in result);
-    const hash = createHash('sha256');
-    let writes = 0;
-    await pipeline(
-      result.body,
-      new Writable({
-        highWaterMark: 1024,
-        write(chunk: Buffer, _enc, done) {
-          hash.update(chunk);
-          // Every 16th chunk waits, so the reader stops and starts again.
-          if (++writes % 16 === 0) setTimeout(done, 2);
-          else done();
-        },
-      }),
-    );
-    assert.equal(hash.digest('hex'), sha(object));
+    // Every 16th chunk waits, so the reader stops and starts again.
+    assert.equal(await slowSha(result.body, 1024, 16), sha(object));
     get.close();
   });
 
@@ -290,6 +296,8 @@ describe('object reads on own sockets', () => {
       '/partial': `HTTP/1.1 206 Partial Content\r\nContent-Length: 4\r\n\r\nbody`,
       '/continue': `HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nbody`,
       '/both': `HTTP/1.1 503 x\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n${chunked(xml)}`,
+      '/spaced': `HTTP/1.1 200 OK\r\nContent-Length : 4\r\n\r\nbody`,
+      '/folded': `HTTP/1.1 200 OK\r\nContent-Length: 4\r\nX-Long: a\r\n b\r\n\r\nbody`,
     };
     const server = await rawServer(async (req) => void (await dribble(req.socket, Buffer.from(answers[req.path]!), 7)));
     servers.push(server);
@@ -302,7 +310,7 @@ describe('object reads on own sockets', () => {
       assert.equal(result.text, xml);
     }
     assert.equal(server.connections, 1, 'an error answered whole leaves the connection usable');
-    for (const path of ['/chunked200', '/nolength', '/partial', '/continue', '/both']) assert.equal(await get.get(head(path), path), undefined, path);
+    for (const path of ['/chunked200', '/nolength', '/partial', '/continue', '/both', '/spaced', '/folded']) assert.equal(await get.get(head(path), path), undefined, path);
     get.close();
   });
 
@@ -364,12 +372,57 @@ describe('object reads on own sockets', () => {
       // The certificate names localhost, not 127.0.0.1.
       const wrongName = new GetReader({ hostname: '127.0.0.1', port: server.port, connectionTimeoutMs: 5_000, requestTimeoutMs: 10_000, tls: { ca: cert } });
       await assert.rejects(wrongName.get(head('/x'), 'GET x'), (err: Error & { code?: string }) => err.code === 'ERR_TLS_CERT_ALTNAME_INVALID' && /127\.0\.0\.1/.test(err.message));
+      // A consumer slower than the network (a PUT slower than its GET): the TLS socket stops within
+      // a read of several records, the last of the body among them. The kept-alive connection must
+      // read again, or the next request on it waits for the request timeout.
+      const slowGet = new GetReader({ hostname: 'localhost', port: server.port, connectionTimeoutMs: 5_000, requestTimeoutMs: 3_000, tls: { ca: cert } });
+      for (let i = 0; i < 4; i++) {
+        const result = await slowGet.get(head('/x'), 'GET x');
+        assert.ok(result && 'body' in result, `read ${i}`);
+        assert.equal(await slowSha(result.body, 1, 1), sha(object), `read ${i}`);
+      }
+      slowGet.close();
       // No CA given: Node's own roots, which do not hold a self-signed certificate.
       const untrusted = new GetReader({ hostname: 'localhost', port: server.port, connectionTimeoutMs: 5_000, requestTimeoutMs: 10_000, tls: {} });
       await assert.rejects(untrusted.get(head('/x'), 'GET x'), (err: Error & { code?: string }) => err.code === 'DEPTH_ZERO_SELF_SIGNED_CERT');
     } finally {
       await rm(dir, { recursive: true, force: true });
     }
+  });
+
+  test('a consumer that keeps every chunk (a whole-file read) holds about the body, not a 64 KiB buffer per small read', async () => {
+    const size = 2 * 1024 * 1024;
+    const object = randomBytes(size);
+    // A link slower than the reader: the body arrives in 1,460-byte segments.
+    const server = await rawServer(async (req) => {
+      req.socket.setNoDelay(true);
+      req.socket.write(`HTTP/1.1 200 OK\r\nContent-Length: ${size}\r\n\r\n`);
+      for (let at = 0; at < size; at += 1460) {
+        req.socket.write(object.subarray(at, Math.min(size, at + 1460)));
+        if (at % (16 * 1460) === 0) await tick(0);
+      }
+    });
+    servers.push(server);
+    const get = reader(server.port);
+    const result = await get.get(head('/x'), 'GET x');
+    assert.ok(result && 'body' in result);
+    const chunks: Buffer[] = [];
+    for await (const chunk of result.body) chunks.push(chunk as Buffer);
+    assert.equal(sha(Buffer.concat(chunks)), sha(object));
+    const held = [...new Set(chunks.map((c) => c.buffer))].reduce((n, b) => n + b.byteLength, 0);
+    assert.ok(held <= 2 * size, `${chunks.length} chunks hold ${held} bytes of buffers for a ${size}-byte body`);
+    get.close();
+  });
+
+  test('an error response cut short keeps its status: a 404 whose body breaks is still NotFoundError, not a retryable fault', async () => {
+    const server = await rawServer(async (req) => {
+      req.socket.write('HTTP/1.1 404 Not Found\r\nContent-Length: 200\r\n\r\n<Error><Code>NoSu');
+      await tick(20);
+      req.socket.destroy();
+    });
+    servers.push(server);
+    await assert.rejects(store(server.endpoint).get('missing'), NotFoundError);
+    await assert.rejects(reader(server.port).get(head('/missing'), 'GET missing'), (err: Error & { status?: number }) => err.status === 404 && /HTTP 404, and the error body broke/.test(err.message));
   });
 
   test('through the store: errors classified as on the general path, a chunked 200 read by the general path, every request once unless left', async () => {
@@ -393,6 +446,33 @@ describe('object reads on own sockets', () => {
     assert.equal(sha(await readAll(await s.get('plain'))), sha(object));
     // Signed as the general path signs: SigV4 with the key id, never the secret.
     assert.match(server.requests.at(-1)!.headers.authorization!, /^AWS4-HMAC-SHA256 Credential=AKIDTEST\//);
+  });
+
+  test('an endpoint given as an IPv6 address: reads, writes and stats connect to the address, the Host header keeps its brackets', async (t) => {
+    const object = randomBytes(10_000);
+    let server;
+    try {
+      server = await rawServer(
+        (req) => {
+          if (req.method === 'PUT') req.socket.write('HTTP/1.1 200 OK\r\nETag: "e"\r\nContent-Length: 0\r\n\r\n');
+          else if (req.method === 'HEAD') req.socket.write(`HTTP/1.1 200 OK\r\nETag: "e"\r\nContent-Length: ${object.length}\r\n\r\n`);
+          else req.socket.write(ok(object));
+        },
+        { host: '::1' },
+      );
+    } catch (err) {
+      t.skip(`no IPv6 loopback here: ${(err as Error).message}`);
+      return;
+    }
+    servers.push(server);
+    const s = store(server.endpoint);
+    assert.equal(sha(await readAll(await s.get('k'))), sha(object));
+    await s.put('k2', object);
+    assert.equal((await s.stat('k'))?.size, object.length);
+    assert.deepEqual(
+      server.requests.map((r) => r.headers.host),
+      Array(3).fill(`[::1]:${server.port}`),
+    );
   });
 
   test('streamed copies that give read buffers back: many at once, into a server that reads slowly, every object arrives intact', async () => {

@@ -17,8 +17,10 @@ import { Readable } from 'node:stream';
  * reaches the user exactly as on the general path.
  */
 
-/** Bytes per socket read (as Node's own). */
-export const READ_SIZE = 64 * 1024;
+/** Bytes per socket read on plain HTTP (as Node's own). */
+const READ_SIZE = 64 * 1024;
+/** Bytes per read on TLS: one record's plaintext at most (RFC 8446 §5.1), which is what each read gives. */
+const TLS_READ_SIZE = 16 * 1024;
 /** Longest response head read before the response is left to the general path. */
 const MAX_HEAD = 32 * 1024;
 /** Buffers kept for reuse (16 MiB); more are dropped to the garbage collector. */
@@ -56,6 +58,8 @@ export class GetReadError extends Error {
   constructor(
     message: string,
     readonly code: string,
+    /** The HTTP status, when the failure came within an error response. */
+    readonly status?: number,
   ) {
     super(message);
     this.name = code === 'ETIMEDOUT' ? 'TimeoutError' : 'Error';
@@ -64,8 +68,9 @@ export class GetReadError extends Error {
 
 class BufferPool {
   readonly #free: Buffer[] = [];
+  constructor(readonly size: number) {}
   take(): Buffer {
-    return this.#free.pop() ?? Buffer.allocUnsafeSlow(READ_SIZE);
+    return this.#free.pop() ?? Buffer.allocUnsafeSlow(this.size);
   }
   give(buffer: Buffer): void {
     if (this.#free.length < MAX_FREE) this.#free.push(buffer);
@@ -87,6 +92,8 @@ class Connection {
   idleTimer: NodeJS.Timeout | undefined;
   /** Whether an exchange completed on it (a failure before any response byte may be a stale keep-alive socket). */
   used = false;
+  /** Told when the socket has closed (the pool drops it from its idle list). */
+  onClosed: (() => void) | undefined;
   #error: Error | undefined;
 
   constructor(
@@ -117,6 +124,7 @@ class Connection {
     this.socket.once('end', () => this.socket.destroy());
     this.socket.once('close', () => {
       clearTimeout(this.idleTimer);
+      this.onClosed?.();
       const target = this.target;
       this.target = undefined;
       target?.onEnd(this.#error);
@@ -126,10 +134,12 @@ class Connection {
 
 /** A pool of keep-alive connections to one host, and the buffers their reads land in. */
 export class GetReader {
-  readonly #buffers = new BufferPool();
+  readonly #buffers: BufferPool;
   readonly #idle: Connection[] = [];
 
-  constructor(readonly options: GetReaderOptions) {}
+  constructor(readonly options: GetReaderOptions) {
+    this.#buffers = new BufferPool(options.tls ? TLS_READ_SIZE : READ_SIZE);
+  }
 
   /**
    * Sends `head` (a whole GET request: request line, headers, blank line) and resolves with the
@@ -159,6 +169,7 @@ export class GetReader {
   #takeIdle(): Connection | undefined {
     for (let conn = this.#idle.pop(); conn; conn = this.#idle.pop()) {
       clearTimeout(conn.idleTimer);
+      conn.onClosed = undefined;
       if (!conn.socket.destroyed) {
         conn.socket.ref();
         return conn;
@@ -177,11 +188,15 @@ export class GetReader {
       return;
     }
     conn.socket.unref();
-    conn.idleTimer = setTimeout(() => {
+    // Reading on while idle: bytes out of turn, or the server closing, close it at once. (Reading may
+    // have stopped within the body's last read: a TLS read hands on several records, and one that
+    // the consumer could not take stops the socket while the rest still arrive.)
+    conn.socket.resume();
+    conn.onClosed = () => {
       const at = this.#idle.indexOf(conn);
       if (at >= 0) this.#idle.splice(at, 1);
-      conn.socket.destroy();
-    }, IDLE_MS);
+    };
+    conn.idleTimer = setTimeout(() => conn.socket.destroy(), IDLE_MS);
     conn.idleTimer.unref();
     this.#idle.push(conn);
   }
@@ -300,8 +315,13 @@ export class GetReader {
           return body.accept(buffer, rest.length, end + 4, true);
         },
         onEnd: (err, timedOut) => {
-          if (timedOut) fail(new GetReadError(body ? `${what}: no bytes of the response body for ${requestTimeoutMs} ms` : `${what}: no response within ${requestTimeoutMs} ms`, 'ETIMEDOUT'));
-          else if (!body && !settled && conn.used && pending === undefined && !refusal) {
+          if (refusal) {
+            // An error response cut short keeps its status, so a 404 is still "not found".
+            const { status } = refusal.head;
+            const why = timedOut ? `no bytes for ${requestTimeoutMs} ms` : (err?.message ?? 'the connection closed');
+            fail(new GetReadError(`${what}: HTTP ${status}, and the error body broke: ${why}`, timedOut ? 'ETIMEDOUT' : ((err as NodeJS.ErrnoException | undefined)?.code ?? 'ECONNRESET'), status));
+          } else if (timedOut) fail(new GetReadError(body ? `${what}: no bytes of the response body for ${requestTimeoutMs} ms` : `${what}: no response within ${requestTimeoutMs} ms`, 'ETIMEDOUT'));
+          else if (!body && !settled && conn.used && pending === undefined) {
             settle();
             unlisten();
             reject(new StaleConnection(err));
@@ -360,8 +380,13 @@ class GetBody extends Readable {
     this.#remaining -= length;
     let more = true;
     if (length > 0) {
-      const chunk: ReleasableChunk = buffer.subarray(start, start + length);
-      if (releasable) {
+      let chunk: ReleasableChunk = buffer.subarray(start, start + length);
+      if (releasable && length < buffer.length / 2) {
+        // A short read (a slow link, the tail of a body) is copied out, and its buffer goes straight
+        // back: a consumer that keeps chunks (a whole-file read) must not hold a pool buffer per read.
+        chunk = Buffer.from(chunk);
+        this.conn.pool.give(buffer);
+      } else if (releasable) {
         const pool = this.conn.pool;
         let given = false;
         chunk[RELEASE] = () => {
@@ -435,8 +460,9 @@ function parseHead(text: string): ParsedHead | undefined {
   for (let i = 1; i < lines.length; i++) {
     const line = lines[i]!;
     const colon = line.indexOf(':');
-    if (colon <= 0) return undefined;
-    const name = line.slice(0, colon).trim().toLowerCase();
+    // A field name is a token right up to its colon (RFC 9112 §5.1: no folded lines, no space before the colon).
+    if (colon <= 0 || !/^[!#$%&'*+.^_`|~0-9A-Za-z-]+$/.test(line.slice(0, colon))) return undefined;
+    const name = line.slice(0, colon).toLowerCase();
     const value = line.slice(colon + 1).trim();
     if (name === 'content-length') {
       if (!/^\d{1,15}$/.test(value) || (length !== undefined && length !== Number(value))) return undefined;

@@ -121,6 +121,7 @@ export class S3ObjectStore implements ObjectStore {
 
   /** Closes the SDK client's sockets, if it was ever created. */
   async destroy(): Promise<void> {
+    this.#http?.close();
     if (this.#sdk) (await this.#sdk).client.destroy();
   }
 

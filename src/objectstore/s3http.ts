@@ -101,6 +101,8 @@ export class S3HttpError extends Error {
 export class S3Http {
   readonly #secure: boolean;
   readonly #hostname: string;
+  /** The host to connect to: the hostname, an IPv6 address without its brackets. */
+  readonly #connectHost: string;
   readonly #port: number | undefined;
   /** The Host header: hostname, with the port when it is not the scheme's default. */
   readonly #host: string;
@@ -119,11 +121,12 @@ export class S3Http {
     this.#hostname = virtualHost ? `${options.bucket}.${url.hostname}` : url.hostname;
     this.#port = url.port ? Number(url.port) : undefined;
     this.#host = url.port ? `${this.#hostname}:${url.port}` : this.#hostname;
+    this.#connectHost = this.#hostname.replace(/^\[(.*)\]$/, '$1');
     this.#pathPrefix = virtualHost ? basePath : `${basePath}/${uriEncode(options.bucket)}`;
     this.#reader =
       options.ownReads !== false
         ? new GetReader({
-            hostname: this.#hostname,
+            hostname: this.#connectHost,
             port: this.#port ?? (this.#secure ? 443 : 80),
             connectionTimeoutMs: options.connectionTimeoutMs,
             requestTimeoutMs: options.requestTimeoutMs,
@@ -165,8 +168,8 @@ export class S3Http {
         read = await this.#reader.get(requestHead('GET', path, headers), `GET ${key}`, signal);
       } catch (err) {
         if (signal?.aborted) throw abortError(signal);
-        const { name, message, code } = err as Error & { code?: string };
-        throw new S3HttpError(name, message, undefined, { cause: err, ...(code ? { code } : {}) });
+        const { name, message, code, status } = err as Error & { code?: string; status?: number };
+        throw new S3HttpError(name, message, status, { cause: err, ...(code ? { code } : {}) });
       }
       if (read && 'body' in read) return read.body;
       if (read) throw errorFromResponse(req, read.status, read.statusMessage, read.text);
@@ -217,7 +220,7 @@ export class S3Http {
       };
       const options = {
         method: req.method,
-        hostname: this.#hostname,
+        hostname: this.#connectHost,
         ...(this.#port ? { port: this.#port } : {}),
         path,
         headers,
@@ -406,8 +409,10 @@ function requestHead(method: string, path: string, headers: OutgoingHttpHeaders)
   let head = `${method} ${path} HTTP/1.1\r\n`;
   for (const name in headers) {
     const value = String(headers[name]);
-    // Signed values never hold line breaks; a credential that did would otherwise split the request.
-    if (/[\r\n]/.test(value) || /[\r\n:]/.test(name)) throw new S3HttpError('InvalidHeader', `${method}: header ${name.replace(/[\r\n]/g, ' ')} holds a line break`);
+    // Signed values never hold control characters; a credential with a line break would otherwise split the request.
+    if (/[\x00-\x08\x0a-\x1f\x7f]/.test(value) || !/^[!#$%&'*+.^_`|~0-9A-Za-z-]+$/.test(name)) {
+      throw new S3HttpError('InvalidHeader', `${method}: header ${name.replace(/[^\x20-\x7e]/g, '?')} holds a character HTTP does not allow there`);
+    }
     head += `${name}: ${value}\r\n`;
   }
   return `${head}\r\n`;
