@@ -3,24 +3,26 @@ import { connect as tlsConnect, type ConnectionOptions } from 'node:tls';
 import { Readable } from 'node:stream';
 
 /**
- * Object reads (GET) over HTTP/1.1 (plain or TLS) on sockets this module owns, for the one request a copy
- * makes per object that moves its bytes in. Node's HTTP client copies every body chunk out of the
- * socket's buffer (two 64 KiB allocations per read) and runs its parser over every byte; here each
- * socket read lands in a buffer taken from a pool, the body is handed on as a view of it, and a
- * consumer that has sent the chunk on (the thin PUT of a streamed copy) gives the buffer back, so
- * a steady copy allocates nothing per read.
+ * Object reads (GET) over HTTP/1.1 (plain or TLS) on sockets this module owns, for the one request
+ * a copy makes per object that moves its bytes in. Node's HTTP client copies every body chunk out
+ * of the socket's buffer (two 64 KiB allocations per read) and runs its parser over every byte.
+ * Here successive socket reads land in one pooled 64 KiB buffer (a slab) until it is nearly full,
+ * the body is handed on as views of it, and a consumer that has sent a chunk on (the thin PUT of a
+ * streamed copy) releases it; a slab whose chunks are all released goes back to the pool, so a
+ * steady copy allocates nothing per read.
  *
- * Only the response this path was built for is read here: `200` with a `Content-Length` and no
- * `Transfer-Encoding`. Anything else (an error status, a chunked or close-delimited body, an
- * interim response) is answered `undefined` before a byte of its body is handed out, and the caller
- * sends the request again on Node's HTTP client, which handles every case; an error therefore
- * reaches the user exactly as on the general path.
+ * Only two kinds of response are read here: `200` with a `Content-Length` and no
+ * `Transfer-Encoding` (streamed), and an error status with a small body of known length or chunked
+ * (read whole and answered as a refusal the caller turns into the same error as on the general
+ * path). Anything else (a chunked or close-delimited 200, an interim or partial response, a head
+ * that is not plain) is answered `undefined` before a byte of its body is handed out, and the
+ * caller sends the request again on Node's HTTP client, which handles every case.
  */
 
-/** Bytes per socket read on plain HTTP (as Node's own). */
-const READ_SIZE = 64 * 1024;
-/** Bytes per read on TLS: one record's plaintext at most (RFC 8446 §5.1), which is what each read gives. */
-const TLS_READ_SIZE = 16 * 1024;
+/** Bytes of one read buffer (a slab): successive socket reads fill it until less than MIN_READ is left. */
+const SLAB_SIZE = 64 * 1024;
+/** Least room offered to a socket read (a TLS read gives one record, 16 KiB at most: RFC 8446 §5.1). */
+const MIN_READ = 16 * 1024;
 /** Longest response head read before the response is left to the general path. */
 const MAX_HEAD = 32 * 1024;
 /** Buffers kept for reuse (16 MiB); more are dropped to the garbage collector. */
@@ -68,19 +70,54 @@ export class GetReadError extends Error {
 
 class BufferPool {
   readonly #free: Buffer[] = [];
-  constructor(readonly size: number) {}
   take(): Buffer {
-    return this.#free.pop() ?? Buffer.allocUnsafeSlow(this.size);
+    return this.#free.pop() ?? Buffer.allocUnsafeSlow(SLAB_SIZE);
   }
   give(buffer: Buffer): void {
     if (this.#free.length < MAX_FREE) this.#free.push(buffer);
   }
 }
 
+/**
+ * One pool buffer that a connection's reads fill one after another. Every body chunk handed out
+ * as a view of it is counted; the buffer goes back to the pool once the connection has moved on
+ * to another slab and every chunk was released. A chunk a consumer keeps is never released, and
+ * its slab is then left to the garbage collector with it. (A consumer that keeps every chunk thus
+ * holds at most 64/48 of the bytes: a slab is left when less than MIN_READ of it is free.)
+ */
+class Slab {
+  /** Bytes of the buffer the reads have filled. */
+  used = 0;
+  #held = 0;
+  #retired = false;
+  constructor(
+    readonly buffer: Buffer,
+    readonly pool: BufferPool,
+  ) {}
+
+  /** Counts one more chunk viewing this slab; returns its release, which counts only once. */
+  hold(): () => void {
+    this.#held++;
+    let released = false;
+    return () => {
+      if (released) return;
+      released = true;
+      if (--this.#held === 0 && this.#retired) this.pool.give(this.buffer);
+    };
+  }
+
+  /** The connection reads no more into it. */
+  retire(): void {
+    if (this.#retired) return;
+    this.#retired = true;
+    if (this.#held === 0) this.pool.give(this.buffer);
+  }
+}
+
 /** What a connection's reads go to: the exchange in progress, or nothing while idle. */
 interface ReadTarget {
-  /** Bytes read into `buffer` (a pool buffer). Returns false to stop reading until resumed. */
-  onBytes(buffer: Buffer, length: number): boolean;
+  /** `length` bytes read into `buffer` (a view of `slab` from where the read began). Returns false to stop reading until resumed. */
+  onBytes(buffer: Buffer, length: number, slab: Slab): boolean;
   /** The connection closed, or was idle too long (`timedOut`). */
   onEnd(err: Error | undefined, timedOut?: boolean): void;
 }
@@ -96,21 +133,30 @@ class Connection {
   onClosed: (() => void) | undefined;
   #error: Error | undefined;
 
-  constructor(
-    readonly pool: BufferPool,
-    options: GetReaderOptions,
-  ) {
+  /** The slab the socket reads into now. */
+  #slab: Slab;
+
+  constructor(pool: BufferPool, options: GetReaderOptions) {
+    this.#slab = new Slab(pool.take(), pool);
     const onread = {
-      // Called for the buffer of each next read: the one just read may be on its way out in a chunk.
-      buffer: () => pool.take(),
+      // Called for the room of each next read: the rest of the slab, or a fresh slab when little is left.
+      buffer: () => {
+        if (this.#slab.buffer.length - this.#slab.used < MIN_READ) {
+          this.#slab.retire();
+          this.#slab = new Slab(pool.take(), pool);
+        }
+        return this.#slab.buffer.subarray(this.#slab.used);
+      },
       callback: (length: number, buffer: Uint8Array) => {
+        const slab = this.#slab;
+        slab.used += length;
         const target = this.target;
         if (!target) {
           // Bytes while idle: nothing was asked, so the connection is out of step. Close it.
           this.socket.destroy();
           return false;
         }
-        return target.onBytes(buffer as Buffer, length);
+        return target.onBytes(buffer as Buffer, length, slab);
       },
     };
     const { hostname: host, port, tls } = options;
@@ -124,6 +170,7 @@ class Connection {
     this.socket.once('end', () => this.socket.destroy());
     this.socket.once('close', () => {
       clearTimeout(this.idleTimer);
+      this.#slab.retire();
       this.onClosed?.();
       const target = this.target;
       this.target = undefined;
@@ -134,12 +181,10 @@ class Connection {
 
 /** A pool of keep-alive connections to one host, and the buffers their reads land in. */
 export class GetReader {
-  readonly #buffers: BufferPool;
+  readonly #buffers = new BufferPool();
   readonly #idle: Connection[] = [];
 
-  constructor(readonly options: GetReaderOptions) {
-    this.#buffers = new BufferPool(options.tls ? TLS_READ_SIZE : READ_SIZE);
-  }
+  constructor(readonly options: GetReaderOptions) {}
 
   /**
    * Sends `head` (a whole GET request: request line, headers, blank line) and resolves with the
@@ -274,30 +319,24 @@ export class GetReader {
         return true;
       };
       const target: ReadTarget = {
-        onBytes: (buffer, length) => {
-          if (body) return body.accept(buffer, length);
-          if (refusal) {
-            const more = gather(buffer.subarray(0, length));
-            conn.pool.give(buffer);
-            return more;
-          }
+        // Head and error bytes are copied out; only body chunks view (and hold) the slab.
+        onBytes: (buffer, length, slab) => {
+          if (body) return body.accept(buffer, length, 0, slab);
+          if (refusal) return gather(buffer.subarray(0, length));
           let bytes = buffer.subarray(0, length);
-          let ownsBuffer = pending === undefined;
+          const inSlab = pending === undefined;
           if (pending) bytes = pending = Buffer.concat([pending, bytes]);
           const end = bytes.indexOf('\r\n\r\n');
           if (end < 0) {
             if (bytes.length > MAX_HEAD) leave();
             else pending ??= Buffer.from(bytes);
-            conn.pool.give(buffer);
             return true;
           }
           const parsed = parseHead(bytes.subarray(0, end).toString('latin1'));
           const rest = bytes.subarray(end + 4);
           if (parsed && parsed.status !== 200 && (parsed.length ?? 0) <= MAX_ERROR_BODY) {
             refusal = { head: parsed, bytes: Buffer.alloc(0) };
-            const more = gather(rest);
-            conn.pool.give(buffer);
-            return more;
+            return gather(rest);
           }
           // Another response, or more than the body (the connection out of step): left to the general path.
           if (!parsed || parsed.status !== 200 || parsed.length === undefined || rest.length > parsed.length) {
@@ -308,11 +347,8 @@ export class GetReader {
           settle();
           body = new GetBody(bodyLength, what, conn, () => (parsed.keepAlive ? this.#release(conn) : socket.destroy()), unlisten);
           resolve({ body });
-          if (!ownsBuffer) {
-            conn.pool.give(buffer);
-            return body.accept(rest, rest.length, 0, false);
-          }
-          return body.accept(buffer, rest.length, end + 4, true);
+          // The body's first bytes: in the slab after the head, or in the head's gathered copy.
+          return inSlab ? body.accept(buffer, rest.length, end + 4, slab) : body.accept(rest, rest.length, 0, undefined);
         },
         onEnd: (err, timedOut) => {
           if (refusal) {
@@ -361,41 +397,26 @@ class GetBody extends Readable {
   }
 
   /**
-   * Bytes `[start, start + length)` of `buffer`, read from the socket. With `releasable`, the
-   * buffer is a pool buffer that the chunk may give back. Returns false to stop reading until the
-   * consumer asks for more.
+   * Bytes `[start, start + length)` of `buffer`, read from the socket: a view of `slab`, which each
+   * chunk handed on holds until released, or (no slab) bytes copied out already. Returns false to
+   * stop reading until the consumer asks for more.
    */
-  accept(buffer: Buffer, length: number, start = 0, releasable = true): boolean {
+  accept(buffer: Buffer, length: number, start: number, slab: Slab | undefined): boolean {
     if (this.#done) return false;
-    if (length > this.#remaining) {
+    const taken = Math.min(length, this.#remaining);
+    this.#remaining -= taken;
+    let more = true;
+    if (taken > 0) {
+      const chunk: ReleasableChunk = buffer.subarray(start, start + taken);
+      if (slab) chunk[RELEASE] = slab.hold();
+      more = this.push(chunk);
+    }
+    if (length > taken) {
       // More than Content-Length: the connection is out of step. The body is what was announced; the connection closes.
-      const chunk = buffer.subarray(start, start + this.#remaining);
-      this.#remaining = 0;
       this.conn.target = undefined;
       this.conn.socket.destroy();
-      if (chunk.length > 0) this.push(chunk);
       this.#end(false);
       return false;
-    }
-    this.#remaining -= length;
-    let more = true;
-    if (length > 0) {
-      let chunk: ReleasableChunk = buffer.subarray(start, start + length);
-      if (releasable && length < buffer.length / 2) {
-        // A short read (a slow link, the tail of a body) is copied out, and its buffer goes straight
-        // back: a consumer that keeps chunks (a whole-file read) must not hold a pool buffer per read.
-        chunk = Buffer.from(chunk);
-        this.conn.pool.give(buffer);
-      } else if (releasable) {
-        const pool = this.conn.pool;
-        let given = false;
-        chunk[RELEASE] = () => {
-          if (given) return;
-          given = true;
-          pool.give(buffer);
-        };
-      }
-      more = this.push(chunk);
     }
     if (this.#remaining === 0) {
       this.#end(true);
