@@ -6,7 +6,7 @@ import { Readable } from 'node:stream';
  * Object reads (GET) over HTTP/1.1 (plain or TLS) on sockets this module owns, for the one request
  * a copy makes per object that moves its bytes in. Node's HTTP client copies every body chunk out
  * of the socket's buffer (two 64 KiB allocations per read) and runs its parser over every byte.
- * Here successive socket reads land in one pooled 64 KiB buffer (a slab) until it is nearly full,
+ * Here successive socket reads land in one pooled 256 KiB buffer (a slab) until it is nearly full,
  * the body is handed on as views of it, and a consumer that has sent a chunk on (the thin PUT of a
  * streamed copy) releases it; a slab whose chunks are all released goes back to the pool, so a
  * steady copy allocates nothing per read.
@@ -19,14 +19,18 @@ import { Readable } from 'node:stream';
  * caller sends the request again on Node's HTTP client, which handles every case.
  */
 
-/** Bytes of one read buffer (a slab): successive socket reads fill it until less than MIN_READ is left. */
-const SLAB_SIZE = 64 * 1024;
-/** Least room offered to a socket read (a TLS read gives one record, 16 KiB at most: RFC 8446 §5.1). */
-const MIN_READ = 16 * 1024;
+/**
+ * Bytes of one read buffer (a slab): successive socket reads fill it until less than MIN_READ is
+ * left. Reads of up to 64 KiB or more (as much as the socket holds, and room allows) keep the
+ * reads, and the writes of a streamed copy, as few as with Node's own 64 KiB reads.
+ */
+const SLAB_SIZE = 256 * 1024;
+/** Least room offered to a socket read. (A TLS read gives one record, 16 KiB at most: RFC 8446 §5.1.) */
+const MIN_READ = 64 * 1024;
 /** Longest response head read before the response is left to the general path. */
 const MAX_HEAD = 32 * 1024;
-/** Buffers kept for reuse (16 MiB); more are dropped to the garbage collector. */
-const MAX_FREE = 256;
+/** Slabs kept for reuse (16 MiB); more are dropped to the garbage collector. */
+const MAX_FREE = 64;
 /** Longest error body read here; a longer one is left to the general path. */
 const MAX_ERROR_BODY = 64 * 1024;
 /** Idle keep-alive sockets kept. */
@@ -83,7 +87,7 @@ class BufferPool {
  * as a view of it is counted; the buffer goes back to the pool once the connection has moved on
  * to another slab and every chunk was released. A chunk a consumer keeps is never released, and
  * its slab is then left to the garbage collector with it. (A consumer that keeps every chunk thus
- * holds at most 64/48 of the bytes: a slab is left when less than MIN_READ of it is free.)
+ * holds at most 4/3 of the bytes: a slab is left when less than MIN_READ, a quarter, is free.)
  */
 class Slab {
   /** Bytes of the buffer the reads have filled. */
