@@ -17,6 +17,13 @@ import { Readable } from 'node:stream';
  * path). Anything else (a chunked or close-delimited 200, an interim or partial response, a head
  * that is not plain) is answered `undefined` before a byte of its body is handed out, and the
  * caller sends the request again on Node's HTTP client, which handles every case.
+ *
+ * Node takes the room for a socket's next read from the value its read callback returns; an
+ * exception thrown within that callback, or by a tick or microtask that runs before it returns to
+ * Node, drops the value and the next read lands in the room of the last, over bytes already handed
+ * on. Such an exception ends a pachbackup process (it installs no `uncaughtException` handler), so
+ * no byte read afterwards is used; the callback also closes the socket when it throws itself.
+ * Whatever embeds this module must not keep running after an uncaught exception.
  */
 
 /**
@@ -160,7 +167,14 @@ class Connection {
           this.socket.destroy();
           return false;
         }
-        return target.onBytes(buffer as Buffer, length, slab);
+        try {
+          return target.onBytes(buffer as Buffer, length, slab);
+        } catch (err) {
+          // A consumer's listener threw within the push: Node then asks no next room, and the socket
+          // would read into the view just handed out. Close it before the error goes on.
+          this.socket.destroy();
+          throw err;
+        }
       },
     };
     const { hostname: host, port, tls } = options;
