@@ -54,6 +54,7 @@ const FILES = [
   { name: 'faults', category: 'object store' },
   { name: 'changedObject', category: 'object store' },
   { name: 'repositoryReads', category: 'object store' },
+  { name: 'getReader', category: 'object store: own object reads' },
   { name: 'crashpoints', category: 'process' },
   { name: 'corruption', category: 'corruption' },
   { name: 'badInputTable', category: 'bad input' },
