@@ -138,13 +138,13 @@ async function slowSha(body: NodeJS.ReadableStream, highWaterMark: number, every
 const reader = (port: number, requestTimeoutMs = 10_000) => new GetReader({ hostname: '127.0.0.1', port, connectionTimeoutMs: 5_000, requestTimeoutMs });
 const head = (path: string) => `GET ${path} HTTP/1.1\r\nHost: test\r\n\r\n`;
 
-function store(endpoint: string, requestTimeoutSeconds = 30): S3ObjectStore {
+function store(endpoint: string, requestTimeoutSeconds = 30, forcePathStyle = true, bucket = 'b'): S3ObjectStore {
   return new S3ObjectStore({
-    bucket: 'b',
+    bucket,
     prefix: '',
     endpoint,
     region: 'us-east-1',
-    forcePathStyle: true,
+    forcePathStyle,
     accessKeyId: new Secret('AKIDTEST', 'test'),
     secretAccessKey: new Secret(`secret-${randomBytes(8).toString('hex')}`, 'test'),
     checksums: 'when_required',
@@ -469,9 +469,11 @@ describe('object reads on own sockets', () => {
     assert.equal(sha(await readAll(await s.get('k'))), sha(object));
     await s.put('k2', object);
     assert.equal((await s.stat('k'))?.size, object.length);
+    // Without path style asked for, an address endpoint still takes the bucket in the path (no `b.[::1]` host).
+    assert.equal(sha(await readAll(await store(server.endpoint, 30, false, 'bkt').get('k'))), sha(object));
     assert.deepEqual(
-      server.requests.map((r) => r.headers.host),
-      Array(3).fill(`[::1]:${server.port}`),
+      server.requests.map((r) => `${r.headers.host} ${r.path}`),
+      ['/b/k', '/b/k2', '/b/k', '/bkt/k'].map((path) => `[::1]:${server.port} ${path}`),
     );
   });
 

@@ -378,7 +378,7 @@ export class GetReader {
           else if (!body && !settled && conn.used && pending === undefined) {
             settle();
             unlisten();
-            reject(new StaleConnection(err));
+            reject(new StaleConnection(what, err));
           } else fail(new GetReadError(`${what}: ${err?.message ?? 'the connection closed'}`, (err as NodeJS.ErrnoException | undefined)?.code ?? 'ECONNRESET'));
         },
       };
@@ -391,9 +391,9 @@ export class GetReader {
 /** A keep-alive socket that failed before any byte of the answer (the server had closed it). */
 class StaleConnection extends Error {
   readonly failure: GetReadError;
-  constructor(cause: Error | undefined) {
+  constructor(what: string, cause: Error | undefined) {
     super('stale keep-alive connection');
-    this.failure = new GetReadError(cause?.message ?? 'the connection closed', 'ECONNRESET');
+    this.failure = new GetReadError(`${what}: ${cause?.message ?? 'the connection closed'}`, 'ECONNRESET');
   }
 }
 

@@ -1,6 +1,7 @@
 import { createHash, createHmac, type Hash, type Hmac } from 'node:crypto';
 import { request as httpRequest, type Agent as HttpAgent, type IncomingMessage, type OutgoingHttpHeaders } from 'node:http';
 import { request as httpsRequest, type Agent as HttpsAgent } from 'node:https';
+import { isIP } from 'node:net';
 import type { Readable } from 'node:stream';
 import { SignatureV4 } from '@smithy/signature-v4';
 import { GetReader, RELEASE, type GetResult, type ReleasableChunk } from './getReader.js';
@@ -117,7 +118,8 @@ export class S3Http {
     this.#secure = url.protocol === 'https:';
     const basePath = url.pathname.replace(/\/+$/, '');
     // Virtual-host style only where the bucket is a valid DNS label (with TLS, one without dots), as the SDK does.
-    const virtualHost = !options.forcePathStyle && /^[a-z0-9][a-z0-9-]{1,61}[a-z0-9]$/.test(options.bucket) && !/^\d+\.\d+\.\d+\.\d+$/.test(url.hostname);
+    // (An endpoint given as an IP address, v4 or v6, is always path style, as the SDK does.)
+    const virtualHost = !options.forcePathStyle && /^[a-z0-9][a-z0-9-]{1,61}[a-z0-9]$/.test(options.bucket) && isIP(url.hostname.replace(/^\[(.*)\]$/, '$1')) === 0;
     this.#hostname = virtualHost ? `${options.bucket}.${url.hostname}` : url.hostname;
     this.#port = url.port ? Number(url.port) : undefined;
     this.#host = url.port ? `${this.#hostname}:${url.port}` : this.#hostname;
