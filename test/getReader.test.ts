@@ -15,7 +15,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { createServer as createTlsServer } from 'node:tls';
 import { promisify } from 'node:util';
-import { Writable } from 'node:stream';
+import { type Readable, Writable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import { after, describe, test } from 'node:test';
 import { Secret } from '../src/config/secret.js';
@@ -118,6 +118,13 @@ async function readAll(body: NodeJS.ReadableStream): Promise<Buffer> {
 
 const sha = (b: Buffer) => createHash('sha256').update(b).digest('hex');
 
+/** GETs `path` and asserts that the answer is a body to stream. */
+async function bodyOf(get: GetReader, path: string, signal?: AbortSignal): Promise<Readable> {
+  const result = await get.get(head(path), `GET ${path}`, signal);
+  assert.ok(result && 'body' in result, `GET ${path}: a body`);
+  return result.body;
+}
+
 /** The SHA-256 of a body read by a consumer slower than the network: every `every`th chunk waits a little. */
 async function slowSha(body: NodeJS.ReadableStream, highWaterMark: number, every: number): Promise<string> {
   const hash = createHash('sha256');
@@ -171,9 +178,8 @@ describe('object reads on own sockets', () => {
     const get = reader(server.port);
     for (let round = 0; round < 2; round++) {
       for (const [i, object] of objects.entries()) {
-        const result = await get.get(head(`/${i}`), `GET ${i}`);
-        assert.ok(result && 'body' in result, `object ${i}: a body`);
-        const got = await readAll(result.body);
+        const result = await bodyOf(get, `/${i}`);
+        const got = await readAll(result);
         assert.equal(got.length, object.length, `object ${i}: length`);
         assert.equal(sha(got), sha(object), `object ${i}: bytes`);
       }
@@ -188,10 +194,9 @@ describe('object reads on own sockets', () => {
     const server = await rawServer((req) => void req.socket.write(ok(object)));
     servers.push(server);
     const get = reader(server.port);
-    const result = await get.get(head('/slow'), 'GET slow');
-    assert.ok(result && 'body' in result);
+    const result = await bodyOf(get, '/slow');
     // Every 16th chunk waits, so the reader stops and starts again.
-    assert.equal(await slowSha(result.body, 1024, 16), sha(object));
+    assert.equal(await slowSha(result, 1024, 16), sha(object));
     get.close();
   });
 
@@ -207,16 +212,14 @@ describe('object reads on own sockets', () => {
     });
     servers.push(server);
     const get = reader(server.port);
-    const result = await get.get(head('/cut'), 'GET cut');
-    assert.ok(result && 'body' in result);
-    await assert.rejects(readAll(result.body), (err: Error & { code?: string }) => {
+    const result = await bodyOf(get, '/cut');
+    await assert.rejects(readAll(result), (err: Error & { code?: string }) => {
       assert.match(err.message, /after 199000 of the body's 200000 bytes/);
       assert.equal(err.code, 'ECONNRESET');
       return true;
     });
-    const again = await get.get(head('/whole'), 'GET whole');
-    assert.ok(again && 'body' in again);
-    assert.equal(sha(await readAll(again.body)), sha(object));
+    const again = await bodyOf(get, '/whole');
+    assert.equal(sha(await readAll(again)), sha(object));
     assert.equal(server.connections, 2);
     get.close();
   });
@@ -231,9 +234,8 @@ describe('object reads on own sockets', () => {
     servers.push(server);
     const get = reader(server.port);
     for (let i = 0; i < 3; i++) {
-      const result = await get.get(head(`/${i}`), `GET ${i}`);
-      assert.ok(result && 'body' in result);
-      assert.equal(sha(await readAll(result.body)), sha(object));
+      const result = await bodyOf(get, `/${i}`);
+      assert.equal(sha(await readAll(result)), sha(object));
       await tick(40);
     }
     assert.equal(server.connections, 3);
@@ -250,9 +252,8 @@ describe('object reads on own sockets', () => {
     servers.push(server);
     const get = reader(server.port);
     for (const path of ['/close', '/old', '/close']) {
-      const result = await get.get(head(path), path);
-      assert.ok(result && 'body' in result);
-      assert.equal(sha(await readAll(result.body)), sha(object));
+      const result = await bodyOf(get, path);
+      assert.equal(sha(await readAll(result)), sha(object));
     }
     assert.equal(server.connections, 3);
     get.close();
@@ -273,9 +274,8 @@ describe('object reads on own sockets', () => {
     const get = reader(server.port);
     assert.equal(await get.get(head('/same-read'), 'GET same-read'), undefined);
     for (let i = 0; i < 2; i++) {
-      const result = await get.get(head('/x'), 'GET x');
-      assert.ok(result && 'body' in result);
-      assert.equal(sha(await readAll(result.body)), sha(object));
+      const result = await bodyOf(get, '/x');
+      assert.equal(sha(await readAll(result)), sha(object));
       await tick(60);
     }
     assert.equal(server.connections, 3, 'a connection out of step is not used again');
@@ -331,19 +331,17 @@ describe('object reads on own sockets', () => {
     servers.push(server);
     const get = reader(server.port, 300);
     await assert.rejects(get.get(head('/silent'), 'GET silent'), (err: Error & { code?: string }) => err.name === 'TimeoutError' && err.code === 'ETIMEDOUT' && /no response within 300 ms/.test(err.message));
-    const stalled = await get.get(head('/stall'), 'GET stall');
-    assert.ok(stalled && 'body' in stalled);
-    await assert.rejects(readAll(stalled.body), (err: Error) => /no bytes of the response body for 300 ms after 5000 of the body's 100000 bytes/.test(err.message));
+    const stalled = await bodyOf(get, '/stall');
+    await assert.rejects(readAll(stalled), (err: Error) => /no bytes of the response body for 300 ms after 5000 of the body's 100000 bytes/.test(err.message));
     const slow = reader(server.port, 10_000);
     const controller = new AbortController();
     const pending = slow.get(head('/abort-head'), 'GET abort-head', controller.signal);
     setTimeout(() => controller.abort(new Error('stop')), 20);
     await assert.rejects(pending, (err: Error) => err.name === 'AbortError');
     const late = new AbortController();
-    const started = await slow.get(head('/abort-body'), 'GET abort-body', late.signal);
-    assert.ok(started && 'body' in started);
+    const started = await bodyOf(slow, '/abort-body', late.signal);
     setTimeout(() => late.abort(new Error('stop')), 20);
-    await assert.rejects(readAll(started.body), (err: Error) => err.name === 'AbortError');
+    await assert.rejects(readAll(started), (err: Error) => err.name === 'AbortError');
     get.close();
     slow.close();
   });
@@ -363,9 +361,8 @@ describe('object reads on own sockets', () => {
       servers.push(server);
       const get = new GetReader({ hostname: 'localhost', port: server.port, connectionTimeoutMs: 5_000, requestTimeoutMs: 10_000, tls: { ca: cert } });
       for (let i = 0; i < 3; i++) {
-        const result = await get.get(head('/x'), 'GET x');
-        assert.ok(result && 'body' in result);
-        assert.equal(sha(await readAll(result.body)), sha(object));
+        const result = await bodyOf(get, '/x');
+        assert.equal(sha(await readAll(result)), sha(object));
       }
       assert.equal(server.connections, 1);
       get.close();
@@ -377,9 +374,8 @@ describe('object reads on own sockets', () => {
       // read again, or the next request on it waits for the request timeout.
       const slowGet = new GetReader({ hostname: 'localhost', port: server.port, connectionTimeoutMs: 5_000, requestTimeoutMs: 3_000, tls: { ca: cert } });
       for (let i = 0; i < 4; i++) {
-        const result = await slowGet.get(head('/x'), 'GET x');
-        assert.ok(result && 'body' in result, `read ${i}`);
-        assert.equal(await slowSha(result.body, 1, 1), sha(object), `read ${i}`);
+        const result = await bodyOf(slowGet, '/x');
+        assert.equal(await slowSha(result, 1, 1), sha(object), `read ${i}`);
       }
       slowGet.close();
       // No CA given: Node's own roots, which do not hold a self-signed certificate.
@@ -404,10 +400,9 @@ describe('object reads on own sockets', () => {
     });
     servers.push(server);
     const get = reader(server.port);
-    const result = await get.get(head('/x'), 'GET x');
-    assert.ok(result && 'body' in result);
+    const result = await bodyOf(get, '/x');
     const chunks: Buffer[] = [];
-    for await (const chunk of result.body) chunks.push(chunk as Buffer);
+    for await (const chunk of result) chunks.push(chunk as Buffer);
     assert.equal(sha(Buffer.concat(chunks)), sha(object));
     const held = [...new Set(chunks.map((c) => c.buffer))].reduce((n, b) => n + b.byteLength, 0);
     assert.ok(held <= 2 * size, `${chunks.length} chunks hold ${held} bytes of buffers for a ${size}-byte body`);

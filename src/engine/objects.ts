@@ -1,6 +1,6 @@
 import { gzipSync } from 'node:zlib';
 import { asRetryable, CHECKSUM_FALLBACK, failedAtOnce, failsAtOnce, isRetryable, withRetry, defaultRetryPolicy, type RetryPolicy } from '../objectstore/retry.js';
-import { ChecksumMismatchError, md5OfEtag, NotFoundError, SOURCE_CHANGED, sourceChanged, StoreError, type ObjectInfo, type ObjectStore } from '../objectstore/store.js';
+import { ChecksumMismatchError, md5OfEtag, NOT_FOUND, NotFoundError, SOURCE_CHANGED, sourceChanged, StoreError, type ObjectInfo, type ObjectStore } from '../objectstore/store.js';
 import { checksumOf, isChecksum, type Checksum } from '../repository/checksum.js';
 import { digestOf, pipeWithDigest } from '../repository/digest.js';
 import type { FileRef } from '../repository/manifest.js';
@@ -254,7 +254,7 @@ export class ServerSideCopier {
       if (err instanceof StoreError && (err.retryable || err.code === SOURCE_CHANGED)) throw err;
       // Not found: gone, or a copy source this service misreads (s3rver: '+' in a key). This one
       // object is streamed; its read says which.
-      if (err instanceof StoreError && err.code === 'NotFound') return undefined;
+      if (err instanceof StoreError && err.code === NOT_FOUND) return undefined;
       // Anything else is the service refusing server-side copies: off for the run.
       this.disabled = true;
       this.reason = (err as Error).message;

@@ -47,8 +47,9 @@ const IDLE_MS = 15_000;
 
 /**
  * Set on a chunk of a body read here: called once the caller no longer needs the chunk's bytes
- * (a socket write of it completed), it returns the chunk's buffer for the next socket read. A
- * consumer that keeps chunks, or does not know this, never calls it; the buffer is then collected.
+ * (a socket write of it completed), it ends the chunk's hold on its slab, which goes back to the
+ * pool when no chunk holds it. A consumer that keeps chunks, or does not know this, never calls
+ * it; the slab is then collected with them.
  */
 export const RELEASE = Symbol('pachbackup.releaseChunk');
 export type ReleasableChunk = Buffer & { [RELEASE]?: () => void };
@@ -143,6 +144,12 @@ class Connection {
   /** Told when the socket has closed (the pool drops it from its idle list). */
   onClosed: (() => void) | undefined;
   #error: Error | undefined;
+
+  /** Serves no more exchanges: nothing further is dispatched, and the socket closes. */
+  drop(): void {
+    this.target = undefined;
+    this.socket.destroy();
+  }
 
   /** The slab the socket reads into now. */
   #slab: Slab;
@@ -247,7 +254,7 @@ export class GetReader {
     conn.used = true;
     conn.socket.setTimeout(0);
     if (conn.socket.destroyed || this.#idle.length >= MAX_IDLE) {
-      conn.socket.destroy();
+      conn.drop();
       return;
     }
     conn.socket.unref();
@@ -283,8 +290,7 @@ export class GetReader {
       const unlisten = (): void => signal?.removeEventListener('abort', onAbort);
       /** The exchange failed: before the head, the promise rejects; within the body, the body breaks. */
       const fail = (err: Error): void => {
-        conn.target = undefined;
-        socket.destroy();
+        conn.drop();
         if (body) body.broken(err);
         else if (!settled) {
           settle();
@@ -294,8 +300,7 @@ export class GetReader {
       };
       /** The response is not one this path reads: undefined, and the caller asks again on the general path. */
       const leave = (): void => {
-        conn.target = undefined;
-        socket.destroy();
+        conn.drop();
         if (!settled) {
           settle();
           unlisten();
@@ -329,10 +334,7 @@ export class GetReader {
         unlisten();
         // Bytes past the body: the connection is out of step and closes.
         if (r.head.keepAlive && whole.used === r.bytes.length) this.#release(conn);
-        else {
-          conn.target = undefined;
-          socket.destroy();
-        }
+        else conn.drop();
         resolve({ status: r.head.status, statusMessage: r.head.statusMessage, text: whole.text.toString('utf8') });
         return true;
       };
@@ -363,7 +365,7 @@ export class GetReader {
           }
           const bodyLength = parsed.length;
           settle();
-          body = new GetBody(bodyLength, what, conn, () => (parsed.keepAlive ? this.#release(conn) : socket.destroy()), unlisten);
+          body = new GetBody(bodyLength, what, conn, () => (parsed.keepAlive ? this.#release(conn) : conn.drop()), unlisten);
           resolve({ body });
           // The body's first bytes: in the slab after the head, or in the head's gathered copy.
           return inSlab ? body.accept(buffer, rest.length, end + 4, slab) : body.accept(rest, rest.length, 0, undefined);
@@ -431,8 +433,7 @@ class GetBody extends Readable {
     }
     if (length > taken) {
       // More than Content-Length: the connection is out of step. The body is what was announced; the connection closes.
-      this.conn.target = undefined;
-      this.conn.socket.destroy();
+      this.conn.drop();
       this.#end(false);
       return false;
     }
@@ -469,8 +470,7 @@ class GetBody extends Readable {
       // Left before its end: the rest of the body is still on its way, so the connection cannot serve another request.
       this.#done = true;
       this.onDone();
-      this.conn.target = undefined;
-      this.conn.socket.destroy();
+      this.conn.drop();
     }
     callback(err);
   }

@@ -5,7 +5,7 @@ import { Readable } from 'node:stream';
 import type { S3Client, S3ClientConfig } from '@aws-sdk/client-s3';
 import type { Secret } from '../config/secret.js';
 import { parseListPage, readSmallBody, S3Http, S3HttpError, xmlText, type ListPage } from './s3http.js';
-import { ChecksumMismatchError, md5OfEtag, NotFoundError, PreconditionFailedError, sourceChanged, StoreError, type ObjectInfo, type ObjectStore, type PutOptions } from './store.js';
+import { ChecksumMismatchError, md5OfEtag, NOT_FOUND, NotFoundError, PreconditionFailedError, sourceChanged, StoreError, type ObjectInfo, type ObjectStore, type PutOptions } from './store.js';
 
 export interface S3StoreOptions {
   bucket: string;
@@ -312,7 +312,7 @@ export class S3ObjectStore implements ObjectStore {
       // Every part from the same version of the source: a source replaced between two parts fails
       // the copy (412) instead of joining two versions.
       const now = await source.stat(sourceKey);
-      if (!now) throw new StoreError(`server-side copy of ${sourceKey}: not found`, false, { code: 'NotFound' });
+      if (!now) throw new StoreError(`server-side copy of ${sourceKey}: not found`, false, { code: NOT_FOUND });
       if (now.size !== size) throw sourceChanged(sourceKey, `was ${size} bytes when listed but is ${now.size} bytes now`);
       if (sourceEtag !== undefined && !sameEtag(now.etag, sourceEtag)) throw sourceChanged(sourceKey, `has ETag ${now.etag ?? '(none)'} now, not the listed ${sourceEtag}`);
       const { UploadId } = await client.send(new sdk.CreateMultipartUploadCommand({ Bucket: this.bucket, Key }), opts);
@@ -415,7 +415,7 @@ export class S3ObjectStore implements ObjectStore {
       return new StoreError(`${doing}: cannot reach ${this.options.endpoint ?? 'S3'} (${code}); check the endpoint`, true, { cause: err, code });
     }
     if (status === 403) return new StoreError(`${doing}: access denied (${name}); check the credentials and the bucket policy`, false, { cause: err });
-    if (status === 404) return new StoreError(`${doing}: not found (${name})`, false, { cause: err, code: 'NotFound' });
+    if (status === 404) return new StoreError(`${doing}: not found (${name})`, false, { cause: err, code: NOT_FOUND });
     // 501 NotImplemented (an operation this service lacks, e.g. UploadPartCopy) is never transient.
     const retryable = status === undefined || status === 408 || status === 429 || (status >= 500 && status !== 501) || name === 'TimeoutError' || name === 'RequestTimeout';
     // One name per cause whichever path reported it: a timeout is TimeoutError (the thin path's carry code ETIMEDOUT too).

@@ -119,11 +119,12 @@ export class S3Http {
     const basePath = url.pathname.replace(/\/+$/, '');
     // Virtual-host style only where the bucket is a valid DNS label (with TLS, one without dots), as the SDK does.
     // (An endpoint given as an IP address, v4 or v6, is always path style, as the SDK does.)
-    const virtualHost = !options.forcePathStyle && /^[a-z0-9][a-z0-9-]{1,61}[a-z0-9]$/.test(options.bucket) && isIP(url.hostname.replace(/^\[(.*)\]$/, '$1')) === 0;
+    const bare = url.hostname.replace(/^\[(.*)\]$/, '$1');
+    const virtualHost = !options.forcePathStyle && /^[a-z0-9][a-z0-9-]{1,61}[a-z0-9]$/.test(options.bucket) && isIP(bare) === 0;
     this.#hostname = virtualHost ? `${options.bucket}.${url.hostname}` : url.hostname;
+    this.#connectHost = virtualHost ? this.#hostname : bare;
     this.#port = url.port ? Number(url.port) : undefined;
     this.#host = url.port ? `${this.#hostname}:${url.port}` : this.#hostname;
-    this.#connectHost = this.#hostname.replace(/^\[(.*)\]$/, '$1');
     this.#pathPrefix = virtualHost ? basePath : `${basePath}/${uriEncode(options.bucket)}`;
     this.#reader =
       options.ownReads !== false

@@ -112,6 +112,9 @@ export function isNotFound(err: unknown): err is NotFoundError {
   return err instanceof NotFoundError;
 }
 
+/** StoreError code of an object or bucket the service answered 404 for. */
+export const NOT_FOUND = 'NotFound';
+
 /**
  * StoreError code of an object that is no longer the one listed (another size, or replaced during
  * a copy in parts): no retry and no other copy path can give the listed object.

@@ -303,7 +303,6 @@ export class Repository {
     return readWhole(this.store, path);
   }
 
-
   /** Reads a file and checks it against its reference; throws naming the file when it differs. */
   async readVerified(ref: FileRef): Promise<Buffer> {
     let data: Buffer;
