@@ -34,7 +34,8 @@ if [ "${SUDO[*]}" != false ]; then
   # each starts its own server, in its own temp directory, on a free port.
   apt_install postgresql-15 postgresql-client-15
 
-  optional=(radosgw ceph-mon ceph-osd rclone awscli uuid-runtime curl)
+  # openssl: the CLI that makes the TLS tests' throw-away certificates (they skip without it).
+  optional=(radosgw ceph-mon ceph-osd rclone awscli uuid-runtime curl openssl)
   if ! apt_install "${optional[@]}"; then
     # One unavailable package fails the whole transaction; get whatever can be had.
     for package in "${optional[@]}"; do
