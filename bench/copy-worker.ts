@@ -33,6 +33,8 @@ export interface WorkerReport {
   copyMs: number;
   /** Process start to the start of the copy core (node's start-up and module loading): performance.now() counts from the process's start. */
   startMs: number;
+  /** Milliseconds of the copy core spent opening (creating) the repository and listing the source, before the first copy. */
+  setupMs: number;
   /** Full (mark-compact) garbage collections during the run (see src/process/heapTuning.ts). */
   majorGcs: number;
 }
@@ -61,6 +63,7 @@ async function copyWorker(spec: WorkerSpec): Promise<WorkerReport> {
     serverSide = new ServerSideCopier((key, size, signal, sourceMd5, sourceEtag) => copier.copyFrom(source.s3!, key, layout.object(key), size, signal, sourceMd5, sourceEtag));
   }
   const listing = await listSource(source.store);
+  const setupMs = Math.round(performance.now() - started);
   const held = new Map<string, IndexEntry>();
   const result = await copyMissingObjects({
     source: source.store,
@@ -76,7 +79,7 @@ async function copyWorker(spec: WorkerSpec): Promise<WorkerReport> {
   });
   if (serverSide?.disabled) process.stderr.write(`server-side copy fell back to streaming: ${serverSide.reason}\n`);
   const md5 = result.entries.filter((e) => algorithmOf(e.checksum) === 'md5').length;
-  return { copied: result.newCount, serverSide: result.serverSideCount, md5, copyMs: Math.round(performance.now() - started), startMs: Math.round(started), majorGcs };
+  return { copied: result.newCount, serverSide: result.serverSideCount, md5, copyMs: Math.round(performance.now() - started), setupMs, startMs: Math.round(started), majorGcs };
 }
 
 // As the CLI's commands do.

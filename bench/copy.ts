@@ -138,6 +138,9 @@ interface Run {
   note?: string;
 }
 
+/** A source bucket with nothing in it, for each contender's fixed cost. */
+const EMPTY_BUCKET = 'src-empty';
+
 let bucketSeq = 0;
 async function runOnce(ceph: BenchCeph, contender: Contender, endpoint: string, source: string, expected: { count: number; bytes: number }): Promise<Run> {
   const target = `dst-${contender.name}-${++bucketSeq}`;
@@ -154,11 +157,11 @@ async function runOnce(ceph: BenchCeph, contender: Contender, endpoint: string, 
     let note: string | undefined;
     if (command === process.execPath) {
       const report = JSON.parse(m.stdout.trim().split('\n').pop() ?? '{}') as WorkerReport;
-      const notes = [`${report.md5} MD5 checked by the service, ${report.copied - report.md5} SHA-256 here; ${(report.copyMs / 1000).toFixed(1)} s from start of the copy core to its end, ${report.startMs} ms of start-up before it; ${report.majorGcs} full GCs`];
+      const notes = [`${report.md5} MD5 checked by the service, ${report.copied - report.md5} SHA-256 here; ${(report.copyMs / 1000).toFixed(1)} s from start of the copy core to its end (${report.setupMs} ms of it opening the repository and listing), ${report.startMs} ms of start-up before it; ${report.majorGcs} full GCs`];
       if (contender.path === 'server-side' && report.serverSide !== expected.count) notes.push(`only ${report.serverSide} of ${expected.count} copied server-side`);
       note = notes.join('; ');
     }
-    log(`  ${contender.name}: ${(m.wallMs / 1000).toFixed(1)} s wall, ${m.cpuSeconds.toFixed(1)} s client CPU, ${serverCpuSeconds.toFixed(1)} s server CPU${note ? ` (${note})` : ''}`);
+    log(`  ${contender.name}${expected.count === 0 ? ' (empty bucket)' : ''}: ${(m.wallMs / 1000).toFixed(expected.count === 0 ? 2 : 1)} s wall, ${m.cpuSeconds.toFixed(1)} s client CPU, ${serverCpuSeconds.toFixed(1)} s server CPU${note ? ` (${note})` : ''}`);
     return { wallMs: m.wallMs, cpuSeconds: m.cpuSeconds, serverCpuSeconds, rssKiB: m.maxRssKiB, ...(note ? { note } : {}) };
   } finally {
     await ceph.deleteBucket(target);
@@ -170,18 +173,30 @@ async function runSet(options: { ceph: BenchCeph; title: string; source: string;
   const awsVars = await awsEnv(work, ceph, concurrency);
   const list = contenders(ceph, awsVars);
   const runs = new Map<string, Run[]>(list.map((c) => [c.name, []]));
+  // Each contender's fixed cost: the same command on an empty bucket (process start-up, listing,
+  // pachbackup's repository creation, exit). Wall time less this is the time spent copying, so
+  // throughput is compared without the start-up that a longer copy amortizes.
+  const fixedRuns = new Map<string, number[]>(list.map((c) => [c.name, []]));
+  await ceph.createBucket(EMPTY_BUCKET).catch(() => undefined);
   for (let round = 0; round < options.rounds; round++) {
     const order = round % 2 === 0 ? list : [...list].reverse();
     log(`${options.title}: round ${round + 1}/${options.rounds}`);
-    for (const c of order) runs.get(c.name)!.push(await runOnce(ceph, c, options.endpoint, options.source, { count, bytes: count * size }));
+    for (const c of order) {
+      fixedRuns.get(c.name)!.push((await runOnce(ceph, c, options.endpoint, EMPTY_BUCKET, { count: 0, bytes: 0 })).wallMs);
+      runs.get(c.name)!.push(await runOnce(ceph, c, options.endpoint, options.source, { count, bytes: count * size }));
+    }
   }
   const wallOf = (name: string): number => median(runs.get(name)!.map((r) => r.wallMs));
+  const fixedOf = (name: string): number => median(fixedRuns.get(name)!);
+  const netOf = (name: string): number => wallOf(name) - fixedOf(name);
   const rows: Cell[][] = list.map((c) => {
     const r = runs.get(c.name)!;
     const wall = wallOf(c.name);
     const cpu = median(r.map((x) => x.cpuSeconds));
     const reference = c.path === 'stream' ? 'pachbackup-stream' : 'pachbackup-server-side';
     const refWall = runs.has(reference) ? wallOf(reference) : NaN;
+    const net = netOf(c.name);
+    const refNet = runs.has(reference) ? netOf(reference) : NaN;
     const spread = r.length > 1 ? ` (${fixed(Math.min(...r.map((x) => x.wallMs)) / 1000)}–${fixed(Math.max(...r.map((x) => x.wallMs)) / 1000)})` : '';
     return [
       c.name,
@@ -194,17 +209,21 @@ async function runSet(options: { ceph: BenchCeph; title: string; source: string;
       fixed(median(r.map((x) => x.serverCpuSeconds)), 1),
       fixed(median(r.map((x) => x.rssKiB)) / 1024, 0),
       ratio(wall, refWall),
+      fixed(fixedOf(c.name) / 1000, 2),
+      fixed((count * size) / 1e6 / (net / 1000), 1),
+      ratio(net, refNet),
       r.find((x) => x.note)?.note ?? '',
     ];
   });
   const table = {
     title: options.title,
-    columns: ['contender', 'path', 'objects/s', 'MB/s', 'wall s', 'client CPU s', 'client CPU µs/object', 'server CPU s', 'client peak RSS MiB', 'time ÷ pachbackup (same path)', 'note'],
+    columns: ['contender', 'path', 'objects/s', 'MB/s', 'wall s', 'client CPU s', 'client CPU µs/object', 'server CPU s', 'client peak RSS MiB', 'time ÷ pachbackup (same path)', 'fixed cost s (empty bucket)', 'MB/s net of fixed cost', 'net time ÷ pachbackup', 'note'],
     rows,
     notes: [
       `${count} objects × ${formatSize(size)} (${formatSize(count * size)}), concurrency ${concurrency} for every contender, scale ${options.scale}, ${options.rounds} round(s), medians; Ceph OSD ${ceph.osdStore}`,
       ...options.extraNotes,
       'wall and client CPU include process start-up (node + AWS SDK, rclone, python); server CPU = radosgw + OSD + mon; MB = 10^6 bytes',
+      'fixed cost = median wall time of the same command on an empty bucket, run in the same rounds (start-up, listing, pachbackup creating its repository, exit); net = wall − fixed cost, the time spent copying',
       ...machineNotes(),
     ],
   };
