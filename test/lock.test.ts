@@ -199,6 +199,42 @@ describe('filesystem store', () => {
   }, { honoursIfNoneMatch: true });
 });
 
+describe('a holder that is alive but slow', () => {
+  test('a holder whose heartbeat write hangs past its lease no longer believes it holds the lock once another run may take it over', async () => {
+    await withTempDir(async (dir) => {
+      const fs = new FsObjectStore(dir);
+      // Every heartbeat (a put to an existing lock) hangs, as a PUT on a dead keep-alive socket
+      // does until the request timeout (120 s by default, with up to 8 attempts) gives up.
+      let hang = false;
+      const hung: Array<() => void> = [];
+      const store: ObjectStore = Object.create(fs, {
+        put: {
+          value: (key: string, body: Buffer, options?: object) =>
+            hang && key.startsWith('locks/exclusive-') ? new Promise<void>((resolve) => hung.push(resolve)) : fs.put(key, body, options),
+        },
+      }) as ObjectStore;
+      const first = await acquireLock(store, 'exclusive', { command: 'pachbackup prune --keep-last 1' }, { leaseSeconds: 1.5 });
+      hang = true;
+      try {
+        // Its lease (1.5 s) runs out: the first heartbeat (after 0.5 s) is stuck in its write.
+        await sleep(2200);
+        const [entry] = await listLocks(fs);
+        assert.equal(entry?.state, 'stale', 'others see the lock as stale');
+        const second = await acquireLock(fs, 'backup', { command: 'pachbackup backup' });
+        try {
+          assert.throws(() => first.assertHeld(), LockLostError, 'a backup now holds the repository, yet the prune still believes it holds its exclusive lock');
+        } finally {
+          await second.release();
+        }
+      } finally {
+        hang = false;
+        for (const resolve of hung) resolve();
+        await first.release();
+      }
+    });
+  });
+});
+
 describe('s3rver (ignores If-None-Match)', () => {
   let server: S3TestServer;
   let n = 0;
