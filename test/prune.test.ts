@@ -17,7 +17,7 @@ import { applyRetention, parseDuration, runPrune, type PruneReport, type Retenti
 import type { EngineEvent } from '../src/engine/events.js';
 import { verifyBackup } from '../src/engine/verify.js';
 import { FsObjectStore } from '../src/objectstore/fs.js';
-import type { ObjectStore } from '../src/objectstore/store.js';
+import { StoreError, type ObjectStore } from '../src/objectstore/store.js';
 import { listLocks } from '../src/repository/lock.js';
 import { MANIFEST_FORMAT_VERSION, sealManifest } from '../src/repository/manifest.js';
 import { layout, newBackupId, Repository, type IndexEntry } from '../src/repository/repository.js';
@@ -280,6 +280,42 @@ describe('prune of a repository of dated backups', () => {
       assert.equal(result?.removed?.length, 11);
       assert.ok(result?.bytesFreed && result.bytesFreed > 0);
       assert.deepEqual(await snapshot(f.store), before);
+    });
+  });
+});
+
+/** The store, but every GET of a key under `failing` prefixes fails as S3 does under a SlowDown storm (after its retries). */
+function throttled(store: ObjectStore, failing: string[]): ObjectStore & { storm: boolean } {
+  const wrapper = {
+    storm: true,
+    description: store.description,
+    list: (prefix?: string) => store.list(prefix),
+    stat: (key: string) => store.stat(key),
+    get: (key: string, signal?: AbortSignal) =>
+      wrapper.storm && failing.some((p) => key.startsWith(p)) ? Promise.reject(new StoreError(`GET ${key}: HTTP 503 SlowDown: Please reduce your request rate`, true, { code: 'SlowDown' })) : store.get(key, signal),
+    put: (...args: Parameters<ObjectStore['put']>) => store.put(...args),
+    remove: (keys: string[]) => store.remove(keys),
+    check: () => store.check(),
+  };
+  return wrapper;
+}
+
+describe('backups prune cannot read', () => {
+  test('a backup whose manifest and index cannot be read (a throttled prefix) is kept by prune with every object it names', async () => {
+    await withTempDir(async (dir) => {
+      const f = await buildFixture(dir);
+      const b5 = f.ids[5]!;
+      const store = throttled(f.store, [layout.backupPrefix(b5)]);
+      const events: EngineEvent[] = [];
+      const report = await runPrune({ repo: new Repository(store), policy: { last: 3 }, grace: parseDuration('24h'), dryRun: false, emit: (e) => events.push(e) }).catch((err: Error) => err);
+      // Refusing (nothing deleted) would keep the promise too; deleting b5's objects does not.
+      if (!(report instanceof Error)) assert.deepEqual(report.damaged.map((d) => d.id), [b5], 'prune saw b5 as damaged and promised to keep it and its objects');
+      store.storm = false;
+      const listing = await f.repo.listBackups();
+      assert.ok(listing.sealed.some((m) => m.id === b5), 'b5 is a sealed backup again once its prefix is readable');
+      const manifest = listing.sealed.find((m) => m.id === b5)!;
+      const verified = await verifyBackup({ repo: f.repo, manifest, emit: () => undefined, concurrency: 8 });
+      assert.ok(verified.ok, `backup b5 still verifies after prune: ${JSON.stringify(verified.problems).slice(0, 400)}`);
     });
   });
 });
