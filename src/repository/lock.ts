@@ -289,6 +289,13 @@ class HeldLock implements LockHandle {
   }
 
   assertHeld(): void {
+    // A heartbeat that is stuck (a write hanging until its timeout and retries) never gets to
+    // check the lease: past the age at which the holder gives up, the lock is lost however the
+    // heartbeat is doing, since others may take it over once the lease runs out.
+    const age = Date.now() - this.#lastBeat;
+    if (!this.#released && age > this.maxBeatAgeMs) {
+      this.lose(`its last heartbeat is ${Math.round(age / 1000)}s old (lease ${this.info.leaseSeconds}s); another run may have taken it over`);
+    }
     if (this.#controller.signal.aborted) throw this.#controller.signal.reason as Error;
   }
 
