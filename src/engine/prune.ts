@@ -315,7 +315,8 @@ async function planPrune(repo: Repository, policy: RetentionPolicy, grace: Durat
     }
   }
   // Journals and indexes of unsealed or damaged backups, sorted by key through scratch files.
-  const protectedIds = [...incompleteKept.map((k) => k.id), ...listing.damaged.map((d) => d.id)];
+  const damagedIds = new Set(listing.damaged.map((d) => d.id));
+  const protectedIds = [...incompleteKept.map((k) => k.id), ...damagedIds];
   const unsealed = async function* (): AsyncGenerator<IndexEntry> {
     yield* journalEntries(repo, protectedIds);
     for (const kept of protectedIds) {
@@ -323,8 +324,13 @@ async function planPrune(repo: Repository, policy: RetentionPolicy, grace: Durat
       if (!(filesById.get(kept) ?? []).some((f) => f.key === index)) continue;
       try {
         yield* repo.streamUnsealedIndex(index);
-      } catch {
-        // An unreadable index of an unsealed or damaged backup protects only what was read of it; its journals did what they could.
+      } catch (err) {
+        // A damaged backup may be a sealed one whose manifest could not be read just now (a
+        // transient fault): its objects are kept, so an index that cannot be read stops the prune.
+        if (damagedIds.has(kept)) {
+          throw new PruneError(`cannot read the index of backup ${kept}, whose manifest cannot be read either (${(err as Error).message}); prune keeps every object a damaged backup names, so nothing was deleted. Run pachbackup verify ${kept}`);
+        }
+        // An unreadable index of an unsealed backup protects only what was read of it; its journals did what they could.
       }
     }
   };
