@@ -235,6 +235,44 @@ describe('a holder that is alive but slow', () => {
   });
 });
 
+describe('a lock removed with unlock --force while its holder heartbeats', () => {
+  test('the holder notices even when the removal lands between its heartbeat\'s check and its write', async () => {
+    await withTempDir(async (dir) => {
+      const fs = new FsObjectStore(dir);
+      let between: (() => Promise<void>) | undefined;
+      let holderKey = '';
+      const store: ObjectStore = Object.create(fs, {
+        put: {
+          value: async (key: string, body: Buffer, options?: object) => {
+            const hook = key === holderKey ? between : undefined;
+            if (hook) {
+              between = undefined;
+              await hook();
+            }
+            return fs.put(key, body, options);
+          },
+        },
+      }) as ObjectStore;
+      const first = await acquireLock(store, 'exclusive', { command: 'pachbackup prune --keep-last 1' }, { leaseSeconds: 1.5 });
+      holderKey = first.key;
+      let second: LockHandle | undefined;
+      // The heartbeat has seen its file (stat); then an operator forces it away and a backup starts.
+      between = async () => {
+        await removeLocks(fs, [first.id]);
+        second = await acquireLock(fs, 'backup', { command: 'pachbackup backup' });
+      };
+      try {
+        await sleep(2000);
+        assert.ok(second, 'the backup took the repository after the forced unlock');
+        assert.throws(() => first.assertHeld(), LockLostError, 'the prune still believes it holds its exclusive lock while a backup holds the repository');
+      } finally {
+        await second?.release();
+        await first.release();
+      }
+    });
+  });
+});
+
 describe('s3rver (ignores If-None-Match)', () => {
   let server: S3TestServer;
   let n = 0;
