@@ -383,6 +383,8 @@ async function backupUnderLock(options: BackupOptions, lockBox: { lock?: LockHan
       sourceStats: { databaseBytes: pre.databaseBytes, objects: pre.counts.objects },
       prediction: { downtimeMs: pre.prediction.downtimeMs, totalMs: pre.prediction.totalMs, basis: pre.prediction.basis },
     });
+    // Writing the index can take minutes: the lock is checked again right before the manifest.
+    lockBox.lock?.assertHeld();
     await repo.seal(manifest);
     return {
       id,

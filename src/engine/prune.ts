@@ -328,7 +328,7 @@ async function planPrune(repo: Repository, policy: RetentionPolicy, grace: Durat
         // A damaged backup may be a sealed one whose manifest could not be read just now (a
         // transient fault): its objects are kept, so an index that cannot be read stops the prune.
         if (damagedIds.has(kept)) {
-          throw new PruneError(`cannot read the index of backup ${kept}, whose manifest cannot be read either (${(err as Error).message}); prune keeps every object a damaged backup names, so nothing was deleted. Run pachbackup verify ${kept}`);
+          throw new PruneError(`cannot read the index of backup ${kept}, whose manifest cannot be read either (${(err as Error).message}); prune keeps every object a damaged backup names, so nothing was deleted. Run prune again once the repository answers; if the backup stays unreadable, pachbackup verify ${kept} says what is wrong with it, and a backup known to be lost can be removed by deleting backups/${kept}/ from the repository by hand`);
         }
         // An unreadable index of an unsealed backup protects only what was read of it; its journals did what they could.
       }

@@ -255,6 +255,8 @@ class HeldLock implements LockHandle {
   #released = false;
   /** The heartbeatAt written last, as the holder's clock saw it. */
   #lastBeat: number;
+  /** Live conflicting locks the previous heartbeat saw (normally none). */
+  #conflicting = new Set<string>();
 
   constructor(
     private readonly store: ObjectStore,
@@ -329,6 +331,17 @@ class HeldLock implements LockHandle {
         return;
       }
       this.#lastBeat = started;
+      // The check above and the write race with a removal: a forced unlock (or a takeover) landing
+      // between them is undone by the write, and the run that took the repository in that gap
+      // holds a conflicting lock. A newcomer that finds ours withdraws within moments, so a live
+      // conflicting lock seen at two heartbeats in a row holds the repository alongside us.
+      const conflicting = (await listLocks(this.store)).filter((l) => l.id !== this.id && l.state === 'live' && lockKindsConflict(this.kind, l.kind));
+      const alongside = conflicting.find((l) => this.#conflicting.has(l.id));
+      if (alongside) {
+        this.lose(`the ${describeLock(alongside)} has existed since the previous heartbeat: this lock's file was removed (pachbackup unlock --force, or a takeover) and written again by a heartbeat in flight`);
+        return;
+      }
+      this.#conflicting = new Set(conflicting.map((l) => l.id));
       this.schedule(this.intervalMs);
     } catch (err) {
       if (this.#released) return;
