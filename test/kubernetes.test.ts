@@ -491,3 +491,51 @@ describe('backup engine with the kubernetes strategy (fake API server, local Pos
     assert.deepEqual(c.counts(), [1, 2, 1, 2, 3]);
   });
 });
+
+describe('resume against what changed since the pause (review2)', () => {
+  let c: Cluster | undefined;
+  afterEach(async () => {
+    await stopCluster(c);
+    c = undefined;
+  });
+
+  test('a half-done pause (pachd and pachw at 0, the first worker RC scale keeps failing): resume restores exactly the original counts', async () => {
+    c = await startCluster();
+    const strategy = c.strategy();
+    const record = await strategy.plan();
+    c.fake.failRequests((method, path) => method === 'PATCH' && path.includes('/replicationcontrollers/') && path.endsWith('/scale'), 500, 50);
+    await assert.rejects(strategy.pause(record, collectEvents()), /scaling replication controller .* to 0 .*HTTP 500/);
+    assert.deepEqual(c.counts(), [0, 0, 1, 2, 3], 'deployments paused, workers not');
+    // As the engine does: resume from the record it holds (the plan's, since pause threw).
+    await strategy.resume(record, collectEvents());
+    assert.deepEqual(c.counts(), [1, 2, 1, 2, 3]);
+    for (const w of c.workers) assert.equal(c.fake.annotations('ReplicationController', NS, w)?.[PAUSED_REPLICAS_ANNOTATION], undefined);
+  });
+
+  test('a replica count the operator changed during the pause is kept by the resume', async () => {
+    c = await startCluster();
+    const strategy = c.strategy();
+    const paused = await strategy.pause(await strategy.plan(), collectEvents());
+    // The operator brings pachw back by hand with more replicas, and scales one pipeline up.
+    c.fake.scaleOutOfBand('Deployment', NS, 'pachw', 5);
+    c.fake.scaleOutOfBand('ReplicationController', NS, c.workers[2]!, 4);
+    const events = collectEvents();
+    await strategy.resume(paused, events);
+    assert.deepEqual(c.counts(), [1, 5, 1, 2, 4], 'the operator\'s counts are not overwritten with the recorded ones');
+  });
+
+  test('"pachbackup resume" from a ledger left after a completed resume changes nothing pachd has since scaled', async () => {
+    c = await startCluster();
+    const strategy = c.strategy();
+    const paused = await strategy.pause(await strategy.plan(), collectEvents());
+    await strategy.resume(paused, collectEvents());
+    assert.deepEqual(c.counts(), [1, 2, 1, 2, 3]);
+    // The process died before the ledger was cleared (or clearing it failed: "RESUME FAILED ... run
+    // pachbackup resume"). pachd runs again and puts one pipeline in standby, scales another up.
+    c.fake.scaleOutOfBand('ReplicationController', NS, c.workers[0]!, 0);
+    c.fake.scaleOutOfBand('ReplicationController', NS, c.workers[2]!, 5);
+    // Hours later the operator runs "pachbackup resume" with the record from the ledger.
+    await strategy.resume(paused, collectEvents());
+    assert.deepEqual(c.counts(), [1, 2, 0, 2, 5], 'a resume of a cluster that is no longer paused must not rescale it to hours-old counts');
+  });
+});

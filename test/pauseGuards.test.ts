@@ -5,7 +5,11 @@
  */
 import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';
+import { mkdtemp, readFile } from 'node:fs/promises';
+import { join } from 'node:path';
 import pg from 'pg';
+import { openRepository } from '../src/engine/context.js';
+import { LEDGER_KEY, PauseLedger } from '../src/quiesce/ledger.js';
 import { TestCluster, describeRun } from './helpers/cluster.js';
 
 describe('pause guards', () => {
@@ -75,5 +79,67 @@ describe('pause guards', () => {
     const summary = await cluster.backup();
     assert.ok(summary.downtimeMs !== null);
     assert.equal((await cluster.sealedBackups()).length, 1);
+  });
+
+  test('a resume that fails once (e.g. the API server answers 503 during a leader election) is retried: the cluster is not left paused', async () => {
+    const flag = join(cluster.work, 'resume-failed-once');
+    const before = (await cluster.markerLines()).length;
+    const resumeOnce = ['/bin/sh', '-c', 'if [ -e "$1" ]; then echo resumed >> "$0"; else : > "$1"; echo "Error from server: etcdserver: leader changed" >&2; exit 1; fi', cluster.marker, flag];
+    let error: unknown;
+    const stateDir = await mkdtemp(join(cluster.work, 'state-'));
+    const previous = process.env['PACHBACKUP_STATE_DIR'];
+    process.env['PACHBACKUP_STATE_DIR'] = stateDir;
+    try {
+      await cluster.backup((raw) => (raw.pause.command.resume = resumeOnce));
+    } catch (err) {
+      error = err;
+    } finally {
+      if (previous === undefined) delete process.env['PACHBACKUP_STATE_DIR'];
+      else process.env['PACHBACKUP_STATE_DIR'] = previous;
+      // Leave no ledger behind for the next test, whatever happened.
+      const repo = openRepository(cluster.config());
+      await repo.open(false);
+      await repo.store.remove([LEDGER_KEY]);
+    }
+    assert.deepEqual((await cluster.markerLines()).slice(before), ['paused', 'resumed'], `the cluster was left paused after one failed resume attempt: ${(error as Error | undefined)?.message ?? ''}`);
+    assert.equal(error, undefined, 'the backup succeeds once the retried resume succeeded');
+  });
+
+  test('a pause ledger left by an earlier crashed backup is not overwritten by the next backup', async () => {
+    const stateDir = await mkdtemp(join(cluster.work, 'state-'));
+    const previous = process.env['PACHBACKUP_STATE_DIR'];
+    process.env['PACHBACKUP_STATE_DIR'] = stateDir;
+    try {
+      const repo = openRepository(cluster.config());
+      await repo.open(true);
+      const ledger = new PauseLedger(repo.store, repo.id);
+      // An earlier "pachbackup backup --pause-strategy kubernetes" was killed (kill -9, OOM, node
+      // lost) while pachd was scaled to 0; its ledger is the only record of it.
+      const stale = {
+        strategy: 'kubernetes',
+        target: 'kubernetes context prod, namespace pachyderm: deployments pachd (1), pachw (2), 0 worker RCs (0 replicas)',
+        startedAt: '2024-01-01T00:00:00.000Z',
+        state: { context: 'prod', namespace: 'pachyderm', deployments: ['pachd', 'pachw'], workerSelector: 'suite=pachyderm,component=worker', workloads: [{ kind: 'Deployment', name: 'pachd', replicas: 1 }, { kind: 'Deployment', name: 'pachw', replicas: 2 }] },
+      };
+      await ledger.write({ record: stale, backupId: 'crashed-backup', host: 'cronjob-pod', pid: 4242, phase: 'paused', writtenAt: '2024-01-01T00:00:01.000Z' });
+
+      // The next scheduled backup uses the config's own (command) strategy.
+      const before = (await cluster.markerLines()).length;
+      let error: Error | undefined;
+      try {
+        await cluster.backup();
+      } catch (err) {
+        error = err as Error;
+      }
+      const after = await ledger.read();
+      assert.equal(after?.backupId, 'crashed-backup', `the record of the cluster the crashed run paused is gone (the backup ${error ? `failed: ${error.message}` : 'succeeded'}); "pachbackup status" now says not paused and "pachbackup resume" has nothing to resume`);
+      assert.match(error?.message ?? '', /pachbackup resume/, 'the backup refuses and says how to get unstuck');
+      assert.deepEqual((await cluster.markerLines()).slice(before), [], 'nothing was paused');
+      assert.equal(JSON.parse(await readFile(ledger.localFile, 'utf8')).backupId, 'crashed-backup');
+    } finally {
+      await openRepository(cluster.config()).store.remove([LEDGER_KEY]);
+      if (previous === undefined) delete process.env['PACHBACKUP_STATE_DIR'];
+      else process.env['PACHBACKUP_STATE_DIR'] = previous;
+    }
   });
 });

@@ -107,6 +107,7 @@ export class FakeKube {
   private readonly secrets = new Map<string, Secret>();
   private readonly timers = new Set<NodeJS.Timeout>();
   private resourceVersion = 1000;
+  private readonly faults: Array<{ matches: (method: string, path: string) => boolean; status: number; remaining: number }> = [];
   private readonly startDelay: number;
   private terminationDelay: number;
 
@@ -140,6 +141,14 @@ export class FakeKube {
     this.timers.clear();
     this.server.closeAllConnections();
     await new Promise<void>((resolve) => this.server.close(() => resolve()));
+  }
+
+  /**
+   * The next `times` requests that `matches` selects are answered with `status` (e.g. a 503 while
+   * the API server's etcd elects a leader) instead of being served.
+   */
+  failRequests(matches: (method: string, path: string) => boolean, status = 503, times = 1): void {
+    this.faults.push({ matches, status, remaining: times });
   }
 
   /** Changes how long pods take to stop from now on (e.g. to keep a pause waiting). */
@@ -331,6 +340,11 @@ export class FakeKube {
       let payload: Json;
       try {
         if (req.headers.authorization !== `Bearer ${this.token}`) throw new HttpError(401, 'Unauthorized', 'Unauthorized');
+        const fault = this.faults.find((f) => f.remaining > 0 && f.matches(record.method, url.pathname));
+        if (fault) {
+          fault.remaining--;
+          throw new HttpError(fault.status, fault.status === 503 ? 'ServiceUnavailable' : 'InternalError', `injected fault: HTTP ${fault.status}`);
+        }
         if (raw !== '') {
           try {
             record.body = JSON.parse(raw) as Json;
