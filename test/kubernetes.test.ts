@@ -538,4 +538,18 @@ describe('resume against what changed since the pause (review2)', () => {
     await strategy.resume(paused, collectEvents());
     assert.deepEqual(c.counts(), [1, 2, 0, 2, 5], 'a resume of a cluster that is no longer paused must not rescale it to hours-old counts');
   });
+
+  test('a count changed between the plan and the pause, then a failed pause: resume restores the count the pause found (as its warning promises), not the plan\'s', async () => {
+    c = await startCluster({ podTerminationDelayMs: 10_000 });
+    const strategy = c.strategy({ timeoutSeconds: 0.4 });
+    const record = await strategy.plan();
+    // While the engine writes the ledger (an S3 round trip), the operator scales pachw up.
+    c.fake.scaleOutOfBand('Deployment', NS, 'pachw', 3);
+    const events = collectEvents();
+    await assert.rejects(strategy.pause(record, events), /still running after 0\.4s/);
+    assert.ok(events.warnings.some((w) => /pachw changed from 2 to 3 replicas since the plan; 3 will be restored/.test(w)));
+    // The engine resumes from the record it holds: the plan's (pause threw before returning its own).
+    await strategy.resume(record, collectEvents());
+    assert.equal(c.fake.replicas('Deployment', NS, 'pachw'), 3, 'the count pachw had right before it was scaled to 0');
+  });
 });
