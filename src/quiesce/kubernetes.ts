@@ -6,9 +6,11 @@
  * The original counts live in three places, so no crash can lose them: the PauseRecord (written to
  * the pause ledger before anything changes), and an annotation on each object
  * (`pachbackup.io/paused-replicas`), written before that object is scaled and removed only after it
- * has been scaled back. Resume reads the record first and the annotation as the fallback, and also
- * restores any object carrying the annotation that the record does not know (a worker RC that
- * appeared during the pause, before the ledger was rewritten).
+ * has been scaled back. Resume reads the annotation first (the count found right before that object
+ * was scaled) and the record as the fallback, and also restores any object carrying the annotation
+ * that the record does not know (a worker RC that appeared during the pause, before the ledger was
+ * rewritten). It only undoes its own scale-down: an object no longer at 0, or no longer annotated,
+ * was scaled by someone else since and keeps its count.
  *
  * Order matters: the deployments go first and their pods must be gone before the worker RCs are
  * scaled, because a running pachd scales worker RCs itself and would undo the pause.
@@ -398,7 +400,7 @@ export class KubernetesPause implements QuiesceStrategy {
     const api = new KubeApi(loadKubeConfig({ kubeconfig: this.options.kubeconfig, context: state.context }), state.namespace);
     const failures: string[] = [];
     const restored = new Set<string>();
-    const restore = async (kind: WorkloadKind, name: string, recorded: number | undefined, onlyIfZero: boolean): Promise<void> => {
+    const restore = async (kind: WorkloadKind, name: string, recorded: number | undefined): Promise<void> => {
       try {
         const current = await api.readReplicas(kind, name);
         if (!current) {
@@ -406,14 +408,25 @@ export class KubernetesPause implements QuiesceStrategy {
           return;
         }
         const annotated = parseCount(current.annotations[PAUSED_REPLICAS_ANNOTATION]);
-        const target = recorded ?? annotated;
+        // The annotation is the count found right before this object was scaled; the record may be
+        // the plan's, read earlier (the pause threw before returning its own), so it is the fallback.
+        const target = annotated ?? recorded;
         if (target === undefined) {
           failures.push(`${kindLabel(kind)} ${name}: neither the pause record nor the ${PAUSED_REPLICAS_ANNOTATION} annotation holds its replica count; scale it by hand`);
           return;
         }
-        if (current.replicas !== target && !(onlyIfZero && current.replicas !== 0)) {
-          await api.scale(kind, name, target);
-          events.info(`${kindLabel(kind)} ${name}: ${current.replicas} → ${target} replicas`);
+        if (current.replicas !== target) {
+          // Only our own scale-down is undone: an object still at 0 and still carrying our annotation.
+          // Any other count was set since (by the operator, or by a pachd already running again after
+          // a resume whose ledger was not cleared) and is kept.
+          if (current.replicas === 0 && PAUSED_REPLICAS_ANNOTATION in current.annotations) {
+            await api.scale(kind, name, target);
+            events.info(`${kindLabel(kind)} ${name}: ${current.replicas} → ${target} replicas`);
+          } else {
+            events.warn(
+              `${kindLabel(kind)} ${name} has ${current.replicas} replicas, not the ${target} recorded before the pause, and ${current.replicas === 0 ? 'no longer carries the ' + PAUSED_REPLICAS_ANNOTATION + ' annotation' : 'was scaled since'}; left as it is`,
+            );
+          }
         }
         if (PAUSED_REPLICAS_ANNOTATION in current.annotations || PAUSED_AT_ANNOTATION in current.annotations) {
           await api.annotate(kind, name, { [PAUSED_REPLICAS_ANNOTATION]: null, [PAUSED_AT_ANNOTATION]: null });
@@ -425,23 +438,22 @@ export class KubernetesPause implements QuiesceStrategy {
     };
 
     // Workers first, so a starting pachd finds its pipelines' controllers as they were.
-    for (const w of state.workloads.filter((x) => x.kind === 'ReplicationController' && !x.absent)) await restore(w.kind, w.name, w.replicas, false);
+    for (const w of state.workloads.filter((x) => x.kind === 'ReplicationController' && !x.absent)) await restore(w.kind, w.name, w.replicas);
     try {
       for (const rc of await api.listWorkerControllers(state.workerSelector)) {
         if (!restored.has(`ReplicationController/${rc.name}`) && PAUSED_REPLICAS_ANNOTATION in rc.annotations) {
-          // Only undo our own scale-down: a controller someone scaled up since keeps its count.
-          await restore('ReplicationController', rc.name, undefined, true);
+          await restore('ReplicationController', rc.name, undefined);
         }
       }
     } catch (err) {
       failures.push(errorMessage(err));
     }
-    for (const w of state.workloads.filter((x) => x.kind === 'Deployment' && !x.absent)) await restore(w.kind, w.name, w.replicas, false);
+    for (const w of state.workloads.filter((x) => x.kind === 'Deployment' && !x.absent)) await restore(w.kind, w.name, w.replicas);
     for (const name of state.deployments) {
       if (restored.has(`Deployment/${name}`) || state.workloads.some((w) => w.kind === 'Deployment' && w.name === name && !w.absent)) continue;
       try {
         const current = await api.readReplicas('Deployment', name);
-        if (current && PAUSED_REPLICAS_ANNOTATION in current.annotations) await restore('Deployment', name, undefined, true);
+        if (current && PAUSED_REPLICAS_ANNOTATION in current.annotations) await restore('Deployment', name, undefined);
       } catch (err) {
         failures.push(errorMessage(err));
       }
