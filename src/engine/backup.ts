@@ -82,6 +82,9 @@ export async function runBackup(options: BackupOptions): Promise<BackupSummary> 
   }
 }
 
+/** Waits between resume attempts after a failed one; three attempts in all. */
+const RESUME_RETRY_DELAYS_MS = [2_000, 5_000];
+
 async function backupUnderLock(options: BackupOptions, lockBox: { lock?: LockHandle }, scratchBox: { dir?: ScratchDir }): Promise<BackupSummary> {
   const { config, strategy, emit, signal } = options;
   const startedAt = new Date();
@@ -104,6 +107,16 @@ async function backupUnderLock(options: BackupOptions, lockBox: { lock?: LockHan
     // Before anything is read or paused: a second backup or a prune on this repository is refused here.
     lockBox.lock = await acquireLock(repo.store, 'backup', { command: ['pachbackup', ...process.argv.slice(2)].join(' ') }, { onEvent: emit });
     await repo.checkWritable();
+    if (mode === 'paused') {
+      // Under the lock, a ledger can only be left by a run that died: it is the only record of what
+      // that run paused, so it is neither overwritten nor resumed to counts this run cannot check.
+      const stale = await new PauseLedger(repo.store, repo.id).read();
+      if (stale) {
+        throw new BackupError(
+          `the pause ledger says backup ${stale.backupId} (pid ${stale.pid} on ${stale.host}) left ${stale.record.target} paused (${stale.phase}) since ${stale.record.startedAt} and did not resume it; run "pachbackup resume" first, then back up again. Nothing was paused`,
+        );
+      }
+    }
     const pgDump = findPgTool('pg_dump', config.cluster.postgres.binDir);
     const dumpVersion = await toolVersion(pgDump);
     const databaseBytes = await checkDatabases(cluster, pgDump, dumpVersion);
@@ -295,11 +308,30 @@ async function backupUnderLock(options: BackupOptions, lockBox: { lock?: LockHan
         // Resume always runs once a pause began: on success, on error and on SIGINT/SIGTERM.
         await phases.run('resume', async () => {
           try {
-            await strategy.resume(pauseRecord!, events);
+            // Resume is safe to repeat; a transient failure (an API server electing a leader, a
+            // dropped connection) must not leave the cluster paused until someone notices.
+            for (let attempt = 1; ; attempt++) {
+              try {
+                await strategy.resume(pauseRecord!, events);
+                break;
+              } catch (err) {
+                if (attempt >= RESUME_RETRY_DELAYS_MS.length + 1) throw err;
+                const delay = RESUME_RETRY_DELAYS_MS[attempt - 1]!;
+                events.warn(`resume attempt ${attempt} failed: ${(err as Error).message}; trying again in ${delay / 1000}s`);
+                await new Promise((r) => setTimeout(r, delay));
+              }
+            }
             resumedAt = new Date();
-            await ledger.clear();
           } catch (err) {
             const msg = `RESUME FAILED, the cluster may still be paused: ${(err as Error).message}. Run "pachbackup resume" to retry from the pause ledger (${ledger.localFile}).`;
+            if (failure) emit({ type: 'warning', message: msg });
+            else failure = new BackupError(msg);
+            return;
+          }
+          try {
+            await ledger.clear();
+          } catch (err) {
+            const msg = `the cluster was resumed, but the pause ledger could not be removed (${(err as Error).message}); run "pachbackup resume" (it only undoes what is still paused) to clear it before the next backup`;
             if (failure) emit({ type: 'warning', message: msg });
             else failure = new BackupError(msg);
           }
