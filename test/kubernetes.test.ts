@@ -552,4 +552,20 @@ describe('resume against what changed since the pause (review2)', () => {
     await strategy.resume(record, collectEvents());
     assert.equal(c.fake.replicas('Deployment', NS, 'pachw'), 3, 'the count pachw had right before it was scaled to 0');
   });
+
+  test('a malformed kubeconfig is explained without printing its contents (the bearer token)', async () => {
+    c = await startCluster();
+    const lines = (await readFile(c.kubeconfig, 'utf8')).split('\n');
+    const at = lines.findIndex((l) => l.includes(c!.fake.token));
+    assert.ok(at >= 0, 'the kubeconfig holds the token');
+    // A stray, over-indented line right after the token: a typical hand-edit mistake.
+    lines.splice(at + 1, 0, `${' '.repeat(lines[at]!.search(/\S/) + 1)}client-key-data: oops`);
+    const broken = join(c.dir, 'broken-kubeconfig');
+    await writeFile(broken, lines.join('\n'));
+    await assert.rejects(c.strategy({ kubeconfig: broken }).describeTarget(), (err: Error) => {
+      assert.match(err.message, /cannot load .*broken-kubeconfig/);
+      assert.ok(!err.message.includes(c!.fake.token), `the error prints the token: ${err.message}`);
+      return true;
+    });
+  });
 });
