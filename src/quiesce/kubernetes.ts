@@ -97,7 +97,9 @@ export function loadKubeConfig(target: KubeTarget): KubeConfig {
     if (target.kubeconfig) kc.loadFromFile(target.kubeconfig);
     else kc.loadFromDefault();
   } catch (err) {
-    throw new KubernetesError(`cannot load ${source}: ${errorMessage(err)}; check pause.kubernetes.kubeconfig`);
+    // Only the first line: a YAML error goes on to quote the lines around the mistake, tokens and keys included.
+    const reason = errorMessage(err).split('\n')[0]!.trim();
+    throw new KubernetesError(`cannot load ${source}: ${reason}; check pause.kubernetes.kubeconfig`);
   }
   // Without any kubeconfig the client silently falls back to http://localhost:8080.
   if (!target.kubeconfig && kc.getCurrentContext() === 'loaded-context' && kc.getCurrentCluster()?.server === 'http://localhost:8080') {
