@@ -60,6 +60,9 @@ const FILES = [
   { name: 'badInputTable', category: 'bad input' },
   { name: 'tls', category: 'TLS' },
   { name: 'secrets', category: 'secrets' },
+  { name: 'lock', category: 'locks: races, stale and lost locks' },
+  { name: 'prune', category: 'prune: crashes and unreadable backups' },
+  { name: 'pauseGuards', category: 'pause: the cluster never left paused' },
   // Issue 2's tests of the same kind, when present.
   { name: 'failures', category: 'object store (issue 2 tests)' },
   { name: 'badInput', category: 'bad input (issue 2 tests)' },

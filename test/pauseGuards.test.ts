@@ -10,6 +10,7 @@ import { join } from 'node:path';
 import pg from 'pg';
 import { openRepository } from '../src/engine/context.js';
 import { LEDGER_KEY, PauseLedger } from '../src/quiesce/ledger.js';
+import { acquireLock } from '../src/repository/lock.js';
 import { TestCluster, describeRun } from './helpers/cluster.js';
 
 describe('pause guards', () => {
@@ -81,40 +82,42 @@ describe('pause guards', () => {
     assert.equal((await cluster.sealedBackups()).length, 1);
   });
 
+  /**
+   * Runs `fn` with a fresh local state directory (PACHBACKUP_STATE_DIR, where the local copy of the
+   * pause ledger lives) and the repository's ledger; afterwards no ledger is left for the next test.
+   */
+  async function withLedger(fn: (ledger: PauseLedger, stateDir: string) => Promise<void>): Promise<void> {
+    const stateDir = await mkdtemp(join(cluster.work, 'state-'));
+    const previous = process.env['PACHBACKUP_STATE_DIR'];
+    process.env['PACHBACKUP_STATE_DIR'] = stateDir;
+    const repo = openRepository(cluster.config());
+    try {
+      await repo.open(true);
+      await fn(new PauseLedger(repo.store, repo.id), stateDir);
+    } finally {
+      await repo.store.remove([LEDGER_KEY]);
+      if (previous === undefined) delete process.env['PACHBACKUP_STATE_DIR'];
+      else process.env['PACHBACKUP_STATE_DIR'] = previous;
+    }
+  }
+
   test('a resume that fails once (e.g. the API server answers 503 during a leader election) is retried: the cluster is not left paused', async () => {
     const flag = join(cluster.work, 'resume-failed-once');
     const before = (await cluster.markerLines()).length;
     const resumeOnce = ['/bin/sh', '-c', 'if [ -e "$1" ]; then echo resumed >> "$0"; else : > "$1"; echo "Error from server: etcdserver: leader changed" >&2; exit 1; fi', cluster.marker, flag];
     let error: unknown;
-    const stateDir = await mkdtemp(join(cluster.work, 'state-'));
-    const previous = process.env['PACHBACKUP_STATE_DIR'];
-    process.env['PACHBACKUP_STATE_DIR'] = stateDir;
-    try {
-      await cluster.backup((raw) => (raw.pause.command.resume = resumeOnce));
-    } catch (err) {
-      error = err;
-    } finally {
-      if (previous === undefined) delete process.env['PACHBACKUP_STATE_DIR'];
-      else process.env['PACHBACKUP_STATE_DIR'] = previous;
-      // Leave no ledger behind for the next test, whatever happened.
-      const repo = openRepository(cluster.config());
-      await repo.open(false);
-      await repo.store.remove([LEDGER_KEY]);
-    }
+    await withLedger(async () => {
+      await cluster.backup((raw) => (raw.pause.command.resume = resumeOnce)).catch((err: unknown) => (error = err));
+    });
     assert.deepEqual((await cluster.markerLines()).slice(before), ['paused', 'resumed'], `the cluster was left paused after one failed resume attempt: ${(error as Error | undefined)?.message ?? ''}`);
     assert.equal(error, undefined, 'the backup succeeds once the retried resume succeeded');
   });
 
-  test('a pause ledger left by an earlier crashed backup is not overwritten by the next backup', async () => {
-    const stateDir = await mkdtemp(join(cluster.work, 'state-'));
-    const previous = process.env['PACHBACKUP_STATE_DIR'];
-    process.env['PACHBACKUP_STATE_DIR'] = stateDir;
-    try {
-      const repo = openRepository(cluster.config());
-      await repo.open(true);
-      const ledger = new PauseLedger(repo.store, repo.id);
+  test('a pause ledger left by an earlier crashed backup is not overwritten by the next backup: when resuming it fails, the backup stops before pausing and the ledger stays', async () => {
+    await withLedger(async (ledger) => {
       // An earlier "pachbackup backup --pause-strategy kubernetes" was killed (kill -9, OOM, node
-      // lost) while pachd was scaled to 0; its ledger is the only record of it.
+      // lost) while pachd was scaled to 0; its ledger is the only record of it. There is no
+      // Kubernetes API here, so resuming it fails.
       const stale = {
         strategy: 'kubernetes',
         target: 'kubernetes context prod, namespace pachyderm: deployments pachd (1), pachw (2), 0 worker RCs (0 replicas)',
@@ -122,24 +125,54 @@ describe('pause guards', () => {
         state: { context: 'prod', namespace: 'pachyderm', deployments: ['pachd', 'pachw'], workerSelector: 'suite=pachyderm,component=worker', workloads: [{ kind: 'Deployment', name: 'pachd', replicas: 1 }, { kind: 'Deployment', name: 'pachw', replicas: 2 }] },
       };
       await ledger.write({ record: stale, backupId: 'crashed-backup', host: 'cronjob-pod', pid: 4242, phase: 'paused', writtenAt: '2024-01-01T00:00:01.000Z' });
-
       // The next scheduled backup uses the config's own (command) strategy.
       const before = (await cluster.markerLines()).length;
-      let error: Error | undefined;
-      try {
-        await cluster.backup();
-      } catch (err) {
-        error = err as Error;
-      }
-      const after = await ledger.read();
-      assert.equal(after?.backupId, 'crashed-backup', `the record of the cluster the crashed run paused is gone (the backup ${error ? `failed: ${error.message}` : 'succeeded'}); "pachbackup status" now says not paused and "pachbackup resume" has nothing to resume`);
-      assert.match(error?.message ?? '', /pachbackup resume/, 'the backup refuses and says how to get unstuck');
+      const error = await cluster.backup().then(
+        () => undefined,
+        (err: Error) => err,
+      );
+      assert.equal((await ledger.read())?.backupId, 'crashed-backup', `the record of the cluster the crashed run paused is gone (the backup ${error ? `failed: ${error.message}` : 'succeeded'}); "pachbackup status" now says not paused and "pachbackup resume" has nothing to resume`);
+      assert.match(error?.message ?? '', /RESUME FAILED.*crashed-backup.*Nothing was paused by this run.*pachbackup resume/s, 'the backup stops and says how to get unstuck');
       assert.deepEqual((await cluster.markerLines()).slice(before), [], 'nothing was paused');
       assert.equal(JSON.parse(await readFile(ledger.localFile, 'utf8')).backupId, 'crashed-backup');
-    } finally {
-      await openRepository(cluster.config()).store.remove([LEDGER_KEY]);
-      if (previous === undefined) delete process.env['PACHBACKUP_STATE_DIR'];
-      else process.env['PACHBACKUP_STATE_DIR'] = previous;
-    }
+    });
+  });
+
+  test('"pachbackup resume" refuses while a backup holds its live lock (it would end that backup\'s pause mid-copy), and --force overrides', async () => {
+    await withLedger(async (ledger, stateDir) => {
+      const env = { PACHBACKUP_STATE_DIR: stateDir };
+      const configFile = await cluster.writeConfig();
+      // A backup in this process holds the lock and has the cluster paused.
+      const lock = await acquireLock(openRepository(cluster.config()).store, 'backup', { command: 'pachbackup backup' });
+      try {
+        const before = (await cluster.markerLines()).length;
+        await ledger.write({ record: { strategy: 'command', target: 'the cluster (pause.command)', startedAt: new Date().toISOString(), state: {} }, backupId: 'running-backup', host: 'here', pid: process.pid, phase: 'paused', writtenAt: new Date().toISOString() });
+        const refused = await cluster.runCli(['--config', configFile, 'resume'], { env });
+        assert.notEqual(refused.code, 0, describeRun(refused));
+        assert.match(refused.stderr, /a backup may still be running: backup lock .*--force/s, describeRun(refused));
+        assert.deepEqual((await cluster.markerLines()).slice(before), [], 'nothing was resumed');
+        assert.equal((await ledger.read())?.backupId, 'running-backup', 'the ledger stays');
+        const forced = await cluster.runCli(['--config', configFile, '--json', 'resume', '--force'], { env });
+        assert.equal(forced.code, 0, describeRun(forced));
+        assert.equal(forced.result?.resumed, true);
+        assert.deepEqual((await cluster.markerLines()).slice(before), ['resumed']);
+        assert.equal(await ledger.read(), undefined);
+      } finally {
+        await lock.release();
+      }
+    });
+  });
+
+  test('a backup that finds the pause ledger of a run that died resumes that pause first, then backs up (the cluster is not left paused until someone notices)', async () => {
+    await withLedger(async (ledger) => {
+      // A scheduled "pachbackup backup" (the command strategy of this config) was killed while paused.
+      const before = (await cluster.markerLines()).length;
+      await ledger.write({ record: { strategy: 'command', target: 'the cluster (pause.command)', startedAt: '2024-01-01T00:00:00.000Z', state: {} }, backupId: 'killed-backup', host: 'cronjob-pod', pid: 4242, phase: 'paused', writtenAt: '2024-01-01T00:00:01.000Z' });
+      const backupsBefore = (await cluster.sealedBackups()).length;
+      const summary = await cluster.backup();
+      assert.deepEqual((await cluster.markerLines()).slice(before), ['resumed', 'paused', 'resumed'], "the dead run's pause is resumed before this backup pauses, and this backup resumes its own");
+      assert.equal(await ledger.read(), undefined, 'no ledger is left: nothing is paused');
+      assert.equal((await cluster.sealedBackups()).length, backupsBefore + 1, `the backup was sealed (${summary.id})`);
+    });
   });
 });

@@ -139,6 +139,7 @@ describe('schedule --print', () => {
     assert.equal(backup.spec.concurrencyPolicy, 'Forbid');
     const pod = backup.spec.jobTemplate.spec.template.spec;
     assert.equal(pod.restartPolicy, 'Never');
+    assert.ok(pod.terminationGracePeriodSeconds >= 120, 'an evicted backup has time to resume the cluster (with retries) before SIGKILL');
     assert.equal(pod.serviceAccountName, 'pachbackup');
     assert.equal(pod.initContainers.length, 1);
     const [backupContainer] = pod.initContainers;

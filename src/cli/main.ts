@@ -10,8 +10,8 @@ import { newRetryTally, openRepository } from '../engine/context.js';
 import { restoreTargetsFromConfig, runRestore } from '../engine/restore.js';
 import { verifyBackup } from '../engine/verify.js';
 import { PauseLedger } from '../quiesce/ledger.js';
-import { acquireLock } from '../repository/lock.js';
-import { createStrategy } from '../quiesce/factory.js';
+import { acquireLock, describeLock, listLocks, LockConflictError } from '../repository/lock.js';
+import { createStrategy, resumeFromLedger } from '../quiesce/factory.js';
 import { TOOL_VERSION } from '../version.js';
 import { tuneHeapForStreaming } from '../process/heapTuning.js';
 import { registerMaintenanceCommands } from './maintenance.js';
@@ -166,20 +166,29 @@ export function buildProgram(): Command {
   program
     .command('resume')
     .description('resume a cluster left paused by an interrupted backup, from the pause ledger')
-    .action(async () => {
+    .option('--force', 'resume even while a live backup lock is held (only when that run is known to be gone)')
+    .action(async (opts: { force?: boolean }) => {
       await run(globals(), async ({ renderer }) => {
         const config = load(globals(), []);
         const repo = openRepository(config);
         await repo.open(false);
-        const ledger = new PauseLedger(repo.store, repo.id);
-        const entry = await ledger.read();
+        if (!opts.force && (await new PauseLedger(repo.store, repo.id).read())) {
+          // The ledger of a backup that is still running: it resumes the cluster itself, and a
+          // resume now would end its pause in the middle of the copy.
+          const running = (await listLocks(repo.store)).find((l) => l.kind === 'backup' && l.state === 'live');
+          if (running) {
+            const ends = running.info ? new Date(Date.parse(running.info.heartbeatAt) + running.info.leaseSeconds * 1000).toISOString() : 'the end of its lease';
+            throw new LockConflictError(
+              `a backup may still be running: ${describeLock(running)}. It resumes the cluster itself when it ends; resuming now would end its pause in the middle of the backup. If that run is gone (killed on another machine), its lock goes stale at ${ends}, or run "pachbackup resume --force"`,
+              running,
+            );
+          }
+        }
+        const entry = await resumeFromLedger(config.pause, new PauseLedger(repo.store, repo.id), { info: (m) => renderer.line(`  ${m}`), warn: (m) => renderer.line(`! warning: ${m}`) });
         if (!entry) {
           renderer.result('resume', { resumed: false }, () => 'no pause ledger: pachbackup has not left the cluster paused');
           return;
         }
-        const strategy = await createStrategy({ ...config.pause, strategy: entry.record.strategy as Config['pause']['strategy'] });
-        await strategy.resume(entry.record, { info: (m) => renderer.line(`  ${m}`), warn: (m) => renderer.line(`! warning: ${m}`) });
-        await ledger.clear();
         renderer.result('resume', { resumed: true, record: entry.record, backupId: entry.backupId }, () => `resumed ${entry.record.target}, paused since ${entry.record.startedAt} by backup ${entry.backupId} (pid ${entry.pid} on ${entry.host})`);
       });
     });

@@ -43,6 +43,8 @@ const CONFIG_FILE = 'pachbackup.yaml';
 const STATE_DIR = '/var/lib/pachbackup';
 /** A non-root user; any image that runs pachbackup as a non-root user works. */
 const RUN_AS = 65532;
+/** Time a pod gets between SIGTERM and SIGKILL: enough for a backup to resume the cluster. */
+const TERMINATION_GRACE_SECONDS = 300;
 
 /** The RBAC rules the kubernetes pause strategy needs in the Pachyderm namespace (src/quiesce/kubernetes.ts). */
 export const KUBERNETES_PAUSE_RULES = [
@@ -137,6 +139,9 @@ export function scheduleManifests(config: Config, options: ScheduleOptions): Sch
     serviceAccountName: options.name,
     automountServiceAccountToken: apiToken,
     restartPolicy: 'Never',
+    // On SIGTERM (eviction, node drain) a backup resumes the cluster before it exits, trying again
+    // after a failure (2 s, 5 s): 30 s, the default, can kill it in the middle of that.
+    terminationGracePeriodSeconds: TERMINATION_GRACE_SECONDS,
     securityContext: { runAsNonRoot: true, runAsUser: RUN_AS, runAsGroup: RUN_AS, fsGroup: RUN_AS, seccompProfile: { type: 'RuntimeDefault' } },
     ...containers,
     volumes: [

@@ -9,6 +9,7 @@ import { DatabaseSnapshot } from '../postgres/snapshot.js';
 import { findPgTool, runToolToEnd, startTool, stopTool, toolVersion } from '../postgres/tools.js';
 import { PauseLedger } from '../quiesce/ledger.js';
 import { QuiescenceCheck } from '../quiesce/quiescence.js';
+import { resumeFromLedger, resumeWithRetries } from '../quiesce/factory.js';
 import { assertExpectedContext } from '../quiesce/strategy.js';
 import { acquireLock, type LockHandle } from '../repository/lock.js';
 import type { PauseRecord, QuiesceStrategy } from '../quiesce/strategy.js';
@@ -82,9 +83,6 @@ export async function runBackup(options: BackupOptions): Promise<BackupSummary> 
   }
 }
 
-/** Waits between resume attempts after a failed one; three attempts in all. */
-const RESUME_RETRY_DELAYS_MS = [2_000, 5_000];
-
 async function backupUnderLock(options: BackupOptions, lockBox: { lock?: LockHandle }, scratchBox: { dir?: ScratchDir }): Promise<BackupSummary> {
   const { config, strategy, emit, signal } = options;
   const startedAt = new Date();
@@ -107,15 +105,20 @@ async function backupUnderLock(options: BackupOptions, lockBox: { lock?: LockHan
     // Before anything is read or paused: a second backup or a prune on this repository is refused here.
     lockBox.lock = await acquireLock(repo.store, 'backup', { command: ['pachbackup', ...process.argv.slice(2)].join(' ') }, { onEvent: emit });
     await repo.checkWritable();
-    if (mode === 'paused') {
-      // Under the lock, a ledger can only be left by a run that died: it is the only record of what
-      // that run paused, so it is neither overwritten nor resumed to counts this run cannot check.
-      const stale = await new PauseLedger(repo.store, repo.id).read();
-      if (stale) {
-        throw new BackupError(
-          `the pause ledger says backup ${stale.backupId} (pid ${stale.pid} on ${stale.host}) left ${stale.record.target} paused (${stale.phase}) since ${stale.record.startedAt} and did not resume it; run "pachbackup resume" first, then back up again. Nothing was paused`,
-        );
+    // Under the lock, a ledger can only be left by a run that died with the cluster paused (or
+    // about to be). It is the only record of that pause: it is resumed first, as "pachbackup
+    // resume" would (scaling back only what is still paused), never overwritten; if that fails,
+    // this backup stops before touching the cluster and the ledger stays.
+    const left = await new PauseLedger(repo.store, repo.id).read();
+    if (left) {
+      const what = `backup ${left.backupId} (pid ${left.pid} on ${left.host}) left ${left.record.target} paused (${left.phase}) since ${left.record.startedAt}`;
+      events.warn(`${what}: resuming it from the pause ledger before this backup`);
+      try {
+        await resumeFromLedger(config.pause, new PauseLedger(repo.store, repo.id), events);
+      } catch (err) {
+        throw new BackupError(`RESUME FAILED, the cluster may still be paused: ${what}, and resuming it failed: ${(err as Error).message}. Nothing was paused by this run; fix the cause and run "pachbackup resume", then back up again`);
       }
+      events.info(`resumed the pause ${left.backupId} left`);
     }
     const pgDump = findPgTool('pg_dump', config.cluster.postgres.binDir);
     const dumpVersion = await toolVersion(pgDump);
@@ -308,19 +311,7 @@ async function backupUnderLock(options: BackupOptions, lockBox: { lock?: LockHan
         // Resume always runs once a pause began: on success, on error and on SIGINT/SIGTERM.
         await phases.run('resume', async () => {
           try {
-            // Resume is safe to repeat; a transient failure (an API server electing a leader, a
-            // dropped connection) must not leave the cluster paused until someone notices.
-            for (let attempt = 1; ; attempt++) {
-              try {
-                await strategy.resume(pauseRecord!, events);
-                break;
-              } catch (err) {
-                if (attempt >= RESUME_RETRY_DELAYS_MS.length + 1) throw err;
-                const delay = RESUME_RETRY_DELAYS_MS[attempt - 1]!;
-                events.warn(`resume attempt ${attempt} failed: ${(err as Error).message}; trying again in ${delay / 1000}s`);
-                await new Promise((r) => setTimeout(r, delay));
-              }
-            }
+            await resumeWithRetries(strategy, pauseRecord!, events);
             resumedAt = new Date();
           } catch (err) {
             const msg = `RESUME FAILED, the cluster may still be paused: ${(err as Error).message}. Run "pachbackup resume" to retry from the pause ledger (${ledger.localFile}).`;

@@ -1,8 +1,9 @@
 import { pauseSchema, type PauseConfig } from '../config/schema.js';
 import { CommandPause } from './command.js';
+import type { LedgerEntry, PauseLedger } from './ledger.js';
 import { NoPause } from './none.js';
 import { PachctlPause } from './pachctl.js';
-import type { QuiesceStrategy } from './strategy.js';
+import type { PauseRecord, QuiesceEvents, QuiesceStrategy } from './strategy.js';
 
 export { assertExpectedContext } from './strategy.js';
 
@@ -26,4 +27,41 @@ export async function createStrategy(config: PauseConfig): Promise<QuiesceStrate
       return new PachctlPause({ ...p, expectedContext: config.expectedContext });
     }
   }
+}
+
+/** Waits between resume attempts after a failed one; three attempts in all. */
+export const RESUME_RETRY_DELAYS_MS = [2_000, 5_000];
+
+/**
+ * Resumes, trying again after a failure: a resume is safe to repeat, and a transient failure (an
+ * API server electing a leader, a dropped connection) must not leave the cluster paused until
+ * someone notices. Throws the last attempt's error.
+ */
+export async function resumeWithRetries(strategy: QuiesceStrategy, record: PauseRecord, events: QuiesceEvents, delaysMs: readonly number[] = RESUME_RETRY_DELAYS_MS): Promise<void> {
+  for (let attempt = 1; ; attempt++) {
+    try {
+      await strategy.resume(record, events);
+      return;
+    } catch (err) {
+      const delay = delaysMs[attempt - 1];
+      if (delay === undefined) throw err;
+      events.warn(`resume attempt ${attempt} failed: ${(err as Error).message}; trying again in ${delay / 1000}s`);
+      await new Promise((r) => setTimeout(r, delay));
+    }
+  }
+}
+
+/**
+ * Undoes the pause a ledger records, with the strategy the ledger names (its own record says what
+ * to scale back or which context to unpause; the config gives the rest), then removes the ledger.
+ * Undefined when there is no ledger. `pachbackup resume`, and a backup that finds a ledger left by
+ * a run that died.
+ */
+export async function resumeFromLedger(pause: PauseConfig, ledger: PauseLedger, events: QuiesceEvents): Promise<LedgerEntry | undefined> {
+  const entry = await ledger.read();
+  if (!entry) return undefined;
+  const strategy = await createStrategy({ ...pause, strategy: entry.record.strategy as PauseConfig['strategy'] });
+  await resumeWithRetries(strategy, entry.record, events);
+  await ledger.clear();
+  return entry;
 }
