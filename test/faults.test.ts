@@ -425,7 +425,10 @@ describe('connection resets and truncated responses from a TCP proxy in front of
   let cluster: TestCluster;
   let proxy: FaultProxy;
   before(async () => {
-    cluster = (await TestCluster.create({ kind: 's3rver', chunks: 30, chunkSize: 256 * 1024 })) as TestCluster;
+    // 60 × 256 KiB: ~120 draws of the reset below per direction, so a run without any reset (which
+    // would test nothing and fail the test) has a chance of 0.9^120 ≈ 3·10⁻⁶; 30 chunks left it at
+    // 0.2 %, and it happened.
+    cluster = (await TestCluster.create({ kind: 's3rver', chunks: 60, chunkSize: 256 * 1024 })) as TestCluster;
     proxy = await proxyTo(cluster);
   });
   after(async () => {
@@ -462,21 +465,24 @@ describe('connection resets and truncated responses from a TCP proxy in front of
     });
   });
 
-  test('responses truncated mid-object (a clean close; 20% chance per 100 KiB) during a backup: completes and verifies', { timeout: 600_000 }, async (t) => {
-    await addChunksTo(cluster, 10, 256 * 1024);
-    proxy.setMode({ kind: 'truncate', rate: 0.2, afterBytes: 100 * 1024 });
+  test('responses truncated mid-object (a clean close; 10% chance per 100 KiB) during a backup: completes and verifies', { timeout: 600_000 }, async (t) => {
+    // 60 new objects, ~150 draws: no truncation at all (0.9^150) is out of reach, and an object
+    // truncated at every one of its 8 attempts (0.19^8 each) too. With 10 objects at 20 % the first
+    // was 1 %.
+    await addChunksTo(cluster, 60, 256 * 1024);
+    proxy.setMode({ kind: 'truncate', rate: 0.1, afterBytes: 100 * 1024 });
     const before = proxy.stats.truncations;
     const backup = await cluster.runCli(['--config', await cluster.writeConfig(backupViaProxy), '--json', '--yes', 'backup', '--concurrency', '4'], { timeoutMs: 90_000 });
     const truncations = proxy.stats.truncations - before;
     proxy.setMode({ kind: 'pass' });
     assert.equal(backup.code, 0, describeRun(backup));
     assert.ok(truncations > 0, 'responses were truncated');
-    assert.equal(backup.result!.objects.newCount, 10);
+    assert.equal(backup.result!.objects.newCount, 60);
     const verify = await cluster.runCli(['--config', await cluster.writeConfig(), '--json', 'verify', backup.result!.id]);
     assert.equal(verify.code, 0, describeRun(verify));
     record(t, {
       category: 'network (TCP proxy)',
-      fault: 'S3 responses truncated (clean close) mid-response: 20% chance at every 100 KiB a connection carries',
+      fault: 'S3 responses truncated (clean close) mid-response: 10% chance at every 100 KiB a connection carries',
       runs: 2,
       detail: `backup completed and verified; ${truncations} responses truncated`,
     });
