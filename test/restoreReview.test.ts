@@ -1,0 +1,188 @@
+/**
+ * Review of restore against its promises: a failed restore takes back only what it created and
+ * deletes nothing that existed before; nothing existing is overwritten unless told to (--force);
+ * bad input is refused before anything is written.
+ */
+import assert from 'node:assert/strict';
+import { chmod, mkdir, readdir, readFile, rm, stat, writeFile } from 'node:fs/promises';
+import { pathToFileURL } from 'node:url';
+import { join } from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { after, before, beforeEach, describe, test } from 'node:test';
+import type { EngineEvent } from '../src/engine/events.js';
+import { restoreTargetsFromConfig, runRestore, type RestoreSummary } from '../src/engine/restore.js';
+import { describeRun, TestCluster, withFaults, type CliResult, type RawConfig } from './helpers/cluster.js';
+
+/** The second read of the dex dump (the first is the preflight's checksum check) fails: database 2 fails. */
+const DEX_DUMP_FAILS = [{ store: 'repository', op: 'get', keyContains: 'db/dex.dump', after: 1, kind: 'permanent' }];
+
+describe('restore review (fs)', () => {
+  let cluster: TestCluster;
+  const valuesIn = (): string => join(cluster.work, 'values.yaml');
+  const valuesOut = (): string => join(cluster.work, 'restored-values.yaml');
+  // The chart's LOCAL backend mounts <hostPath>pachd as the bucket root: the target must end in /pachd.
+  const helmTarget = (): string => join(cluster.work, 'restored-helm', 'pachd');
+  const withHelm = (raw: RawConfig): void => {
+    raw.cluster.helmValues = valuesIn();
+    raw.restore.helmValuesOut = valuesOut();
+    raw.restore.objectStore.url = pathToFileURL(helmTarget()).href;
+  };
+  const helmTargetKeys = async (): Promise<string[]> => (await readdir(helmTarget(), { recursive: true, withFileTypes: true })).filter((e) => e.isFile()).map((e) => e.name);
+
+  before(async () => {
+    cluster = (await TestCluster.create({ kind: 'fs', chunks: 12 })) as TestCluster;
+    await writeFile(
+      valuesIn(),
+      ['global:', '  postgresql:', `    postgresqlHost: ${cluster.source.host}`, `    postgresqlPort: "${cluster.source.port}"`, 'pachd:', '  storage:', '    backend: LOCAL', ''].join('\n'),
+    );
+    await cluster.backup(withHelm);
+  });
+  after(async () => {
+    await cluster?.cleanup();
+  });
+
+  /** Every test starts from an empty target server, an empty target directory and no values file. */
+  beforeEach(async () => {
+    for (const name of await cluster.targetDatabases()) await cluster.target!.query('postgres', `DROP DATABASE "${name}" WITH (FORCE)`);
+    for (const key of await cluster.restoredKeys()) await cluster.restoredStore().remove([key]);
+    await rm(valuesOut(), { force: true });
+    await rm(helmTarget(), { recursive: true, force: true });
+    await mkdir(helmTarget(), { recursive: true });
+  });
+
+  async function restore(options: { force?: boolean; mutate?: (raw: RawConfig) => void; events?: EngineEvent[] } = {}): Promise<RestoreSummary> {
+    const config = cluster.config(options.mutate);
+    const events = options.events ?? [];
+    return runRestore({ config, backup: 'latest', targets: restoreTargetsFromConfig(config), force: options.force ?? false, dryRun: false, noOwner: true, concurrency: 4, emit: (e) => events.push(e) });
+  }
+
+  test('a pre-existing empty target database survives a restore that fails (no --force)', { timeout: 300_000 }, async () => {
+    // The operator created the (empty) target database beforehand, as a DBA often does.
+    await cluster.target!.createDatabase('pachyderm');
+    await cluster.target!.query('postgres', `COMMENT ON DATABASE pachyderm IS 'created by the DBA'`);
+    await assert.rejects(withFaults(DEX_DUMP_FAILS, () => restore()), /dex/);
+    assert.deepEqual(await cluster.targetDatabases(), ['pachyderm'], 'the database that existed before the restore still exists after its rollback');
+  });
+
+  test('a target database that holds data outside tables (a large object) is refused without --force', { timeout: 300_000 }, async () => {
+    await cluster.target!.createDatabase('pachyderm');
+    const { rows } = await cluster.target!.query<{ oid: number }>('pachyderm', `SELECT lo_from_bytea(0, 'precious bytes'::bytea) AS oid`);
+    const oid = rows[0]!.oid;
+    let outcome = 'restore succeeded';
+    try {
+      await restore();
+    } catch (err) {
+      outcome = (err as Error).message;
+    }
+    const left = await cluster.target!.query<{ n: string }>('pachyderm', 'SELECT count(*) AS n FROM pg_largeobject_metadata WHERE oid = $1', [oid]);
+    assert.equal(Number(left.rows[0]!.n), 1, `the large object is still there (${outcome})`);
+    assert.match(outcome, /not empty/);
+  });
+
+  test('--force: a failed restore does not destroy the database it was meant to replace', { timeout: 300_000 }, async () => {
+    await cluster.target!.createDatabase('pachyderm');
+    await cluster.target!.query('pachyderm', 'CREATE TABLE precious (v text)');
+    await cluster.target!.query('pachyderm', `INSERT INTO precious VALUES ('the only copy')`);
+    await assert.rejects(withFaults(DEX_DUMP_FAILS, () => restore({ force: true })), /dex/);
+    assert.deepEqual(await cluster.targetDatabases(), ['pachyderm'], 'the database that existed before is still there');
+    const { rows } = await cluster.target!.query<{ v: string }>('pachyderm', 'SELECT v FROM precious');
+    assert.deepEqual(rows, [{ v: 'the only copy' }], 'its data is unchanged');
+  });
+
+  test('--force into a non-empty store: a failed restore does not delete objects that were there before', { timeout: 300_000 }, async () => {
+    // The target already holds objects of the same keys (an earlier restore, or the cluster's own bucket).
+    const source = cluster.clusterStore();
+    const target = cluster.restoredStore();
+    const before: string[] = [];
+    for await (const info of source.list()) {
+      if (before.length >= 3) break;
+      before.push(info.key);
+    }
+    for (const key of before) await target.put(key, await source.get(key));
+    await target.put('someone-elses-object', Buffer.from('keep me'));
+    await assert.rejects(withFaults(DEX_DUMP_FAILS, () => restore({ force: true })), /dex/);
+    assert.deepEqual(await cluster.restoredKeys(), [...before, 'someone-elses-object'].sort(), 'every object that was there before the restore is still there');
+  });
+
+  test('--helm-values-out naming an existing file: not overwritten without --force', { timeout: 300_000 }, async () => {
+    await writeFile(valuesOut(), 'the operator values for the running cluster\n');
+    let outcome = 'restore succeeded';
+    try {
+      await restore({ mutate: withHelm });
+      assert.ok(await stat(join(helmTarget(), 'chunk')), 'the restore did write its objects');
+    } catch (err) {
+      outcome = (err as Error).message;
+    }
+    assert.equal(await readFile(valuesOut(), 'utf8'), 'the operator values for the running cluster\n', `the existing file is unchanged (${outcome})`);
+  });
+
+  test('--force over an existing --helm-values-out file: written with mode 0600, like a new one', { timeout: 300_000 }, async () => {
+    await writeFile(valuesOut(), 'old\n');
+    await chmod(valuesOut(), 0o644);
+    await restore({ force: true, mutate: withHelm });
+    assert.notEqual(await readFile(valuesOut(), 'utf8'), 'old\n', 'rewritten');
+    assert.equal((await stat(valuesOut())).mode & 0o777, 0o600, 'the Helm values (which may hold secrets) are readable by the owner only');
+  });
+
+  test('a restore that fails after writing the Helm values takes the file back', { timeout: 300_000 }, async () => {
+    // The first listing of the target is the preflight's emptiness check; the second is the final check.
+    const faults = [{ store: 'restore.objectStore', op: 'list', after: 1, kind: 'permanent' }];
+    await assert.rejects(withFaults(faults, () => restore({ mutate: withHelm })));
+    assert.deepEqual(await cluster.targetDatabases(), [], 'databases taken back');
+    assert.deepEqual(await helmTargetKeys(), [], 'objects taken back');
+    await assert.rejects(stat(valuesOut()), { code: 'ENOENT' }, 'no Helm values for a restore that did not happen');
+  });
+
+  test('the same target name for both databases is refused before anything is written', { timeout: 300_000 }, async () => {
+    const events: EngineEvent[] = [];
+    await assert.rejects(
+      restore({ events, mutate: (raw) => (raw.restore.databases = { pachyderm: 'pach', dex: 'pach' }) }),
+      /pachyderm.*dex|dex.*pachyderm/,
+    );
+    const phases = events.filter((e) => e.type === 'phase-start').map((e) => (e as { phase: string }).phase);
+    assert.deepEqual(phases, ['preflight'], 'refused in preflight: no object copied, no database restored');
+  });
+
+  test('SIGINT while objects are restored: exit 130, nothing left on the targets', { timeout: 300_000 }, async () => {
+    const config = await cluster.writeConfig();
+    const { child, done } = cluster.spawnCli(['--config', config, '--yes', 'restore', 'latest', '--concurrency', '1'], {
+      env: { PACHBACKUP_FAULTS: JSON.stringify([{ store: 'restore.objectStore', op: 'put', kind: 'delay', ms: 500 }]) },
+    });
+    let finished: CliResult | undefined;
+    void done.then((r) => (finished = r), () => undefined);
+    const deadline = Date.now() + 60_000;
+    while ((await cluster.restoredKeys()).length < 2) {
+      if (finished) assert.fail(`the restore ended early: ${describeRun(finished)}`);
+      if (Date.now() > deadline) assert.fail('no object restored within 60 s');
+      await sleep(100);
+    }
+    child.kill('SIGINT');
+    const run = await done;
+    assert.equal(run.code, 130, describeRun(run));
+    assert.deepEqual(await cluster.targetDatabases(), [], 'no database left');
+    assert.deepEqual(await cluster.restoredKeys(), [], 'no object left');
+  });
+
+  test('SIGINT while the second database is restored: exit 130, nothing left on the targets', { timeout: 300_000 }, async () => {
+    const config = await cluster.writeConfig();
+    // pg_restore's read of the dex dump (the second read; the first is the preflight check) waits 5 s,
+    // so the SIGINT lands while that GET is in flight: the body then arrives with the signal aborted.
+    const { child, done } = cluster.spawnCli(['--config', config, '--yes', 'restore', 'latest'], {
+      timeoutMs: 90_000,
+      env: { PACHBACKUP_FAULTS: JSON.stringify([{ store: 'repository', op: 'get', keyContains: 'db/dex.dump', after: 1, kind: 'delay', ms: 5000 }]) },
+    });
+    let finished: CliResult | undefined;
+    void done.then((r) => (finished = r), () => undefined);
+    const deadline = Date.now() + 60_000;
+    while (!(await cluster.targetDatabases()).includes('dex')) {
+      if (finished) assert.fail(`the restore ended early: ${describeRun(finished)}`);
+      if (Date.now() > deadline) assert.fail('database dex not created within 60 s');
+      await sleep(50);
+    }
+    child.kill('SIGINT');
+    const run = await done;
+    assert.equal(run.code, 130, describeRun(run));
+    assert.deepEqual(await cluster.targetDatabases(), [], 'no database left');
+    assert.deepEqual(await cluster.restoredKeys(), [], 'no object left');
+  });
+});
