@@ -78,7 +78,11 @@ export async function pipeWithDigest(
     throw err;
   });
   // A consumer that ignores its signal must not hang this call once the producer has failed.
-  const aborted = new Promise<never>((_, reject) => consumerSignal.addEventListener('abort', () => reject(consumerSignal.reason), { once: true }));
+  // (The caller's signal may have been aborted before this call: the listener would then never fire.)
+  const aborted = new Promise<never>((_, reject) => {
+    if (consumerSignal.aborted) reject(consumerSignal.reason);
+    else consumerSignal.addEventListener('abort', () => reject(consumerSignal.reason), { once: true });
+  });
   aborted.catch(() => undefined);
   const [produced, consumed] = await Promise.allSettled([producer, Promise.race([consumer, aborted])]);
   signal?.removeEventListener('abort', forward);
