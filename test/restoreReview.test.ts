@@ -11,7 +11,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { after, before, beforeEach, describe, test } from 'node:test';
 import type { EngineEvent } from '../src/engine/events.js';
 import { restoreTargetsFromConfig, runRestore, type RestoreSummary } from '../src/engine/restore.js';
-import { describeRun, TestCluster, withFaults, type CliResult, type RawConfig } from './helpers/cluster.js';
+import { compareFingerprints, describeRun, TestCluster, withFaults, type CliResult, type RawConfig } from './helpers/cluster.js';
 
 /** The second read of the dex dump (the first is the preflight's checksum check) fails: database 2 fails. */
 const DEX_DUMP_FAILS = [{ store: 'repository', op: 'get', keyContains: 'db/dex.dump', after: 1, kind: 'permanent' }];
@@ -184,5 +184,15 @@ describe('restore review (fs)', () => {
     assert.equal(run.code, 130, describeRun(run));
     assert.deepEqual(await cluster.targetDatabases(), [], 'no database left');
     assert.deepEqual(await cluster.restoredKeys(), [], 'no object left');
+  });
+
+  test('--force over existing databases (one with tables, one empty): replaced by the backup, nothing else left', { timeout: 300_000 }, async () => {
+    await cluster.target!.createDatabase('pachyderm');
+    await cluster.target!.query('pachyderm', 'CREATE TABLE precious (v text)');
+    await cluster.target!.createDatabase('dex');
+    const summary = await restore({ force: true });
+    assert.deepEqual(summary.databases.map((d) => d.name), ['pachyderm', 'dex']);
+    assert.deepEqual(await cluster.targetDatabases(), ['dex', 'pachyderm'], 'the two databases, no work database left');
+    assert.deepEqual(compareFingerprints(await cluster.sourceFingerprints(), await cluster.restoredFingerprints()), [], 'the restored cluster equals the source');
   });
 });

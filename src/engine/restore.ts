@@ -1,5 +1,6 @@
-import { mkdir, writeFile } from 'node:fs/promises';
-import { join } from 'node:path';
+import { randomBytes } from 'node:crypto';
+import { mkdir, rename, rm, stat, writeFile } from 'node:fs/promises';
+import { basename, dirname, join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import type { Config, ObjectStoreConfig, PostgresConfig } from '../config/schema.js';
 import { openStore } from '../objectstore/open.js';
@@ -8,7 +9,7 @@ import { ChecksumMismatchError, StoreError, type ObjectStore } from '../objectst
 import { locationsOverlap } from '../objectstore/url.js';
 import { REDACTED, rewriteHelmValues } from '../pachyderm/helmValues.js';
 import { childEnv, connect, describeServer, pgServer, type PgServer } from '../postgres/connection.js';
-import { createDatabase, databaseState, dropDatabase } from '../postgres/restore.js';
+import { createDatabase, databaseState, dropDatabase, renameDatabase } from '../postgres/restore.js';
 import { countTables } from '../postgres/snapshot.js';
 import { findPgTool, runToolToEnd, startTool, stopTool, toolVersion } from '../postgres/tools.js';
 import { algorithmOf, digestHex } from '../repository/checksum.js';
@@ -151,12 +152,19 @@ async function restoreWithScratch(options: RestoreOptions, lockBox: { lock?: Loc
       if (!name) throw new PreflightError(`the backup holds database ${db.name} (${db.role}) but restore.databases.${db.role} is null; name a target database`);
       return { db, target: name };
     });
+    const named = new Map<string, string>();
+    for (const { db, target: name } of mapping) {
+      const other = named.get(name);
+      if (other) throw new PreflightError(`restore.databases names "${name}" for both ${other} and ${db.role}; give each database its own target (restore.databases or --db-map pachyderm=NAME,dex=NAME)`);
+      named.set(name, db.role);
+    }
     const existing: string[] = [];
     for (const { target: name } of mapping) {
       const state = await databaseState(target, name);
-      if (state.exists && state.userTables > 0) {
+      if (state.exists && (state.userTables > 0 || state.largeObjects > 0)) {
+        const held = state.largeObjects > 0 ? `${state.userTables} tables, ${state.largeObjects} large objects` : `${state.userTables} tables`;
         if (!options.force) {
-          throw new RestoreError(`target database "${name}" on ${describeServer(target)} is not empty (${state.userTables} tables); restore into a new database (restore.databases or --db-map) or pass --force to drop and recreate it`);
+          throw new RestoreError(`target database "${name}" on ${describeServer(target)} is not empty (${held}); restore into a new database (restore.databases or --db-map) or pass --force to drop and recreate it`);
         }
         plan.push(`drop and recreate non-empty database "${name}" (--force)`);
       }
@@ -195,10 +203,17 @@ async function restoreWithScratch(options: RestoreOptions, lockBox: { lock?: Loc
     } else if (targets.helmValuesOut) {
       emit({ type: 'warning', message: `backup ${manifest.id} kept no Helm values, so ${targets.helmValuesOut} will not be written` });
     }
+    if (helmValues !== undefined && targets.helmValuesOut) {
+      const present = await stat(targets.helmValuesOut).catch(() => undefined);
+      if (present && !options.force) {
+        throw new RestoreError(`the Helm values file ${targets.helmValuesOut} already exists; name a new file (--helm-values-out or restore.helmValuesOut) or pass --force to replace it`);
+      }
+      if (present) plan.push(`replace the existing file ${targets.helmValuesOut} (--force)`);
+    }
     for (const { db, target: name } of mapping) plan.push(`restore database ${db.name} (${db.size} bytes dump, ${db.tables.length} tables) into "${name}" on ${describeServer(target)}`);
     plan.push(`copy ${manifest.objects.count} objects (${manifest.objects.bytes} bytes) into ${out.store.description}, checking each recorded checksum`);
     if (helmValues !== undefined && targets.helmValuesOut) plan.push(`write Helm values rewritten for the targets to ${targets.helmValuesOut}`);
-    return { repo, manifest, index, target, pgRestore, mapping, existing, out: out.store, helmValues, localDumps };
+    return { repo, manifest, index, target, pgRestore, mapping, existing, out: out.store, targetWasEmpty: targetObjects === 0, helmValues, localDumps };
   });
   const { repo, manifest, index, target, pgRestore, mapping, out } = pre;
   const objects = { count: manifest.objects.count, bytes: manifest.objects.bytes };
@@ -209,24 +224,31 @@ async function restoreWithScratch(options: RestoreOptions, lockBox: { lock?: Loc
 
   // Everything this restore creates, so a failure can take it back and leave no half-restored target.
   const createdDatabases: string[] = [];
-  // Keys written to the target go to a scratch file (not memory), for the rollback.
+  // Keys written to the target go to a scratch file (not memory), for the rollback. Keys that were
+  // in the target before (a --force restore into a non-empty store) are not recorded: the rollback
+  // must not delete what this restore did not create.
   const written = new RowWriter(scratch.file('restored-keys'));
+  // A database that exists already is replaced only once the restore has been proven good: the
+  // backup is restored into a new database beside it, checked, and only then swapped in.
+  const suffix = randomBytes(4).toString('hex');
+  const work = mapping.map(({ db, target: name }) => ({ db, target: pre.existing.includes(name) ? `pachbackup_restore_${suffix}_${db.role}` : name, final: name }));
+  let helmTemp: string | undefined;
   try {
-    await phases.run('restore-objects', () => restoreObjects(repo, out, index, objects, written, options.concurrency, emit, retries.policy(), signal));
+    await phases.run('restore-objects', () => restoreObjects(repo, out, index, objects, written, pre.targetWasEmpty, options.concurrency, emit, retries.policy(), signal));
     const databases = await phases.run('restore-databases', async () => {
       const done: RestoreSummary['databases'] = [];
-      for (const { db, target: name } of mapping) {
+      for (const { db, target: name, final } of work) {
         signal?.throwIfAborted();
-        if (pre.existing.includes(name)) await dropDatabase(target, name);
         await createDatabase(target, name);
         createdDatabases.push(name);
         const local = pre.localDumps.get(db);
         if (local) await pgRestoreFromFile(local, db, target, name, pgRestore, { noOwner: options.noOwner, jobs }, signal);
         else await pgRestoreFromRepository(repo, db, target, name, pgRestore, options.noOwner, retries.policy(BODY_READ_RETRY), signal);
-        done.push({ name, from: db.name, tables: db.tables.length, rows: db.tables.reduce((n, t) => n + t.rows, 0) });
+        done.push({ name: final, from: db.name, tables: db.tables.length, rows: db.tables.reduce((n, t) => n + t.rows, 0) });
       }
       return done;
     });
+    const checks = await phases.run('check', () => checkRestored(index, objects, target, work, out));
     let helmValuesOut: string | null = null;
     if (pre.helmValues !== undefined && targets.helmValuesOut) {
       helmValuesOut = targets.helmValuesOut;
@@ -236,16 +258,29 @@ async function restoreWithScratch(options: RestoreOptions, lockBox: { lock?: Loc
         if (manifest.helmValues?.redacted) {
           emit({ type: 'warning', message: `the kept Helm values had their secrets redacted (unencrypted repository): replace every ${REDACTED} in ${targets.helmValuesOut} before installing` });
         }
-        await writeFile(targets.helmValuesOut!, rewrite.yaml, { mode: 0o600 });
-        emit({ type: 'info', message: `wrote ${targets.helmValuesOut} (${rewrite.changes.map((c) => c.path).join(', ')})` });
+        // Written beside the target with mode 0600 (it may hold secrets), renamed into place last.
+        helmTemp = join(dirname(targets.helmValuesOut!), `.${basename(targets.helmValuesOut!)}.pachbackup-${suffix}`);
+        await writeFile(helmTemp, rewrite.yaml, { mode: 0o600, flag: 'wx' });
       });
     }
-    const checks = await phases.run('check', () => checkRestored(index, objects, target, mapping, out));
+    // Proven good: the databases that existed are replaced now.
+    for (const { target: name, final } of work) {
+      if (name === final) continue;
+      await dropDatabase(target, final);
+      await renameDatabase(target, name, final);
+      createdDatabases.splice(createdDatabases.indexOf(name), 1);
+    }
+    if (helmTemp && targets.helmValuesOut) {
+      await rename(helmTemp, targets.helmValuesOut);
+      helmTemp = undefined;
+      emit({ type: 'info', message: `wrote ${targets.helmValuesOut} (${pre.helmValues!.changes.map((c) => c.path).join(', ')})` });
+    }
     return { ...base, dryRun: false, databases, objects, helmValuesOut, checks, totalMs: Math.round(performance.now() - started), retries: retries.summary() };
   } catch (err) {
     emit({ type: 'warning', message: `restore failed; removing what it created (${createdDatabases.length} database(s), ${written.rows} object(s))` });
     for (const name of createdDatabases) await dropDatabase(target, name).catch(() => undefined);
     await removeWritten(out, written).catch(() => undefined);
+    if (helmTemp) await rm(helmTemp, { force: true }).catch(() => undefined);
     throw err;
   } finally {
     await written.close().catch(() => undefined);
@@ -298,6 +333,7 @@ async function restoreObjects(
   index: IndexSource,
   total: { count: number; bytes: number },
   written: RowWriter,
+  targetWasEmpty: boolean,
   concurrency: number,
   emit: EventSink,
   retry: RetryPolicy,
@@ -313,8 +349,10 @@ async function restoreObjects(
     async (entry) => {
       await withRetry(
         async () => {
+          // In a target that held objects before, one already there is not this restore's to remove.
+          const recorded = targetWasEmpty || (await out.stat(entry.key)) === undefined;
           const body = await failsAtOnce(repo.store.get(layout.object(entry.key), signal));
-          await written.write([entry.key]);
+          if (recorded) await written.write([entry.key]);
           // An MD5 checksum is checked by the target service itself when it can (Content-MD5): nothing to hash here.
           const algorithm = algorithmOf(entry.checksum);
           const serviceChecks = targetVouches && algorithm === 'md5' && entry.size <= (out.md5CheckedPutLimit ?? -1);

@@ -3,7 +3,8 @@ import { connect, describeServer, explainPgError, PgError, quoteIdent, type PgSe
 /** The maintenance database used to create and inspect databases. */
 const MAINTENANCE_DB = 'postgres';
 
-export type DatabaseState = { exists: false } | { exists: true; userTables: number };
+/** `userTables`: tables, views, sequences and foreign tables outside the system schemas. */
+export type DatabaseState = { exists: false } | { exists: true; userTables: number; largeObjects: number };
 
 export async function databaseState(server: PgServer, name: string): Promise<DatabaseState> {
   const admin = await connect(server, MAINTENANCE_DB);
@@ -15,11 +16,12 @@ export async function databaseState(server: PgServer, name: string): Promise<Dat
   }
   const db = await connect(server, name);
   try {
-    const { rows } = await db.query<{ n: string }>(
-      `SELECT count(*) AS n FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-       WHERE c.relkind IN ('r', 'p', 'v', 'm', 'S') AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg_toast%'`,
+    const { rows } = await db.query<{ n: string; lo: string }>(
+      `SELECT (SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+               WHERE c.relkind IN ('r', 'p', 'v', 'm', 'S', 'f') AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg_toast%') AS n,
+              (SELECT count(*) FROM pg_largeobject_metadata) AS lo`,
     );
-    return { exists: true, userTables: Number(rows[0]?.n ?? 0) };
+    return { exists: true, userTables: Number(rows[0]?.n ?? 0), largeObjects: Number(rows[0]?.lo ?? 0) };
   } finally {
     await db.end();
   }
@@ -58,6 +60,18 @@ export async function serverMajorVersion(server: PgServer): Promise<number> {
   try {
     const { rows } = await admin.query<{ num: string }>(`SELECT current_setting('server_version_num') AS num`);
     return Math.floor(Number(rows[0]?.num ?? 0) / 10000);
+  } finally {
+    await admin.end();
+  }
+}
+
+/** Renames a database (no session may be connected to it). */
+export async function renameDatabase(server: PgServer, from: string, to: string): Promise<void> {
+  const admin = await connect(server, MAINTENANCE_DB);
+  try {
+    await admin.query(`ALTER DATABASE ${quoteIdent(from)} RENAME TO ${quoteIdent(to)}`);
+  } catch (err) {
+    throw explainPgError(err, server, from);
   } finally {
     await admin.end();
   }
