@@ -63,6 +63,7 @@ const FILES = [
   { name: 'lock', category: 'locks: races, stale and lost locks' },
   { name: 'prune', category: 'prune: crashes and unreadable backups' },
   { name: 'pauseGuards', category: 'pause: the cluster never left paused' },
+  { name: 'restoreRollback', category: 'restore: rollback and refusals' },
   // Issue 2's tests of the same kind, when present.
   { name: 'failures', category: 'object store (issue 2 tests)' },
   { name: 'badInput', category: 'bad input (issue 2 tests)' },

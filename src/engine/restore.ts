@@ -263,12 +263,18 @@ async function restoreWithScratch(options: RestoreOptions, lockBox: { lock?: Loc
         await writeFile(helmTemp, rewrite.yaml, { mode: 0o600, flag: 'wx' });
       });
     }
-    // Proven good: the databases that existed are replaced now.
+    // Proven good: the databases that existed are replaced now. A drop that fails (a session still
+    // connected to the old database) leaves it as it was and rolls back the restored copy. Once the
+    // old one is dropped, the restored copy is the only data left: it is kept whatever happens next.
     for (const { target: name, final } of work) {
       if (name === final) continue;
       await dropDatabase(target, final);
-      await renameDatabase(target, name, final);
       createdDatabases.splice(createdDatabases.indexOf(name), 1);
+      await renameDatabase(target, name, final).catch((err: unknown) => {
+        throw new RestoreError(
+          `"${final}" on ${describeServer(target)} was dropped to be replaced, but renaming the restored copy "${name}" to it failed (${(err as Error).message}); the restored data is in "${name}": rename it with ALTER DATABASE "${name}" RENAME TO "${final}"`,
+        );
+      });
     }
     if (helmTemp && targets.helmValuesOut) {
       await rename(helmTemp, targets.helmValuesOut);
@@ -347,10 +353,12 @@ async function restoreObjects(
     index.entries(),
     concurrency,
     async (entry) => {
+      // In a target that held objects before, one already there is not this restore's to remove.
+      // Asked once: on a retry, the object may be there from this restore's own earlier attempt.
+      let recorded: boolean | undefined;
       await withRetry(
         async () => {
-          // In a target that held objects before, one already there is not this restore's to remove.
-          const recorded = targetWasEmpty || (await out.stat(entry.key)) === undefined;
+          recorded ??= targetWasEmpty || (await out.stat(entry.key)) === undefined;
           const body = await failsAtOnce(repo.store.get(layout.object(entry.key), signal));
           if (recorded) await written.write([entry.key]);
           // An MD5 checksum is checked by the target service itself when it can (Content-MD5): nothing to hash here.
