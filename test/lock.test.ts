@@ -273,6 +273,28 @@ describe('a lock removed with unlock --force while its holder heartbeats', () =>
   });
 });
 
+describe('a newcomer that died between writing its lock and withdrawing it', () => {
+  test('the holder keeps its lock: a conflicting lock that never heartbeats is not a run holding the repository', async () => {
+    await withTempDir(async (dir) => {
+      const store = new FsObjectStore(dir);
+      const events: LockEvent[] = [];
+      const holder = await acquireLock(store, 'backup', { command: 'pachbackup backup' }, { leaseSeconds: 1.5, onEvent: (e) => events.push(e) });
+      try {
+        // A second backup on another machine (a CronJob pod evicted, a laptop losing its network)
+        // wrote its lock, saw ours and was gone before removing its own: that lock stays live for
+        // its lease (300 s by default), never refreshed, and its run holds nothing.
+        await sleep(100);
+        await plantLock(store, 'backup-0123456789abcdef', { kind: 'backup', command: 'pachbackup backup' });
+        // Three heartbeats of the holder (every 0.5 s).
+        await sleep(1800);
+        assert.doesNotThrow(() => holder.assertHeld(), `the holder gave up a lock it holds alone: ${events.map((e) => e.message).join('; ')}`);
+      } finally {
+        await holder.release();
+      }
+    });
+  });
+});
+
 describe('s3rver (ignores If-None-Match)', () => {
   let server: S3TestServer;
   let n = 0;
