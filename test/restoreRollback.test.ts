@@ -8,6 +8,7 @@ import { chmod, mkdir, readdir, readFile, rm, stat, writeFile } from 'node:fs/pr
 import { pathToFileURL } from 'node:url';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
+import pg from 'pg';
 import { after, before, beforeEach, describe, test } from 'node:test';
 import type { EngineEvent } from '../src/engine/events.js';
 import { restoreTargetsFromConfig, runRestore, type RestoreSummary } from '../src/engine/restore.js';
@@ -181,5 +182,44 @@ describe('restore: rollback and refusals (fs)', () => {
     assert.deepEqual(summary.databases.map((d) => d.name), ['pachyderm', 'dex']);
     assert.deepEqual(await cluster.targetDatabases(), ['dex', 'pachyderm'], 'the two databases, no work database left');
     assert.deepEqual(compareFingerprints(await cluster.sourceFingerprints(), await cluster.restoredFingerprints()), [], 'the restored cluster equals the source');
+  });
+
+  test('--force: when renaming the restored copy fails after the old database was dropped, the objects that copy needs are kept', { timeout: 300_000 }, async () => {
+    // The restored pachyderm database is kept (the old one is gone: it is the only copy), so the
+    // objects it refers to must stay in the target store: the rollback must not delete them.
+    await cluster.target!.createDatabase('pachyderm');
+    await cluster.target!.query('pachyderm', 'CREATE TABLE precious (v text)');
+    // A session on the restored copy (a monitoring agent, a DBA's psql) makes ALTER DATABASE RENAME fail.
+    const t = cluster.target!;
+    let holder: pg.Client | undefined;
+    let stop = false;
+    const watcher = (async () => {
+      while (!stop && !holder) {
+        const { rows } = await t.query<{ datname: string }>('postgres', `SELECT datname FROM pg_database WHERE datname LIKE 'pachbackup_restore_%_pachyderm'`);
+        if (rows[0]) {
+          const c = new pg.Client({ host: t.host, port: t.port, user: t.user, password: t.password, database: rows[0].datname });
+          await c.connect().then(() => (holder = c), () => undefined);
+        }
+        await sleep(20);
+      }
+    })();
+    let outcome = 'restore succeeded';
+    try {
+      await restore({ force: true });
+    } catch (err) {
+      outcome = (err as Error).message;
+    } finally {
+      stop = true;
+      await watcher;
+      await holder?.end().catch(() => undefined);
+    }
+    assert.ok(holder, 'the test held a session on the restored copy');
+    assert.match(outcome, /renaming the restored copy/);
+    const kept = (await cluster.targetDatabases()).filter((n) => n.startsWith('pachbackup_restore_'));
+    assert.equal(kept.length, 1, `the restored copy is kept, as the error says (${outcome})`);
+    const objects = (await cluster.restoredKeys()).length;
+    const source: string[] = [];
+    for await (const info of cluster.clusterStore().list()) source.push(info.key);
+    assert.equal(objects, source.length, `the kept database's objects are still in the target store (${objects} of ${source.length})`);
   });
 });
