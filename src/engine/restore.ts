@@ -233,6 +233,8 @@ async function restoreWithScratch(options: RestoreOptions, lockBox: { lock?: Loc
   const suffix = randomBytes(4).toString('hex');
   const work = mapping.map(({ db, target: name }) => ({ db, target: pre.existing.includes(name) ? `pachbackup_restore_${suffix}_${db.role}` : name, final: name }));
   let helmTemp: string | undefined;
+  /** Set once an existing database was dropped for its restored copy: a rollback then keeps the objects. */
+  let replaced = false;
   try {
     await phases.run('restore-objects', () => restoreObjects(repo, out, index, objects, written, pre.targetWasEmpty, options.concurrency, emit, retries.policy(), signal));
     const databases = await phases.run('restore-databases', async () => {
@@ -269,6 +271,8 @@ async function restoreWithScratch(options: RestoreOptions, lockBox: { lock?: Loc
     for (const { target: name, final } of work) {
       if (name === final) continue;
       await dropDatabase(target, final);
+      // From here a restored database is the only data left; it refers to the restored objects.
+      replaced = true;
       createdDatabases.splice(createdDatabases.indexOf(name), 1);
       await renameDatabase(target, name, final).catch((err: unknown) => {
         throw new RestoreError(
@@ -283,9 +287,15 @@ async function restoreWithScratch(options: RestoreOptions, lockBox: { lock?: Loc
     }
     return { ...base, dryRun: false, databases, objects, helmValuesOut, checks, totalMs: Math.round(performance.now() - started), retries: retries.summary() };
   } catch (err) {
-    emit({ type: 'warning', message: `restore failed; removing what it created (${createdDatabases.length} database(s), ${written.rows} object(s))` });
-    for (const name of createdDatabases) await dropDatabase(target, name).catch(() => undefined);
-    await removeWritten(out, written).catch(() => undefined);
+    if (replaced) {
+      // A database that existed was dropped and its restored copy kept: the objects it refers to stay.
+      emit({ type: 'warning', message: `restore failed after replacing an existing database; keeping the ${written.rows} restored object(s) the restored database refers to, removing ${createdDatabases.length} unused database(s)` });
+      for (const name of createdDatabases) await dropDatabase(target, name).catch(() => undefined);
+    } else {
+      emit({ type: 'warning', message: `restore failed; removing what it created (${createdDatabases.length} database(s), ${written.rows} object(s))` });
+      for (const name of createdDatabases) await dropDatabase(target, name).catch(() => undefined);
+      await removeWritten(out, written).catch(() => undefined);
+    }
     if (helmTemp) await rm(helmTemp, { force: true }).catch(() => undefined);
     throw err;
   } finally {
