@@ -259,10 +259,11 @@ describe('a lock removed with unlock --force while its holder heartbeats', () =>
       // The heartbeat has seen its file (stat); then an operator forces it away and a backup starts.
       between = async () => {
         await removeLocks(fs, [first.id]);
-        second = await acquireLock(fs, 'backup', { command: 'pachbackup backup' });
+        // Its holder heartbeats (every 0.5 s): a lock never refreshed is a newcomer that died, not a holder.
+        second = await acquireLock(fs, 'backup', { command: 'pachbackup backup' }, { leaseSeconds: 1.5 });
       };
       try {
-        await sleep(2000);
+        await sleep(2500);
         assert.ok(second, 'the backup took the repository after the forced unlock');
         assert.throws(() => first.assertHeld(), LockLostError, 'the prune still believes it holds its exclusive lock while a backup holds the repository');
       } finally {

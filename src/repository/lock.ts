@@ -336,7 +336,10 @@ class HeldLock implements LockHandle {
       // holds a conflicting lock. A newcomer that finds ours withdraws within moments, so a live
       // conflicting lock seen at two heartbeats in a row holds the repository alongside us.
       const conflicting = (await listLocks(this.store)).filter((l) => l.id !== this.id && l.state === 'live' && lockKindsConflict(this.kind, l.kind));
-      const alongside = conflicting.find((l) => this.#conflicting.has(l.id));
+      // Only a lock that has heartbeated belongs to a run that holds it: a newcomer that died
+      // between writing its lock and withdrawing it (killed, its network gone) leaves a lock that
+      // stays live for its lease but is never refreshed, and must not make us give ours up.
+      const alongside = conflicting.find((l) => this.#conflicting.has(l.id) && l.info !== undefined && l.info.heartbeatAt !== l.info.createdAt);
       if (alongside) {
         this.lose(`the ${describeLock(alongside)} has existed since the previous heartbeat: this lock's file was removed (pachbackup unlock --force, or a takeover) and written again by a heartbeat in flight`);
         return;
