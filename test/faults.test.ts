@@ -466,9 +466,10 @@ describe('connection resets and truncated responses from a TCP proxy in front of
   });
 
   test('responses truncated mid-object (a clean close; 10% chance per 100 KiB) during a backup: completes and verifies', { timeout: 600_000 }, async (t) => {
-    // 60 new objects, ~150 draws: no truncation at all (0.9^150) is out of reach, and an object
-    // truncated at every one of its 8 attempts (0.19^8 each) too. With 10 objects at 20 % the first
-    // was 1 %.
+    // 60 new objects, ~150 draws: no truncation at all (0.9^150 ≈ 10⁻⁷) is out of reach. An object
+    // crosses 2–3 draws per attempt (bytes count per keep-alive connection), so one truncated at
+    // all 8 of its attempts is 0.19^8–0.27^8 each, 10⁻⁴–10⁻³ for the run. With 10 objects at 20 %,
+    // no truncation at all was 1 %.
     await addChunksTo(cluster, 60, 256 * 1024);
     proxy.setMode({ kind: 'truncate', rate: 0.1, afterBytes: 100 * 1024 });
     const before = proxy.stats.truncations;
