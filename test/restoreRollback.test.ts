@@ -134,6 +134,23 @@ describe('restore: rollback and refusals (fs)', () => {
     await assert.rejects(stat(valuesOut()), { code: 'ENOENT' }, 'no Helm values for a restore that did not happen');
   });
 
+  test('--helm-values-out in a directory that does not exist is refused before anything is written', { timeout: 300_000 }, async () => {
+    const events: EngineEvent[] = [];
+    const missing = join(cluster.work, 'no-such-dir', 'values.yaml');
+    await assert.rejects(
+      restore({
+        events,
+        mutate: (raw) => {
+          withHelm(raw);
+          raw.restore.helmValuesOut = missing;
+        },
+      }),
+      /cannot write the Helm values to .*no-such-dir.* is not a writable directory; create it/,
+    );
+    const phases = events.filter((e) => e.type === 'phase-start').map((e) => (e as { phase: string }).phase);
+    assert.deepEqual(phases, ['preflight'], 'refused in preflight: no object copied, no database restored');
+  });
+
   test('the same target name for both databases is refused before anything is written', { timeout: 300_000 }, async () => {
     const events: EngineEvent[] = [];
     await assert.rejects(

@@ -1,5 +1,6 @@
 import { randomBytes } from 'node:crypto';
-import { mkdir, rename, rm, stat, writeFile } from 'node:fs/promises';
+import { constants as fsConstants } from 'node:fs';
+import { access, mkdir, rename, rm, stat, writeFile } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import type { Config, ObjectStoreConfig, PostgresConfig } from '../config/schema.js';
@@ -209,6 +210,14 @@ async function restoreWithScratch(options: RestoreOptions, lockBox: { lock?: Loc
         throw new RestoreError(`the Helm values file ${targets.helmValuesOut} already exists; name a new file (--helm-values-out or restore.helmValuesOut) or pass --force to replace it`);
       }
       if (present) plan.push(`replace the existing file ${targets.helmValuesOut} (--force)`);
+      // Written last, into its directory: a directory that is missing or read-only would otherwise
+      // be found only after the whole restore, which would then be rolled back.
+      const dir = dirname(targets.helmValuesOut);
+      const writable = await access(dir, fsConstants.W_OK).then(
+        async () => (await stat(dir)).isDirectory(),
+        () => false,
+      );
+      if (!writable) throw new RestoreError(`cannot write the Helm values to ${targets.helmValuesOut}: ${dir} is not a writable directory; create it or name another file (--helm-values-out or restore.helmValuesOut)`);
     }
     for (const { db, target: name } of mapping) plan.push(`restore database ${db.name} (${db.size} bytes dump, ${db.tables.length} tables) into "${name}" on ${describeServer(target)}`);
     plan.push(`copy ${manifest.objects.count} objects (${manifest.objects.bytes} bytes) into ${out.store.description}, checking each recorded checksum`);
