@@ -293,6 +293,76 @@ describe('kubernetes pause strategy (fake API server)', () => {
     await writeFile(badToken, toYaml({ ...parseYaml(await readFile(c.kubeconfig, 'utf8')), users: [{ name: 'fake-user', user: { token: 'wrong' } }] }));
     await assert.rejects(c.strategy({ kubeconfig: badToken }).describeTarget(), /HTTP 401/);
   });
+
+  test('a half-done pause (pachd and pachw at 0, the first worker RC scale keeps failing): resume restores exactly the original counts', async () => {
+    c = await startCluster();
+    const strategy = c.strategy();
+    const record = await strategy.plan();
+    c.fake.failRequests((method, path) => method === 'PATCH' && path.includes('/replicationcontrollers/') && path.endsWith('/scale'), 500, 50);
+    await assert.rejects(strategy.pause(record, collectEvents()), /scaling replication controller .* to 0 .*HTTP 500/);
+    assert.deepEqual(c.counts(), [0, 0, 1, 2, 3], 'deployments paused, workers not');
+    // As the engine does: resume from the record it holds (the plan's, since pause threw).
+    await strategy.resume(record, collectEvents());
+    assert.deepEqual(c.counts(), [1, 2, 1, 2, 3]);
+    for (const w of c.workers) assert.equal(c.fake.annotations('ReplicationController', NS, w)?.[PAUSED_REPLICAS_ANNOTATION], undefined);
+  });
+
+  test('a replica count the operator changed during the pause is kept by the resume', async () => {
+    c = await startCluster();
+    const strategy = c.strategy();
+    const paused = await strategy.pause(await strategy.plan(), collectEvents());
+    // The operator brings pachw back by hand with more replicas, and scales one pipeline up.
+    c.fake.scaleOutOfBand('Deployment', NS, 'pachw', 5);
+    c.fake.scaleOutOfBand('ReplicationController', NS, c.workers[2]!, 4);
+    const events = collectEvents();
+    await strategy.resume(paused, events);
+    assert.deepEqual(c.counts(), [1, 5, 1, 2, 4], 'the operator\'s counts are not overwritten with the recorded ones');
+  });
+
+  test('"pachbackup resume" from a ledger left after a completed resume changes nothing pachd has since scaled', async () => {
+    c = await startCluster();
+    const strategy = c.strategy();
+    const paused = await strategy.pause(await strategy.plan(), collectEvents());
+    await strategy.resume(paused, collectEvents());
+    assert.deepEqual(c.counts(), [1, 2, 1, 2, 3]);
+    // The process died before the ledger was cleared (or clearing it failed: "RESUME FAILED ... run
+    // pachbackup resume"). pachd runs again and puts one pipeline in standby, scales another up.
+    c.fake.scaleOutOfBand('ReplicationController', NS, c.workers[0]!, 0);
+    c.fake.scaleOutOfBand('ReplicationController', NS, c.workers[2]!, 5);
+    // Hours later the operator runs "pachbackup resume" with the record from the ledger.
+    await strategy.resume(paused, collectEvents());
+    assert.deepEqual(c.counts(), [1, 2, 0, 2, 5], 'a resume of a cluster that is no longer paused must not rescale it to hours-old counts');
+  });
+
+  test('a count changed between the plan and the pause, then a failed pause: resume restores the count the pause found (as its warning promises), not the plan\'s', async () => {
+    c = await startCluster({ podTerminationDelayMs: 10_000 });
+    const strategy = c.strategy({ timeoutSeconds: 0.4 });
+    const record = await strategy.plan();
+    // While the engine writes the ledger (an S3 round trip), the operator scales pachw up.
+    c.fake.scaleOutOfBand('Deployment', NS, 'pachw', 3);
+    const events = collectEvents();
+    await assert.rejects(strategy.pause(record, events), /still running after 0\.4s/);
+    assert.ok(events.warnings.some((w) => /pachw changed from 2 to 3 replicas since the plan; 3 will be restored/.test(w)));
+    // The engine resumes from the record it holds: the plan's (pause threw before returning its own).
+    await strategy.resume(record, collectEvents());
+    assert.equal(c.fake.replicas('Deployment', NS, 'pachw'), 3, 'the count pachw had right before it was scaled to 0');
+  });
+
+  test('a malformed kubeconfig is explained without printing its contents (the bearer token)', async () => {
+    c = await startCluster();
+    const lines = (await readFile(c.kubeconfig, 'utf8')).split('\n');
+    const at = lines.findIndex((l) => l.includes(c!.fake.token));
+    assert.ok(at >= 0, 'the kubeconfig holds the token');
+    // A stray, over-indented line right after the token: a typical hand-edit mistake.
+    lines.splice(at + 1, 0, `${' '.repeat(lines[at]!.search(/\S/) + 1)}client-key-data: oops`);
+    const broken = join(c.dir, 'broken-kubeconfig');
+    await writeFile(broken, lines.join('\n'));
+    await assert.rejects(c.strategy({ kubeconfig: broken }).describeTarget(), (err: Error) => {
+      assert.match(err.message, /cannot load .*broken-kubeconfig/);
+      assert.ok(!err.message.includes(c!.fake.token), `the error prints the token: ${err.message}`);
+      return true;
+    });
+  });
 });
 
 describe('kill -9 during the pause, then "pachbackup resume"', () => {
@@ -489,83 +559,5 @@ describe('backup engine with the kubernetes strategy (fake API server, local Pos
     assert.deepEqual(podsAtPhase.get('snapshot'), [], 'no pod left when the dumps began');
     assert.deepEqual(podsAtPhase.get('copy'), [], 'no pod left when the copy began');
     assert.deepEqual(c.counts(), [1, 2, 1, 2, 3]);
-  });
-});
-
-describe('resume against what changed since the pause (review2)', () => {
-  let c: Cluster | undefined;
-  afterEach(async () => {
-    await stopCluster(c);
-    c = undefined;
-  });
-
-  test('a half-done pause (pachd and pachw at 0, the first worker RC scale keeps failing): resume restores exactly the original counts', async () => {
-    c = await startCluster();
-    const strategy = c.strategy();
-    const record = await strategy.plan();
-    c.fake.failRequests((method, path) => method === 'PATCH' && path.includes('/replicationcontrollers/') && path.endsWith('/scale'), 500, 50);
-    await assert.rejects(strategy.pause(record, collectEvents()), /scaling replication controller .* to 0 .*HTTP 500/);
-    assert.deepEqual(c.counts(), [0, 0, 1, 2, 3], 'deployments paused, workers not');
-    // As the engine does: resume from the record it holds (the plan's, since pause threw).
-    await strategy.resume(record, collectEvents());
-    assert.deepEqual(c.counts(), [1, 2, 1, 2, 3]);
-    for (const w of c.workers) assert.equal(c.fake.annotations('ReplicationController', NS, w)?.[PAUSED_REPLICAS_ANNOTATION], undefined);
-  });
-
-  test('a replica count the operator changed during the pause is kept by the resume', async () => {
-    c = await startCluster();
-    const strategy = c.strategy();
-    const paused = await strategy.pause(await strategy.plan(), collectEvents());
-    // The operator brings pachw back by hand with more replicas, and scales one pipeline up.
-    c.fake.scaleOutOfBand('Deployment', NS, 'pachw', 5);
-    c.fake.scaleOutOfBand('ReplicationController', NS, c.workers[2]!, 4);
-    const events = collectEvents();
-    await strategy.resume(paused, events);
-    assert.deepEqual(c.counts(), [1, 5, 1, 2, 4], 'the operator\'s counts are not overwritten with the recorded ones');
-  });
-
-  test('"pachbackup resume" from a ledger left after a completed resume changes nothing pachd has since scaled', async () => {
-    c = await startCluster();
-    const strategy = c.strategy();
-    const paused = await strategy.pause(await strategy.plan(), collectEvents());
-    await strategy.resume(paused, collectEvents());
-    assert.deepEqual(c.counts(), [1, 2, 1, 2, 3]);
-    // The process died before the ledger was cleared (or clearing it failed: "RESUME FAILED ... run
-    // pachbackup resume"). pachd runs again and puts one pipeline in standby, scales another up.
-    c.fake.scaleOutOfBand('ReplicationController', NS, c.workers[0]!, 0);
-    c.fake.scaleOutOfBand('ReplicationController', NS, c.workers[2]!, 5);
-    // Hours later the operator runs "pachbackup resume" with the record from the ledger.
-    await strategy.resume(paused, collectEvents());
-    assert.deepEqual(c.counts(), [1, 2, 0, 2, 5], 'a resume of a cluster that is no longer paused must not rescale it to hours-old counts');
-  });
-
-  test('a count changed between the plan and the pause, then a failed pause: resume restores the count the pause found (as its warning promises), not the plan\'s', async () => {
-    c = await startCluster({ podTerminationDelayMs: 10_000 });
-    const strategy = c.strategy({ timeoutSeconds: 0.4 });
-    const record = await strategy.plan();
-    // While the engine writes the ledger (an S3 round trip), the operator scales pachw up.
-    c.fake.scaleOutOfBand('Deployment', NS, 'pachw', 3);
-    const events = collectEvents();
-    await assert.rejects(strategy.pause(record, events), /still running after 0\.4s/);
-    assert.ok(events.warnings.some((w) => /pachw changed from 2 to 3 replicas since the plan; 3 will be restored/.test(w)));
-    // The engine resumes from the record it holds: the plan's (pause threw before returning its own).
-    await strategy.resume(record, collectEvents());
-    assert.equal(c.fake.replicas('Deployment', NS, 'pachw'), 3, 'the count pachw had right before it was scaled to 0');
-  });
-
-  test('a malformed kubeconfig is explained without printing its contents (the bearer token)', async () => {
-    c = await startCluster();
-    const lines = (await readFile(c.kubeconfig, 'utf8')).split('\n');
-    const at = lines.findIndex((l) => l.includes(c!.fake.token));
-    assert.ok(at >= 0, 'the kubeconfig holds the token');
-    // A stray, over-indented line right after the token: a typical hand-edit mistake.
-    lines.splice(at + 1, 0, `${' '.repeat(lines[at]!.search(/\S/) + 1)}client-key-data: oops`);
-    const broken = join(c.dir, 'broken-kubeconfig');
-    await writeFile(broken, lines.join('\n'));
-    await assert.rejects(c.strategy({ kubeconfig: broken }).describeTarget(), (err: Error) => {
-      assert.match(err.message, /cannot load .*broken-kubeconfig/);
-      assert.ok(!err.message.includes(c!.fake.token), `the error prints the token: ${err.message}`);
-      return true;
-    });
   });
 });

@@ -4,14 +4,13 @@
 process.env.AWS_SDK_JS_NODE_VERSION_SUPPORT_WARNING_DISABLED ??= 'true';
 import { Command, Option } from 'commander';
 import type { ConfigOverride } from '../config/load.js';
-import type { Config } from '../config/schema.js';
 import { runBackup, runPlan } from '../engine/backup.js';
 import { newRetryTally, openRepository } from '../engine/context.js';
 import { restoreTargetsFromConfig, runRestore } from '../engine/restore.js';
 import { verifyBackup } from '../engine/verify.js';
 import { PauseLedger } from '../quiesce/ledger.js';
-import { acquireLock, describeLock, listLocks, LockConflictError } from '../repository/lock.js';
-import { createStrategy, resumeFromLedger } from '../quiesce/factory.js';
+import { acquireLock, describeLock, listLocks, lockExpiry, LockConflictError } from '../repository/lock.js';
+import { createStrategy, resumeLedgerEntry } from '../quiesce/factory.js';
 import { TOOL_VERSION } from '../version.js';
 import { tuneHeapForStreaming } from '../process/heapTuning.js';
 import { registerMaintenanceCommands } from './maintenance.js';
@@ -172,23 +171,24 @@ export function buildProgram(): Command {
         const config = load(globals(), []);
         const repo = openRepository(config);
         await repo.open(false);
-        if (!opts.force && (await new PauseLedger(repo.store, repo.id).read())) {
-          // The ledger of a backup that is still running: it resumes the cluster itself, and a
-          // resume now would end its pause in the middle of the copy.
-          const running = (await listLocks(repo.store)).find((l) => l.kind === 'backup' && l.state === 'live');
-          if (running) {
-            const ends = running.info ? new Date(Date.parse(running.info.heartbeatAt) + running.info.leaseSeconds * 1000).toISOString() : 'the end of its lease';
-            throw new LockConflictError(
-              `a backup may still be running: ${describeLock(running)}. It resumes the cluster itself when it ends; resuming now would end its pause in the middle of the backup. If that run is gone (killed on another machine), its lock goes stale at ${ends}, or run "pachbackup resume --force"`,
-              running,
-            );
-          }
-        }
-        const entry = await resumeFromLedger(config.pause, new PauseLedger(repo.store, repo.id), { info: (m) => renderer.line(`  ${m}`), warn: (m) => renderer.line(`! warning: ${m}`) });
+        const ledger = new PauseLedger(repo.store, repo.id);
+        const entry = await ledger.read();
         if (!entry) {
           renderer.result('resume', { resumed: false }, () => 'no pause ledger: pachbackup has not left the cluster paused');
           return;
         }
+        if (!opts.force) {
+          // The ledger of a backup that is still running: it resumes the cluster itself, and a
+          // resume now would end its pause in the middle of the copy.
+          const running = (await listLocks(repo.store)).find((l) => l.kind === 'backup' && l.state === 'live');
+          if (running) {
+            throw new LockConflictError(
+              `a backup may still be running: ${describeLock(running)}. It resumes the cluster itself when it ends; resuming now would end its pause in the middle of the backup. If that run is gone (killed on another machine), its lock goes stale ${lockExpiry(running)}, or run "pachbackup resume --force"`,
+              running,
+            );
+          }
+        }
+        await resumeLedgerEntry(config.pause, ledger, entry, { info: (m) => renderer.line(`  ${m}`), warn: (m) => renderer.line(`! warning: ${m}`) });
         renderer.result('resume', { resumed: true, record: entry.record, backupId: entry.backupId }, () => `resumed ${entry.record.target}, paused since ${entry.record.startedAt} by backup ${entry.backupId} (pid ${entry.pid} on ${entry.host})`);
       });
     });

@@ -9,7 +9,7 @@ import { DatabaseSnapshot } from '../postgres/snapshot.js';
 import { findPgTool, runToolToEnd, startTool, stopTool, toolVersion } from '../postgres/tools.js';
 import { PauseLedger } from '../quiesce/ledger.js';
 import { QuiescenceCheck } from '../quiesce/quiescence.js';
-import { resumeFromLedger, resumeWithRetries } from '../quiesce/factory.js';
+import { resumeLedgerEntry, resumeWithRetries } from '../quiesce/factory.js';
 import { assertExpectedContext } from '../quiesce/strategy.js';
 import { acquireLock, type LockHandle } from '../repository/lock.js';
 import type { PauseRecord, QuiesceStrategy } from '../quiesce/strategy.js';
@@ -109,12 +109,13 @@ async function backupUnderLock(options: BackupOptions, lockBox: { lock?: LockHan
     // about to be). It is the only record of that pause: it is resumed first, as "pachbackup
     // resume" would (scaling back only what is still paused), never overwritten; if that fails,
     // this backup stops before touching the cluster and the ledger stays.
-    const left = await new PauseLedger(repo.store, repo.id).read();
+    const leftLedger = new PauseLedger(repo.store, repo.id);
+    const left = await leftLedger.read();
     if (left) {
       const what = `backup ${left.backupId} (pid ${left.pid} on ${left.host}) left ${left.record.target} paused (${left.phase}) since ${left.record.startedAt}`;
       events.warn(`${what}: resuming it from the pause ledger before this backup`);
       try {
-        await resumeFromLedger(config.pause, new PauseLedger(repo.store, repo.id), events);
+        await resumeLedgerEntry(config.pause, leftLedger, left, events);
       } catch (err) {
         throw new BackupError(`RESUME FAILED, the cluster may still be paused: ${what}, and resuming it failed: ${(err as Error).message}. Nothing was paused by this run; fix the cause and run "pachbackup resume", then back up again`);
       }

@@ -296,15 +296,15 @@ async function restoreWithScratch(options: RestoreOptions, lockBox: { lock?: Loc
     }
     return { ...base, dryRun: false, databases, objects, helmValuesOut, checks, totalMs: Math.round(performance.now() - started), retries: retries.summary() };
   } catch (err) {
-    if (replaced) {
-      // A database that existed was dropped and its restored copy kept: the objects it refers to stay.
-      emit({ type: 'warning', message: `restore failed after replacing an existing database; keeping the ${written.rows} restored object(s) the restored database refers to, removing ${createdDatabases.length} unused database(s)` });
-      for (const name of createdDatabases) await dropDatabase(target, name).catch(() => undefined);
-    } else {
-      emit({ type: 'warning', message: `restore failed; removing what it created (${createdDatabases.length} database(s), ${written.rows} object(s))` });
-      for (const name of createdDatabases) await dropDatabase(target, name).catch(() => undefined);
-      await removeWritten(out, written).catch(() => undefined);
-    }
+    // Once a database that existed was dropped and its restored copy kept, the objects it refers to stay.
+    emit({
+      type: 'warning',
+      message: replaced
+        ? `restore failed after replacing an existing database; keeping the ${written.rows} restored object(s) the restored database refers to, removing ${createdDatabases.length} unused database(s)`
+        : `restore failed; removing what it created (${createdDatabases.length} database(s), ${written.rows} object(s))`,
+    });
+    for (const name of createdDatabases) await dropDatabase(target, name).catch(() => undefined);
+    if (!replaced) await removeWritten(out, written).catch(() => undefined);
     if (helmTemp) await rm(helmTemp, { force: true }).catch(() => undefined);
     throw err;
   } finally {

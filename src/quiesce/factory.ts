@@ -52,16 +52,12 @@ export async function resumeWithRetries(strategy: QuiesceStrategy, record: Pause
 }
 
 /**
- * Undoes the pause a ledger records, with the strategy the ledger names (its own record says what
- * to scale back or which context to unpause; the config gives the rest), then removes the ledger.
- * Undefined when there is no ledger. `pachbackup resume`, and a backup that finds a ledger left by
- * a run that died.
+ * Undoes the pause a ledger entry records, with the strategy the entry names (its own record says
+ * what to scale back or which context to unpause; the config gives the rest), then removes the
+ * ledger. `pachbackup resume`, and a backup that finds a ledger left by a run that died.
  */
-export async function resumeFromLedger(pause: PauseConfig, ledger: PauseLedger, events: QuiesceEvents): Promise<LedgerEntry | undefined> {
-  const entry = await ledger.read();
-  if (!entry) return undefined;
+export async function resumeLedgerEntry(pause: PauseConfig, ledger: PauseLedger, entry: LedgerEntry, events: QuiesceEvents): Promise<void> {
   const strategy = await createStrategy({ ...pause, strategy: entry.record.strategy as PauseConfig['strategy'] });
   await resumeWithRetries(strategy, entry.record, events);
   await ledger.clear();
-  return entry;
 }

@@ -227,12 +227,17 @@ function precedes(createdA: string, idA: string, createdB: string, idB: string):
   return idA < idB;
 }
 
+/** When a lock goes stale if its holder stops heartbeating, for messages: `at <ISO time>`, or `after its lease`. */
+export function lockExpiry(lock: LockEntry): string {
+  return lock.info ? `at ${new Date(Date.parse(lock.info.heartbeatAt) + lock.info.leaseSeconds * 1000).toISOString()}` : 'after its lease';
+}
+
 function conflictError(store: ObjectStore, kind: LockKind, holder: LockEntry): LockConflictError {
   const what = kind === 'exclusive' ? 'an exclusive lock (prune)' : kind === 'backup' ? 'the backup lock' : 'a read lock';
   const advice =
     holder.state === 'damaged'
       ? `if no pachbackup run is using the repository, remove it with "pachbackup unlock ${holder.id}"`
-      : `wait for it to finish; if that run is gone, its lock expires ${holder.info ? `at ${new Date(Date.parse(holder.info.heartbeatAt) + holder.info.leaseSeconds * 1000).toISOString()}` : 'after its lease'} or can be removed with "pachbackup unlock ${holder.id} --force"`;
+      : `wait for it to finish; if that run is gone, its lock expires ${lockExpiry(holder)} or can be removed with "pachbackup unlock ${holder.id} --force"`;
   return new LockConflictError(`${store.description} is locked: cannot take ${what} while the ${describeLock(holder)} exists; ${advice}`, holder);
 }
 
