@@ -197,6 +197,9 @@ describe('restore: rollback and refusals (fs)', () => {
     await cluster.target!.createDatabase('dex');
     const summary = await restore({ force: true });
     assert.deepEqual(summary.databases.map((d) => d.name), ['pachyderm', 'dex']);
+    // The checks name the databases the operator asked for, not the copies they were restored into.
+    const dbChecks = summary.checks.filter((c) => c.startsWith('database '));
+    assert.deepEqual(dbChecks.map((c) => /^database "([^"]+)"/.exec(c)?.[1]), ['pachyderm', 'dex'], dbChecks.join('; '));
     assert.deepEqual(await cluster.targetDatabases(), ['dex', 'pachyderm'], 'the two databases, no work database left');
     assert.deepEqual(compareFingerprints(await cluster.sourceFingerprints(), await cluster.restoredFingerprints()), [], 'the restored cluster equals the source');
   });

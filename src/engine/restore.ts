@@ -517,11 +517,13 @@ async function checkRestored(
   index: IndexSource,
   total: { count: number; bytes: number },
   server: PgServer,
-  mapping: Array<{ db: DatabaseEntry; target: string }>,
+  mapping: Array<{ db: DatabaseEntry; target: string; final: string }>,
   out: ObjectStore,
 ): Promise<string[]> {
   const checks: string[] = [];
-  for (const { db, target: name } of mapping) {
+  for (const { db, target: name, final } of mapping) {
+    // A database that existed is checked in the copy that replaces it once all checks pass: named as asked for.
+    const label = name === final ? `database "${name}"` : `database "${final}" (checked in its restored copy "${name}", swapped in after the checks)`;
     const client = await connect(server, name);
     let counts;
     try {
@@ -533,9 +535,9 @@ async function checkRestored(
     const wrong = db.tables.filter((t) => got.get(`${t.schema}.${t.table}`) !== t.rows);
     if (wrong.length > 0) {
       const w = wrong[0]!;
-      throw new RestoreError(`database "${name}": ${wrong.length} table(s) differ from the backup, e.g. ${w.schema}.${w.table} has ${got.get(`${w.schema}.${w.table}`) ?? 'no'} rows, expected ${w.rows}`);
+      throw new RestoreError(`${label}: ${wrong.length} table(s) differ from the backup, e.g. ${w.schema}.${w.table} has ${got.get(`${w.schema}.${w.table}`) ?? 'no'} rows, expected ${w.rows}`);
     }
-    checks.push(`database "${name}": ${db.tables.length} tables, ${db.tables.reduce((n, t) => n + t.rows, 0)} rows, all counts equal the backup`);
+    checks.push(`database "${final}": ${db.tables.length} tables, ${db.tables.reduce((n, t) => n + t.rows, 0)} rows, all counts equal the backup`);
   }
   // The target's listing merged with the index: both in key order.
   let count = 0;
