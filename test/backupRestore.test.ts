@@ -11,6 +11,8 @@ import type { AddressInfo } from 'node:net';
 import { test } from 'node:test';
 import { compareFingerprints, describeRun, TestCluster, withFaults, type StoreKind } from './helpers/cluster.js';
 import { cephRgwSkipReason } from './helpers/servers.js';
+import type { EngineEvent } from '../src/engine/events.js';
+import { listLocks } from '../src/repository/lock.js';
 
 const CHUNKS = 60;
 const CHUNK_SIZE = 16 * 1024;
@@ -83,6 +85,53 @@ for (const { kind, label, skip } of kinds) {
     }
   });
 }
+
+test('Ceph RGW, read-only repository credentials (a subuser with read access): verify and restore go ahead without a read lock, with a warning; a backup is refused before pausing; a running prune still stops them', { skip: cephRgwSkipReason() ?? false, timeout: 600_000 }, async (t) => {
+  const cluster = await TestCluster.createOrSkip(t, { kind: 'ceph', chunks: 20, chunkSize: CHUNK_SIZE });
+  if (!cluster) return;
+  try {
+    const before = await cluster.sourceFingerprints();
+    const first = await cluster.backup();
+    const key = await cluster.s3!.readOnlyKey!();
+    const env = { PBT_RO_KEY: key.accessKeyId, PBT_RO_SECRET: key.secretAccessKey };
+    Object.assign(process.env, env);
+    const readOnly = (raw: Record<string, any>): void => {
+      raw.repository.accessKeyId = { env: 'PBT_RO_KEY' };
+      raw.repository.secretAccessKey = { env: 'PBT_RO_SECRET' };
+    };
+    // The key really cannot write: the service refuses it.
+    await assert.rejects(cluster.repositoryStore(readOnly).put('probe', Buffer.from('x')), /access denied/);
+    const config = await cluster.writeConfig(readOnly);
+
+    const verify = await cluster.runCli(['--config', config, 'verify', first.id], { env });
+    assert.equal(verify.code, 0, describeRun(verify));
+    assert.match(verify.stderr, /no read lock taken: the credentials cannot write to .*do not prune meanwhile/s, describeRun(verify));
+
+    const events: EngineEvent[] = [];
+    const restored = await cluster.restore(first.id, readOnly, events);
+    assert.equal(restored.objects.count, 20);
+    assert.deepEqual(compareFingerprints(before, await cluster.restoredFingerprints()), [], 'restored from the read-only repository: rows and bytes equal');
+    assert.ok(events.some((e) => e.type === 'warning' && e.message.includes('no read lock taken')), 'the restore warned that it holds no lock');
+    assert.deepEqual(await listLocks(cluster.repositoryStore()), [], 'no lock left behind');
+    for (const secret of Object.values(env)) assert.ok(!verify.stdout.includes(secret) && !verify.stderr.includes(secret), 'a secret value was printed');
+
+    // A backup must write: refused at once, the cluster never paused.
+    const markers = await cluster.markerLines();
+    await assert.rejects(cluster.backup(readOnly), /access denied/);
+    assert.deepEqual(await cluster.markerLines(), markers, 'the failed backup did not pause the cluster');
+
+    // A prune that is running (a live exclusive lock) still stops the read-only verify.
+    const now = new Date().toISOString();
+    await cluster.repositoryStore().put('locks/exclusive-0123456789abcdef.json', Buffer.from(JSON.stringify({ kind: 'exclusive', host: 'other-host', pid: 4242, command: 'pachbackup prune --keep-last 3', createdAt: now, heartbeatAt: now, leaseSeconds: 300 })));
+    const blocked = await cluster.runCli(['--config', config, 'verify', first.id], { env });
+    assert.notEqual(blocked.code, 0, describeRun(blocked));
+    assert.match(blocked.stderr, /is locked: cannot take a read lock while the exclusive lock exclusive-0123456789abcdef held by "pachbackup prune/, describeRun(blocked));
+  } finally {
+    delete process.env['PBT_RO_KEY'];
+    delete process.env['PBT_RO_SECRET'];
+    await cluster.cleanup();
+  }
+});
 
 test('the first backup into an empty repository reports every object as new (summary.objects.newCount/newBytes)', { timeout: 300_000 }, async (t) => {
   const cluster = await TestCluster.createOrSkip(t, { kind: 'fs', chunks: 12, chunkSize: 1000, target: false });

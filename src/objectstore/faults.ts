@@ -1,6 +1,6 @@
 import { Readable, Transform } from 'node:stream';
 import { z } from 'zod';
-import { StoreError, type ObjectInfo, type ObjectStore, type PutOptions } from './store.js';
+import { ACCESS_DENIED, StoreError, type ObjectInfo, type ObjectStore, type PutOptions } from './store.js';
 
 /**
  * Fault injection for tests and the hidden debug switch PACHBACKUP_FAULTS: a decorator that
@@ -81,7 +81,7 @@ class Faults {
     const rule = this.pick(op, key);
     if (!rule) return undefined;
     if (rule.kind === 'transient') throw new StoreError(`injected fault: ${op} ${key}: SlowDown (HTTP 503)`, true, { code: 'SlowDown' });
-    if (rule.kind === 'permanent') throw new StoreError(`injected fault: ${op} ${key}: AccessDenied (HTTP 403)`, false);
+    if (rule.kind === 'permanent') throw new StoreError(`injected fault: ${op} ${key}: AccessDenied (HTTP 403)`, false, { code: ACCESS_DENIED });
     if (rule.kind === 'delay') await new Promise((r) => setTimeout(r, rule.ms));
     return rule;
   }

@@ -5,7 +5,7 @@ import { Readable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import { randomBytes } from 'node:crypto';
 import { compareKeys, readRows, ScratchDir, sortByKey } from './sorted.js';
-import { NotFoundError, PreconditionFailedError, StoreError, type ObjectInfo, type ObjectStore, type PutOptions } from './store.js';
+import { ACCESS_DENIED, NotFoundError, PreconditionFailedError, StoreError, type ObjectInfo, type ObjectStore, type PutOptions } from './store.js';
 
 const TEMP_MARK = '.pbtmp-';
 /** A directory with more names than this is sorted through scratch files, in runs of this size. */
@@ -190,7 +190,8 @@ function wrapFsError(err: unknown, doing: string): StoreError {
     : e.code === 'EACCES' || e.code === 'EPERM' ? ': permission denied'
     : e.code === 'EROFS' ? ': read-only filesystem'
     : `: ${e.code ?? e.message}`;
-  return new StoreError(`${doing}${hint}`, false, { cause: err });
+  const denied = e.code === 'EACCES' || e.code === 'EPERM' || e.code === 'EROFS';
+  return new StoreError(`${doing}${hint}`, false, { cause: err, ...(denied ? { code: ACCESS_DENIED } : {}) });
 }
 
 async function* readNames(path: string): AsyncGenerator<{ key: string }> {

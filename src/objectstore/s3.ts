@@ -5,7 +5,7 @@ import { Readable } from 'node:stream';
 import type { S3Client, S3ClientConfig } from '@aws-sdk/client-s3';
 import type { Secret } from '../config/secret.js';
 import { parseListPage, readSmallBody, S3Http, S3HttpError, xmlText, type ListPage } from './s3http.js';
-import { ChecksumMismatchError, md5OfEtag, NOT_FOUND, NotFoundError, PreconditionFailedError, sourceChanged, StoreError, type ObjectInfo, type ObjectStore, type PutOptions } from './store.js';
+import { ACCESS_DENIED, ChecksumMismatchError, md5OfEtag, NOT_FOUND, NotFoundError, PreconditionFailedError, sourceChanged, StoreError, type ObjectInfo, type ObjectStore, type PutOptions } from './store.js';
 
 export interface S3StoreOptions {
   bucket: string;
@@ -136,7 +136,7 @@ export class S3ObjectStore implements ObjectStore {
     } catch (err) {
       const status = statusOf(err);
       if (status === 404) throw new StoreError(`bucket ${this.bucket} does not exist at ${this.options.endpoint ?? 'AWS'}; create it or fix the URL`, false);
-      if (status === 403) throw new StoreError(`access to bucket ${this.bucket} denied; check the access key and its permissions`, false);
+      if (status === 403) throw new StoreError(`access to bucket ${this.bucket} denied; check the access key and its permissions`, false, { code: ACCESS_DENIED });
       throw this.classify(err, `reaching bucket ${this.bucket}`);
     }
   }
@@ -414,7 +414,7 @@ export class S3ObjectStore implements ObjectStore {
     if (code === 'ECONNREFUSED' || code === 'ENOTFOUND' || code === 'EHOSTUNREACH') {
       return new StoreError(`${doing}: cannot reach ${this.options.endpoint ?? 'S3'} (${code}); check the endpoint`, true, { cause: err, code });
     }
-    if (status === 403) return new StoreError(`${doing}: access denied (${name}); check the credentials and the bucket policy`, false, { cause: err });
+    if (status === 403) return new StoreError(`${doing}: access denied (${name}); check the credentials and the bucket policy`, false, { cause: err, code: ACCESS_DENIED });
     if (status === 404) return new StoreError(`${doing}: not found (${name})`, false, { cause: err, code: NOT_FOUND });
     // 501 NotImplemented (an operation this service lacks, e.g. UploadPartCopy) is never transient.
     const retryable = status === undefined || status === 408 || status === 429 || (status >= 500 && status !== 501) || name === 'TimeoutError' || name === 'RequestTimeout';

@@ -116,6 +116,12 @@ export function isNotFound(err: unknown): err is NotFoundError {
 export const NOT_FOUND = 'NotFound';
 
 /**
+ * StoreError code of a request the credentials may not make (S3 403; EACCES, EPERM or EROFS on a
+ * filesystem): e.g. a write with read-only credentials.
+ */
+export const ACCESS_DENIED = 'AccessDenied';
+
+/**
  * StoreError code of an object that is no longer the one listed (another size, or replaced during
  * a copy in parts): no retry and no other copy path can give the listed object.
  */

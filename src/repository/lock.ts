@@ -1,7 +1,7 @@
 import { randomBytes } from 'node:crypto';
 import { hostname } from 'node:os';
 import { z } from 'zod';
-import { NotFoundError, PreconditionFailedError, type ObjectStore } from '../objectstore/store.js';
+import { ACCESS_DENIED, NotFoundError, PreconditionFailedError, StoreError, type ObjectStore } from '../objectstore/store.js';
 import { readWhole } from '../objectstore/retry.js';
 
 /**
@@ -169,7 +169,19 @@ export async function acquireLock(store: ObjectStore, kind: LockKind, info: { co
   const key = lockKey(id);
   const created = new Date().toISOString();
   const mine: LockInfo = { kind, host: hostname(), pid: process.pid, command: info.command, createdAt: created, heartbeatAt: created, leaseSeconds };
-  await writeNewLock(store, key, mine);
+  try {
+    await writeNewLock(store, key, mine);
+  } catch (err) {
+    // Read-only credentials (a replica, a bucket under object lock, an auditor's key) cannot write a
+    // lock. A run that only reads still goes ahead: it can damage nothing, and no live exclusive
+    // lock was there when it listed (above). Only a prune starting later cannot see it.
+    if (kind !== 'read' || !(err instanceof StoreError) || err.code !== ACCESS_DENIED) throw err;
+    onEvent({
+      type: 'warning',
+      message: `no read lock taken: the credentials cannot write to ${store.description} (${err.message}). Going ahead without one, read-only; a prune started during this run could remove what it still has to read, so do not prune meanwhile`,
+    });
+    return new UnwrittenReadLock(id, key);
+  }
 
   const settleUntil = Date.now() + SETTLE_MS;
   for (;;) {
@@ -251,6 +263,18 @@ async function writeNewLock(store: ObjectStore, key: string, info: LockInfo): Pr
     const existing = await readText(store, key).catch(() => '');
     if (existing !== data.toString('utf8')) throw new LockLostError(`${key} already exists with other content: random lock names collided; try again`);
   }
+}
+
+/** The read lock of a run whose credentials cannot write one: nothing to heartbeat, release or lose. */
+class UnwrittenReadLock implements LockHandle {
+  readonly kind = 'read';
+  readonly signal = new AbortController().signal;
+  constructor(
+    readonly id: string,
+    readonly key: string,
+  ) {}
+  assertHeld(): void {}
+  async release(): Promise<void> {}
 }
 
 class HeldLock implements LockHandle {

@@ -246,8 +246,9 @@ export class TestCluster {
   clusterStore(): ObjectStore {
     return this.open(this.raw.cluster.objectStore, 'test cluster store');
   }
-  repositoryStore(): ObjectStore {
-    return this.open(this.raw.repository, 'test repository store');
+  /** The repository's store; with `mutate`, as that changed config reaches it (other credentials, say). */
+  repositoryStore(mutate?: (raw: RawConfig) => void): ObjectStore {
+    return this.open(this.rawConfig(mutate).repository, 'test repository store');
   }
   restoredStore(): ObjectStore {
     if (!this.raw.restore) throw new Error('this test cluster has no restore target');

@@ -28,6 +28,11 @@ export interface S3TestServer {
    */
   readonly clientConfig: S3ClientConfig;
   createBucket(name: string): Promise<void>;
+  /**
+   * Ceph only: a second key of the same user that may only read (a subuser with `--access=read`):
+   * real read-only credentials, refused every write with 403 AccessDenied.
+   */
+  readOnlyKey?(): Promise<{ accessKeyId: string; secretAccessKey: string }>;
   stop(): Promise<void>;
 }
 
@@ -135,12 +140,24 @@ export async function startCephRgw(): Promise<S3TestServer | string> {
       continue;
     }
     let stopped: Promise<void> | undefined;
-    return makeServer('ceph-rgw', `http://127.0.0.1:${rgwPort}`, credentials, () => {
+    const server = makeServer('ceph-rgw', `http://127.0.0.1:${rgwPort}`, credentials, () => {
       stopped ??= runScript(stopScript, stopEnv, 30_000).then(() => {
         process.off('exit', stopSync);
       });
       return stopped;
     });
+    return {
+      ...server,
+      async readOnlyKey() {
+        const key = { accessKeyId: randomBytes(10).toString('hex').toUpperCase(), secretAccessKey: randomBytes(20).toString('hex') };
+        // start.sh creates the user "test"; its subuser "test:ro" gets a key of its own.
+        execFileSync('radosgw-admin', ['-c', join(rgwDir, 'ceph.conf'), 'subuser', 'create', '--uid=test', '--subuser=test:ro', '--access=read', '--key-type=s3', `--access-key=${key.accessKeyId}`, `--secret-key=${key.secretAccessKey}`], {
+          env: { ...process.env, PATH: withSbin(process.env['PATH']) },
+          stdio: 'ignore',
+        });
+        return key;
+      },
+    };
   }
   throw lastError;
 }
