@@ -204,42 +204,60 @@ describe('restore: rollback and refusals (fs)', () => {
     assert.deepEqual(compareFingerprints(await cluster.sourceFingerprints(), await cluster.restoredFingerprints()), [], 'the restored cluster equals the source');
   });
 
-  test('--force: when renaming the restored copy fails after the old database was dropped, the objects that copy needs are kept', { timeout: 300_000 }, async () => {
-    // The restored pachyderm database is kept (the old one is gone: it is the only copy), so the
-    // objects it refers to must stay in the target store: the rollback must not delete them.
-    await cluster.target!.createDatabase('pachyderm');
-    await cluster.target!.query('pachyderm', 'CREATE TABLE precious (v text)');
-    // A session on the restored copy (a monitoring agent, a DBA's psql) makes ALTER DATABASE RENAME fail.
+  /** Runs `restore` while a session is held on the first database whose name matches `pattern` once it appears. */
+  async function withSessionOn<T>(pattern: string, restore: () => Promise<T>): Promise<{ outcome: T | Error; held: boolean }> {
     const t = cluster.target!;
     let holder: pg.Client | undefined;
     let stop = false;
     const watcher = (async () => {
       while (!stop && !holder) {
-        const { rows } = await t.query<{ datname: string }>('postgres', `SELECT datname FROM pg_database WHERE datname LIKE 'pachbackup_restore_%_pachyderm'`);
+        const { rows } = await t.query<{ datname: string }>('postgres', `SELECT datname FROM pg_database WHERE datname LIKE '${pattern}'`);
         if (rows[0]) {
           const c = new pg.Client({ host: t.host, port: t.port, user: t.user, password: t.password, database: rows[0].datname });
+          c.on('error', () => undefined);
           await c.connect().then(() => (holder = c), () => undefined);
         }
         await sleep(20);
       }
     })();
-    let outcome = 'restore succeeded';
+    let outcome: T | Error;
     try {
-      await restore({ force: true });
+      outcome = await restore();
     } catch (err) {
-      outcome = (err as Error).message;
+      outcome = err as Error;
     } finally {
       stop = true;
       await watcher;
       await holder?.end().catch(() => undefined);
     }
-    assert.ok(holder, 'the test held a session on the restored copy');
-    assert.match(outcome, /renaming the restored copy/);
-    const kept = (await cluster.targetDatabases()).filter((n) => n.startsWith('pachbackup_restore_'));
-    assert.equal(kept.length, 1, `the restored copy is kept, as the error says (${outcome})`);
-    const objects = (await cluster.restoredKeys()).length;
-    const source: string[] = [];
-    for await (const info of cluster.clusterStore().list()) source.push(info.key);
-    assert.equal(objects, source.length, `the kept database's objects are still in the target store (${objects} of ${source.length})`);
+    return { outcome, held: holder !== undefined };
+  }
+
+  test('--force: when one restored copy cannot be put in place (a session on it), neither existing database is replaced and nothing else is left', { timeout: 300_000 }, async () => {
+    await cluster.target!.createDatabase('pachyderm');
+    await cluster.target!.query('pachyderm', 'CREATE TABLE precious (v text)');
+    await cluster.target!.createDatabase('dex');
+    await cluster.target!.query('dex', 'CREATE TABLE kept (v text)');
+    // A session on the restored dex copy (a monitoring agent, a DBA's psql) makes its rename fail,
+    // after pachyderm's rename in the same transaction.
+    const { outcome, held } = await withSessionOn('pachbackup_restore_%_dex', () => restore({ force: true }));
+    assert.ok(held, 'the test held a session on the restored copy');
+    assert.ok(outcome instanceof Error, 'the restore failed');
+    assert.match(outcome.message, /putting the restored databases in place of "pachyderm" and "dex" .* failed .*nothing was replaced: they are as before/);
+    assert.deepEqual(await cluster.targetDatabases(), ['dex', 'pachyderm'], 'the two old databases, no copy left');
+    const tables = async (db: string): Promise<string[]> => (await cluster.target!.query<{ relname: string }>(db, `SELECT relname FROM pg_class WHERE relkind = 'r' AND relnamespace = 'public'::regnamespace ORDER BY 1`)).rows.map((r) => r.relname);
+    assert.deepEqual(await tables('pachyderm'), ['precious'], 'pachyderm is the old one (its swap was rolled back with dex\'s)');
+    assert.deepEqual(await tables('dex'), ['kept'], 'dex is the old one');
+    assert.deepEqual(await cluster.restoredKeys(), [], 'the restored objects were removed');
+  });
+
+  test('--force: a session on an existing database (pachd left running) is ended and the database replaced', { timeout: 300_000 }, async () => {
+    await cluster.target!.createDatabase('pachyderm');
+    await cluster.target!.query('pachyderm', 'CREATE TABLE precious (v text)');
+    const { outcome, held } = await withSessionOn('pachyderm', () => restore({ force: true }));
+    assert.ok(held, 'the test held a session on the existing database');
+    assert.ok(!(outcome instanceof Error), `the restore succeeded: ${String(outcome)}`);
+    assert.deepEqual(await cluster.targetDatabases(), ['dex', 'pachyderm'], 'no copy or replaced database left');
+    assert.deepEqual(compareFingerprints(await cluster.sourceFingerprints(), await cluster.restoredFingerprints()), [], 'the restored cluster equals the source');
   });
 });

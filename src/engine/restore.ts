@@ -10,7 +10,7 @@ import { ChecksumMismatchError, StoreError, type ObjectStore } from '../objectst
 import { locationsOverlap } from '../objectstore/url.js';
 import { REDACTED, rewriteHelmValues } from '../pachyderm/helmValues.js';
 import { childEnv, connect, describeServer, pgServer, type PgServer } from '../postgres/connection.js';
-import { createDatabase, databaseState, dropDatabase, renameDatabase } from '../postgres/restore.js';
+import { createDatabase, databaseState, dropDatabase, swapDatabases } from '../postgres/restore.js';
 import { countTables } from '../postgres/snapshot.js';
 import { findPgTool, runToolToEnd, startTool, stopTool, toolVersion } from '../postgres/tools.js';
 import { algorithmOf, digestHex } from '../repository/checksum.js';
@@ -274,20 +274,23 @@ async function restoreWithScratch(options: RestoreOptions, lockBox: { lock?: Loc
         await writeFile(helmTemp, rewrite.yaml, { mode: 0o600, flag: 'wx' });
       });
     }
-    // Proven good: the databases that existed are replaced now. A drop that fails (a session still
-    // connected to the old database) leaves it as it was and rolls back the restored copy. Once the
-    // old one is dropped, the restored copy is the only data left: it is kept whatever happens next.
-    for (const { target: name, final } of work) {
-      if (name === final) continue;
-      await dropDatabase(target, final);
-      // From here a restored database is the only data left; it refers to the restored objects.
-      replaced = true;
-      createdDatabases.splice(createdDatabases.indexOf(name), 1);
-      await renameDatabase(target, name, final).catch((err: unknown) => {
+    // Proven good: the databases that existed are replaced now, all in one transaction (a failure
+    // leaves every one as it was and rolls the restore back). The replaced ones are then dropped.
+    const swaps = work.filter((w) => w.target !== w.final).map((w) => ({ copy: w.target, existing: w.final, old: `pachbackup_replaced_${suffix}_${w.db.role}` }));
+    if (swaps.length > 0) {
+      await swapDatabases(target, swaps).catch((err: unknown) => {
         throw new RestoreError(
-          `"${final}" on ${describeServer(target)} was dropped to be replaced, but renaming the restored copy "${name}" to it failed (${(err as Error).message}); the restored data is in "${name}": rename it with ALTER DATABASE "${name}" RENAME TO "${final}"`,
+          `putting the restored databases in place of ${swaps.map((s) => `"${s.existing}"`).join(' and ')} on ${describeServer(target)} failed (${(err as Error).message}); nothing was replaced: ${swaps.length > 1 ? 'they are' : 'it is'} as before`,
         );
       });
+      // From here the restored databases are in place; they refer to the restored objects.
+      replaced = true;
+      for (const s of swaps) createdDatabases.splice(createdDatabases.indexOf(s.copy), 1);
+      for (const s of swaps) {
+        await dropDatabase(target, s.old).catch((err: unknown) => {
+          emit({ type: 'warning', message: `the database "${s.existing}" replaced by the restore is kept as "${s.old}": dropping it failed (${(err as Error).message}); drop it with DROP DATABASE "${s.old}"` });
+        });
+      }
     }
     if (helmTemp && targets.helmValuesOut) {
       await rename(helmTemp, targets.helmValuesOut);

@@ -65,13 +65,48 @@ export async function serverMajorVersion(server: PgServer): Promise<number> {
   }
 }
 
-/** Renames a database (no session may be connected to it). */
-export async function renameDatabase(server: PgServer, from: string, to: string): Promise<void> {
+/** A restored copy to put in place of an existing database, which is kept under `old`. */
+export interface DatabaseSwap {
+  copy: string;
+  existing: string;
+  old: string;
+}
+
+/**
+ * Puts restored copies in place of existing databases, all or none: in one transaction each
+ * existing database is renamed to its `old` name and its copy takes its name (ALTER DATABASE …
+ * RENAME may run in a transaction; a failure rolls every rename back). Sessions on the existing
+ * databases are ended first, as DROP DATABASE … WITH (FORCE) would end them; one that connects
+ * again at once is met by two more tries. A session on a copy, or one this user may not end,
+ * fails the swap with nothing renamed.
+ */
+export async function swapDatabases(server: PgServer, swaps: DatabaseSwap[]): Promise<void> {
   const admin = await connect(server, MAINTENANCE_DB);
   try {
-    await admin.query(`ALTER DATABASE ${quoteIdent(from)} RENAME TO ${quoteIdent(to)}`);
-  } catch (err) {
-    throw explainPgError(err, server, from);
+    for (let attempt = 1; ; attempt++) {
+      // Sessions this user may not end stay; the rename then names the database they use.
+      await admin
+        .query('SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = ANY($1) AND pid <> pg_backend_pid()', [swaps.map((s) => s.existing)])
+        .catch(() => undefined);
+      let renaming = swaps[0]?.existing ?? '';
+      try {
+        await admin.query('BEGIN');
+        for (const s of swaps) {
+          renaming = s.existing;
+          await admin.query(`ALTER DATABASE ${quoteIdent(s.existing)} RENAME TO ${quoteIdent(s.old)}`);
+          renaming = s.copy;
+          await admin.query(`ALTER DATABASE ${quoteIdent(s.copy)} RENAME TO ${quoteIdent(s.existing)}`);
+        }
+        await admin.query('COMMIT');
+        return;
+      } catch (err) {
+        await admin.query('ROLLBACK').catch(() => undefined);
+        // 55006 object_in_use: a session on a database being renamed.
+        const reconnected = (err as { code?: string }).code === '55006' && swaps.some((s) => s.existing === renaming);
+        if (reconnected && attempt < 3) continue;
+        throw explainPgError(err, server, renaming);
+      }
+    }
   } finally {
     await admin.end();
   }
