@@ -37,6 +37,8 @@ export interface BackupOptions {
   signal?: AbortSignal;
   /** Asked before pausing when the strategy needs it; false stops the backup before any change. */
   confirm?: (target: string) => Promise<boolean>;
+  /** The backup lock's lease (tests; default DEFAULT_LEASE_SECONDS), as prune's leaseSeconds. */
+  leaseSeconds?: number;
 }
 
 export interface BackupSummary {
@@ -103,7 +105,10 @@ async function backupUnderLock(options: BackupOptions, lockBox: { lock?: LockHan
     await repo.store.check();
     await repo.open(true);
     // Before anything is read or paused: a second backup or a prune on this repository is refused here.
-    lockBox.lock = await acquireLock(repo.store, 'backup', { command: ['pachbackup', ...process.argv.slice(2)].join(' ') }, { onEvent: emit });
+    lockBox.lock = await acquireLock(repo.store, 'backup', { command: ['pachbackup', ...process.argv.slice(2)].join(' ') }, {
+      ...(options.leaseSeconds ? { leaseSeconds: options.leaseSeconds } : {}),
+      onEvent: emit,
+    });
     await repo.checkWritable();
     // Under the lock, a ledger can only be left by a run that died with the cluster paused (or
     // about to be). It is the only record of that pause: it is resumed first, as "pachbackup

@@ -17,7 +17,7 @@ import { fileURLToPath, pathToFileURL } from 'node:url';
 import type { TestContext } from 'node:test';
 import { stringify } from 'yaml';
 import { validateConfig } from '../../src/config/load.js';
-import { runBackup, type BackupSummary } from '../../src/engine/backup.js';
+import { runBackup, type BackupOptions, type BackupSummary } from '../../src/engine/backup.js';
 import type { EngineEvent } from '../../src/engine/events.js';
 import { restoreTargetsFromConfig, runRestore, type RestoreSummary } from '../../src/engine/restore.js';
 import { createStrategy } from '../../src/quiesce/factory.js';
@@ -207,10 +207,10 @@ export class TestCluster {
     return validateConfig(this.rawConfig(mutate), 'test config');
   }
 
-  /** Runs a backup in this process through the engine API, as the CLI would with --yes. */
-  async backup(mutate?: (raw: RawConfig) => void, events: EngineEvent[] = []): Promise<BackupSummary> {
+  /** Runs a backup in this process through the engine API, as the CLI would with --yes; `options` can replace the strategy or shorten the lock's lease. */
+  async backup(mutate?: (raw: RawConfig) => void, events: EngineEvent[] = [], options: Partial<Pick<BackupOptions, 'strategy' | 'leaseSeconds'>> = {}): Promise<BackupSummary> {
     const config = this.config(mutate);
-    return runBackup({ config, strategy: await createStrategy(config.pause), emit: (e) => events.push(e), confirm: async () => true });
+    return runBackup({ config, strategy: await createStrategy(config.pause), emit: (e) => events.push(e), confirm: async () => true, ...options });
   }
 
   /** Restores a backup in this process into the target server and the restore store. */
