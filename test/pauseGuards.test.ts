@@ -1,15 +1,16 @@
 /**
  * Issue 3 refusals at the engine and CLI level: no terminal and no --yes, the downtime budget,
  * a wrong expectedContext, and a quiescence failure; each resumes what it paused and seals nothing.
+ * Then the pause ledger: a dead run's pause, `pachbackup resume`, and whose entry it is.
  * Real PostgreSQL 15 servers and a filesystem store; the pause is a command that writes a marker.
  */
 import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';
-import { mkdtemp, readFile } from 'node:fs/promises';
+import { mkdtemp, readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import pg from 'pg';
 import { openRepository } from '../src/engine/context.js';
-import { LEDGER_KEY, PauseLedger } from '../src/quiesce/ledger.js';
+import { LEDGER_KEY, PauseLedger, type LedgerEntry } from '../src/quiesce/ledger.js';
 import { acquireLock } from '../src/repository/lock.js';
 import { TestCluster, describeRun } from './helpers/cluster.js';
 
@@ -173,6 +174,27 @@ describe('pause guards', () => {
       assert.deepEqual((await cluster.markerLines()).slice(before), ['resumed', 'paused', 'resumed'], "the dead run's pause is resumed before this backup pauses, and this backup resumes its own");
       assert.equal(await ledger.read(), undefined, 'no ledger is left: nothing is paused');
       assert.equal((await cluster.sealedBackups()).length, backupsBefore + 1, `the backup was sealed (${summary.id})`);
+    });
+  });
+
+  test('the pause ledger is replaced and removed only by the backup it names; another backup\'s entry is left, in the repository and in the local file alike', async () => {
+    await withLedger(async (ledger) => {
+      const now = new Date().toISOString();
+      const entry = (backupId: string, host: string): LedgerEntry => ({ record: { strategy: 'command', target: 'the cluster (pause.command)', startedAt: now, state: {} }, backupId, host, pid: 4242, phase: 'paused', writtenAt: now });
+      // Backup B took the pause over from backup A, whose lock went stale while it was stalled.
+      await ledger.write(entry('backup-b', 'host-b'));
+      // A wakes up: it may neither replace B's ledger nor remove it; both name B as the owner.
+      assert.equal((await ledger.write(entry('backup-a', 'host-a')))?.backupId, 'backup-b', 'a write over another backup\'s ledger is refused, naming it');
+      assert.equal((await ledger.clear('backup-a'))?.backupId, 'backup-b', 'a clear of another backup\'s ledger is refused, naming it');
+      assert.equal((await ledger.read())?.backupId, 'backup-b');
+      assert.equal(JSON.parse(await readFile(ledger.localFile, 'utf8')).backupId, 'backup-b');
+      // B runs on another host: A's own local copy is here, and the repository names B.
+      await writeFile(ledger.localFile, JSON.stringify(entry('backup-a', 'host-a')));
+      assert.equal((await ledger.clear('backup-a'))?.backupId, 'backup-b');
+      await assert.rejects(readFile(ledger.localFile), { code: 'ENOENT' }, "A's own local copy is removed");
+      assert.equal((await ledger.read())?.backupId, 'backup-b', "B's ledger stays in the repository");
+      assert.equal(await ledger.clear('backup-b'), undefined);
+      assert.equal(await ledger.read(), undefined);
     });
   });
 });

@@ -7,9 +7,9 @@ import type { Config } from '../config/schema.js';
 import { childEnv, describeServer } from '../postgres/connection.js';
 import { DatabaseSnapshot } from '../postgres/snapshot.js';
 import { findPgTool, runToolToEnd, startTool, stopTool, toolVersion } from '../postgres/tools.js';
-import { PauseLedger } from '../quiesce/ledger.js';
+import { describeOwner, ownedBy, PauseLedger, type LedgerEntry } from '../quiesce/ledger.js';
 import { QuiescenceCheck } from '../quiesce/quiescence.js';
-import { resumeLedgerEntry, resumeWithRetries } from '../quiesce/factory.js';
+import { clearOwnEntry, resumeLedgerEntry, resumeWithRetries } from '../quiesce/factory.js';
 import { assertExpectedContext } from '../quiesce/strategy.js';
 import { acquireLock, type LockHandle } from '../repository/lock.js';
 import type { PauseRecord, QuiesceStrategy } from '../quiesce/strategy.js';
@@ -117,7 +117,7 @@ async function backupUnderLock(options: BackupOptions, lockBox: { lock?: LockHan
     const leftLedger = new PauseLedger(repo.store, repo.id);
     const left = await leftLedger.read();
     if (left) {
-      const what = `backup ${left.backupId} (pid ${left.pid} on ${left.host}) left ${left.record.target} paused (${left.phase}) since ${left.record.startedAt}`;
+      const what = `${describeOwner(left)} left ${left.record.target} paused (${left.phase}) since ${left.record.startedAt}`;
       events.warn(`${what}: resuming it from the pause ledger before this backup`);
       try {
         await resumeLedgerEntry(config.pause, leftLedger, left, events);
@@ -271,11 +271,19 @@ async function backupUnderLock(options: BackupOptions, lockBox: { lock?: LockHan
       dumps = await dumpDatabases(snapshots, { cluster, repo, pgDump, id, compression: config.backup.dumpCompression, jobs: config.backup.dumpJobs, scratch, signal: dumpSignal, retry: retries.policy({ ...defaultRetryPolicy, attempts: 4 }) });
     });
 
+  /** Writes this backup's pause ledger entry; refused when another backup's entry is there (ours was taken over). */
+  const recordPause = async (phase: LedgerEntry['phase']): Promise<void> => {
+    const other = await ledger.write({ record: pauseRecord!, backupId: id, host: hostname(), pid: process.pid, phase, writtenAt: new Date().toISOString() });
+    if (other) {
+      throw new BackupError(`${ownedBy(other)}: this backup's lock must have been lost and its pause taken over; it writes nothing over that entry and seals nothing`);
+    }
+  };
+
   let quiet: QuiescenceCheck | undefined;
   try {
     if (mode === 'paused') {
       pauseRecord = await strategy.plan();
-      await ledger.write({ record: pauseRecord, backupId: id, host: hostname(), pid: process.pid, phase: 'pausing', writtenAt: new Date().toISOString() });
+      await recordPause('pausing');
       let failure: unknown;
       try {
         await phases.run('pause', async () => {
@@ -283,7 +291,7 @@ async function backupUnderLock(options: BackupOptions, lockBox: { lock?: LockHan
           pauseRecord = await strategy.pause(pauseRecord!, events, signal);
           // Sessions idle since the pause completed did nothing while paused; writers finishing during it are expected.
           const quietSince = new Date();
-          await ledger.write({ record: pauseRecord, backupId: id, host: hostname(), pid: process.pid, phase: 'paused', writtenAt: new Date().toISOString() });
+          await recordPause('paused');
           const q = config.pause.quiescence;
           if (q.enabled && strategy.name !== 'none') {
             // The first half of the quiescence check; the copy phase's listing is the second.
@@ -326,7 +334,7 @@ async function backupUnderLock(options: BackupOptions, lockBox: { lock?: LockHan
             return;
           }
           try {
-            await ledger.clear();
+            await clearOwnEntry(ledger, id, events);
           } catch (err) {
             const msg = `the cluster was resumed, but the pause ledger could not be removed (${(err as Error).message}); run "pachbackup resume" (it only undoes what is still paused) to clear it before the next backup`;
             if (failure) emit({ type: 'warning', message: msg });

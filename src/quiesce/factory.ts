@@ -1,6 +1,6 @@
 import { pauseSchema, type PauseConfig } from '../config/schema.js';
 import { CommandPause } from './command.js';
-import type { LedgerEntry, PauseLedger } from './ledger.js';
+import { ownedBy, type LedgerEntry, type PauseLedger } from './ledger.js';
 import { NoPause } from './none.js';
 import { PachctlPause } from './pachctl.js';
 import type { PauseRecord, QuiesceEvents, QuiesceStrategy } from './strategy.js';
@@ -54,10 +54,17 @@ export async function resumeWithRetries(strategy: QuiesceStrategy, record: Pause
 /**
  * Undoes the pause a ledger entry records, with the strategy the entry names (its own record says
  * what to scale back or which context to unpause; the config gives the rest), then removes the
- * ledger. `pachbackup resume`, and a backup that finds a ledger left by a run that died.
+ * ledger (that entry only: another backup's, written meanwhile, stays). `pachbackup resume`, and a
+ * backup that finds a ledger left by a run that died.
  */
 export async function resumeLedgerEntry(pause: PauseConfig, ledger: PauseLedger, entry: LedgerEntry, events: QuiesceEvents): Promise<void> {
   const strategy = await createStrategy({ ...pause, strategy: entry.record.strategy as PauseConfig['strategy'] });
   await resumeWithRetries(strategy, entry.record, events);
-  await ledger.clear();
+  await clearOwnEntry(ledger, entry.backupId, events);
+}
+
+/** Removes `backupId`'s ledger entry; another backup's, found in its place, is left and reported. */
+export async function clearOwnEntry(ledger: PauseLedger, backupId: string, events: QuiesceEvents): Promise<void> {
+  const other = await ledger.clear(backupId);
+  if (other) events.warn(`${ownedBy(other)}: that entry is left in place, the record of its pause`);
 }
