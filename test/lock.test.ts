@@ -220,6 +220,9 @@ describe('a holder that is alive but slow', () => {
         await sleep(2200);
         const [entry] = await listLocks(fs);
         assert.equal(entry?.state, 'stale', 'others see the lock as stale');
+        // A run that observes its lock's signal (a backup's paused phase) stops without asking.
+        assert.ok(first.signal.aborted, 'the signal is not aborted while the heartbeat write hangs, past the age at which the holder gives its lock up');
+        assert.ok(first.signal.reason instanceof LockLostError);
         const second = await acquireLock(fs, 'backup', { command: 'pachbackup backup' });
         try {
           assert.throws(() => first.assertHeld(), LockLostError, 'a backup now holds the repository, yet the prune still believes it holds its exclusive lock');

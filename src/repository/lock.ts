@@ -280,6 +280,8 @@ class UnwrittenReadLock implements LockHandle {
 class HeldLock implements LockHandle {
   readonly #controller = new AbortController();
   #timer: NodeJS.Timeout | undefined;
+  /** Fires when the last heartbeat gets too old, whatever the heartbeat is doing meanwhile. */
+  #watchdog: NodeJS.Timeout | undefined;
   #beating: Promise<void> = Promise.resolve();
   #released = false;
   /** The heartbeatAt written last, as the holder's clock saw it. */
@@ -296,6 +298,7 @@ class HeldLock implements LockHandle {
   ) {
     this.#lastBeat = Date.parse(info.heartbeatAt);
     this.schedule(this.intervalMs);
+    this.watch();
   }
 
   get kind(): LockKind {
@@ -320,14 +323,33 @@ class HeldLock implements LockHandle {
   }
 
   assertHeld(): void {
-    // A heartbeat that is stuck (a write hanging until its timeout and retries) never gets to
-    // check the lease: past the age at which the holder gives up, the lock is lost however the
-    // heartbeat is doing, since others may take it over once the lease runs out.
+    this.checkAge();
+    if (this.#controller.signal.aborted) throw this.#controller.signal.reason as Error;
+  }
+
+  /**
+   * Past the age at which the holder gives up, the lock is lost however the heartbeat is doing,
+   * since others may take it over once the lease runs out. Returns whether the lock is lost.
+   */
+  private checkAge(): boolean {
     const age = Date.now() - this.#lastBeat;
     if (!this.#released && age > this.maxBeatAgeMs) {
       this.lose(`its last heartbeat is ${Math.round(age / 1000)}s old (lease ${this.info.leaseSeconds}s); another run may have taken it over`);
     }
-    if (this.#controller.signal.aborted) throw this.#controller.signal.reason as Error;
+    return this.#controller.signal.aborted;
+  }
+
+  /**
+   * A heartbeat that is stuck (a write hanging until its timeout and retries) never gets to
+   * check the lease: this timer checks it when the last heartbeat gets too old, so the signal
+   * aborts then, and a run that observes it stops without having to ask.
+   */
+  private watch(): void {
+    clearTimeout(this.#watchdog);
+    if (this.#released) return;
+    // Checked again if the timer fires a moment early.
+    this.#watchdog = setTimeout(() => void (this.checkAge() || this.watch()), this.#lastBeat + this.maxBeatAgeMs + 1 - Date.now());
+    this.#watchdog.unref();
   }
 
   private schedule(ms: number): void {
@@ -342,10 +364,7 @@ class HeldLock implements LockHandle {
   private async beat(): Promise<void> {
     if (this.#released) return;
     const started = Date.now();
-    if (started - this.#lastBeat > this.maxBeatAgeMs) {
-      this.lose(`its heartbeat is ${Math.round((started - this.#lastBeat) / 1000)}s old (lease ${this.info.leaseSeconds}s); another run may have taken it over`);
-      return;
-    }
+    if (this.checkAge()) return;
     try {
       // Rewriting a removed lock would hide a takeover or a forced unlock: check first.
       if (!(await this.store.stat(this.key))) {
@@ -360,6 +379,7 @@ class HeldLock implements LockHandle {
         return;
       }
       this.#lastBeat = started;
+      this.watch();
       // The check above and the write race with a removal: a forced unlock (or a takeover) landing
       // between them is undone by the write, and the run that took the repository in that gap
       // holds a conflicting lock. A newcomer that finds ours withdraws within moments, so a live
@@ -393,6 +413,7 @@ class HeldLock implements LockHandle {
     if (this.#released) return;
     this.#released = true;
     clearTimeout(this.#timer);
+    clearTimeout(this.#watchdog);
     await this.#beating.catch(() => undefined);
     await this.store.remove([this.key]);
   }
