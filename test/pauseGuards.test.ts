@@ -1,18 +1,23 @@
 /**
  * Issue 3 refusals at the engine and CLI level: no terminal and no --yes, the downtime budget,
  * a wrong expectedContext, and a quiescence failure; each resumes what it paused and seals nothing.
- * Then the pause ledger: a dead run's pause, `pachbackup resume`, and whose entry it is.
+ * Then the pause ledger: a dead run's pause, `pachbackup resume`, and a backup that stalls while
+ * paused until its lock goes stale.
  * Real PostgreSQL 15 servers and a filesystem store; the pause is a command that writes a marker.
  */
 import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';
+import { readFileSync } from 'node:fs';
 import { mkdtemp, readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import pg from 'pg';
 import { openRepository } from '../src/engine/context.js';
+import type { EngineEvent } from '../src/engine/events.js';
+import { createStrategy } from '../src/quiesce/factory.js';
 import { LEDGER_KEY, PauseLedger, type LedgerEntry } from '../src/quiesce/ledger.js';
+import type { QuiesceStrategy } from '../src/quiesce/strategy.js';
 import { acquireLock } from '../src/repository/lock.js';
-import { TestCluster, describeRun } from './helpers/cluster.js';
+import { TestCluster, describeRun, type CliResult } from './helpers/cluster.js';
 
 describe('pause guards', () => {
   let cluster: TestCluster;
@@ -195,6 +200,116 @@ describe('pause guards', () => {
       assert.equal((await ledger.read())?.backupId, 'backup-b', "B's ledger stays in the repository");
       assert.equal(await ledger.clear('backup-b'), undefined);
       assert.equal(await ledger.read(), undefined);
+    });
+  });
+
+  /** The marker's lines, read without giving the event loop a turn (while this process is stalled). */
+  function markerLinesNow(): string[] {
+    try {
+      return readFileSync(cluster.marker, 'utf8').split('\n').filter((l) => l !== '');
+    } catch {
+      return [];
+    }
+  }
+
+  /**
+   * Blocks this whole process, its timers too (so the lock of a backup running here stops
+   * heartbeating), as SIGSTOP or a hung VM would, until `until` holds.
+   */
+  function stallProcess(until: () => boolean, what: string): void {
+    const cell = new Int32Array(new SharedArrayBuffer(4));
+    const deadline = Date.now() + 120_000;
+    while (!until()) {
+      if (Date.now() > deadline) throw new Error(`stalled for 120 s waiting for ${what}`);
+      Atomics.wait(cell, 0, 0, 20);
+    }
+  }
+
+  /** The config's strategy, whose pause, once the cluster is paused, runs `stall`. */
+  async function stallingStrategy(stall: () => void): Promise<QuiesceStrategy> {
+    const inner = await createStrategy(cluster.config().pause);
+    const pause: QuiesceStrategy['pause'] = async (...args) => {
+      const record = await inner.pause(...args);
+      stall();
+      return record;
+    };
+    return Object.create(inner, { pause: { value: pause } }) as QuiesceStrategy;
+  }
+
+  /** The backups' lock lease here: the stalled backup's lock is stale 1.5 s after its last heartbeat. */
+  const LEASE_SECONDS = 1.5;
+  const quickSettle = (raw: Record<string, any>): void => {
+    raw.pause.quiescence = { settleSeconds: 0 };
+  };
+
+  test('a backup stalled while paused until its lock went stale and a second backup took the pause over: it stops with the lock lost, does not resume the cluster under the second backup and leaves its ledger', async () => {
+    await withLedger(async (ledger) => {
+      // Backup B pauses with a command that returns only once the test opens the gate.
+      const gate = join(cluster.work, 'gate-stalled-backup');
+      const configB = await cluster.writeConfig((raw) => {
+        raw.pause.command.pause = ['/bin/sh', '-c', 'echo paused >> "$0"; while [ ! -e "$1" ]; do sleep 0.05; done', cluster.marker, gate];
+      });
+      const before = (await cluster.markerLines()).length;
+      const sealedBefore = await cluster.sealedBackups();
+      let idA: string | undefined;
+      let b: { child: { pid?: number | undefined }; done: Promise<CliResult> } | undefined;
+      // Backup A (this process) pauses the cluster, then stalls: no heartbeat. Once its lease has
+      // run out, B starts, takes the stale lock over, resumes A's pause as a dead run's (its
+      // ledger) and pauses the cluster itself; then A wakes up.
+      const strategy = await stallingStrategy(() => {
+        idA = (JSON.parse(readFileSync(ledger.localFile, 'utf8')) as LedgerEntry).backupId;
+        const stalledAt = Date.now();
+        stallProcess(() => Date.now() > stalledAt + LEASE_SECONDS * 1000 + 100, "backup A's lock to go stale");
+        b = cluster.spawnCli(['--config', configB, '--json', '--yes', 'backup']);
+        stallProcess(() => markerLinesNow().length >= before + 3, 'backup B to pause the cluster');
+      });
+      const events: EngineEvent[] = [];
+      let runB: CliResult | undefined;
+      try {
+        const errorA = await cluster.backup(quickSettle, events, { strategy, leaseSeconds: LEASE_SECONDS }).then(
+          () => undefined,
+          (err: Error) => err,
+        );
+        assert.ok(b && idA, 'A stalled while paused and B started');
+        assert.deepEqual((await cluster.markerLines()).slice(before), ['paused', 'resumed', 'paused'], `A paused, B resumed that pause and paused the cluster itself; A must not resume it while B is paused (A ${errorA ? `failed: ${errorA.message}` : 'succeeded'})`);
+        const owner = await ledger.read();
+        assert.ok(owner && owner.backupId !== idA && owner.pid === b.child.pid, `B's ledger, the only record of B's pause, is still there (found ${JSON.stringify(owner)})`);
+        assert.equal((JSON.parse(await readFile(ledger.localFile, 'utf8')) as LedgerEntry).backupId, owner.backupId, "the local copy names B too");
+        assert.match(errorA?.message ?? 'A succeeded', /lost lock/, 'A fails naming the lock loss');
+        assert.match(errorA?.message ?? '', new RegExp(`backup ${owner.backupId}`), 'and the backup that owns the pause now');
+        assert.ok(events.some((e) => e.type === 'warning' && e.message.includes(owner.backupId) && /not resum/.test(e.message)), `a warning says A does not resume B's pause: ${JSON.stringify(events.filter((e) => e.type === 'warning'))}`);
+        assert.deepEqual(await cluster.sealedBackups(), sealedBefore, 'A sealed nothing');
+      } finally {
+        await writeFile(gate, '');
+        runB = await b?.done;
+      }
+      assert.ok(runB);
+      assert.equal(runB.code, 0, describeRun(runB));
+      assert.deepEqual((await cluster.markerLines()).slice(before), ['paused', 'resumed', 'paused', 'resumed'], 'B resumes its own pause');
+      assert.equal(await ledger.read(), undefined);
+      assert.deepEqual((await cluster.sealedBackups()).filter((id) => !sealedBefore.includes(id)), [runB.result?.id]);
+    });
+  });
+
+  test('a backup stalled while paused until its lock went stale, with no other backup about: it stops at once with the lock lost, resumes its own pause, removes its ledger and seals nothing', async () => {
+    await withLedger(async (ledger) => {
+      const before = (await cluster.markerLines()).length;
+      const sealedBefore = await cluster.sealedBackups();
+      const strategy = await stallingStrategy(() => {
+        const stalledAt = Date.now();
+        stallProcess(() => Date.now() > stalledAt + LEASE_SECONDS * 1000 + 100, "the backup's lock to go stale");
+      });
+      const events: EngineEvent[] = [];
+      const error = await cluster.backup(quickSettle, events, { strategy, leaseSeconds: LEASE_SECONDS }).then(
+        () => undefined,
+        (err: Error) => err,
+      );
+      assert.match(error?.message ?? 'the backup succeeded', /lost lock/);
+      assert.deepEqual((await cluster.markerLines()).slice(before), ['paused', 'resumed'], 'its own pause is resumed: the cluster is not left paused');
+      assert.equal(await ledger.read(), undefined);
+      const phases = events.flatMap((e) => (e.type === 'phase-start' ? [e.phase] : []));
+      assert.deepEqual(phases.slice(phases.indexOf('pause')), ['pause', 'resume'], 'nothing but the resume runs once the lock is lost');
+      assert.deepEqual(await cluster.sealedBackups(), sealedBefore);
     });
   });
 });

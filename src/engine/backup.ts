@@ -73,20 +73,40 @@ interface DumpedDatabase {
   serverVersion: string;
 }
 
+/** The repository lock, once taken; and the backup that took this one's pause over, when one did. */
+interface LockBox {
+  lock?: LockHandle;
+  pauseTakenBy?: LedgerEntry;
+}
+
 export async function runBackup(options: BackupOptions): Promise<BackupSummary> {
   // The repository lock is taken in preflight and released however the backup ends.
-  const lockBox: { lock?: LockHandle } = {};
+  const lockBox: LockBox = {};
   const scratchBox: { dir?: ScratchDir } = {};
   try {
     return await backupUnderLock(options, lockBox, scratchBox);
+  } catch (err) {
+    throw lockLossError(lockBox, err);
   } finally {
     await scratchBox.dir?.remove();
     await lockBox.lock?.release();
   }
 }
 
-async function backupUnderLock(options: BackupOptions, lockBox: { lock?: LockHandle }, scratchBox: { dir?: ScratchDir }): Promise<BackupSummary> {
-  const { config, strategy, emit, signal } = options;
+/**
+ * A backup whose lock was lost fails with one error saying so, whatever the abort broke first:
+ * another backup may hold the repository now, and may have taken this one's pause over.
+ */
+function lockLossError(lockBox: LockBox, err: unknown): unknown {
+  const lost = lockBox.lock?.signal.aborted ? (lockBox.lock.signal.reason as Error) : undefined;
+  if (!lost) return err;
+  const taker = lockBox.pauseTakenBy;
+  const pause = taker ? `; the cluster was not resumed: ${describeOwner(taker)} took this backup's pause over and paused the cluster itself, and resumes it when it ends` : '';
+  return new BackupError(`the backup stopped: ${lost.message}${pause}; nothing was sealed`);
+}
+
+async function backupUnderLock(options: BackupOptions, lockBox: LockBox, scratchBox: { dir?: ScratchDir }): Promise<BackupSummary> {
+  const { config, strategy, emit } = options;
   const startedAt = new Date();
   const started = performance.now();
   const phases = new PhaseRunner(emit);
@@ -153,6 +173,9 @@ async function backupUnderLock(options: BackupOptions, lockBox: { lock?: LockHan
     return { cluster, repo, pgDump, dumpVersion, helmValues, holdings, scratch, plan: planOut.path, counts, databaseBytes, prediction, serverSide };
   });
   const { cluster, repo, pgDump, dumpVersion, holdings, scratch } = pre;
+  // From here on the work stops on SIGINT/SIGTERM, and when the lock is lost (this process stalled
+  // past its lease, or its heartbeat hung): another backup may hold the repository by then.
+  const signal = combineSignals(options.signal, lockBox.lock?.signal);
   const journal = new CopyJournal(repo, id);
   const serviceMd5 = new ServiceMd5(config.backup.serviceChecksums);
 
@@ -273,6 +296,9 @@ async function backupUnderLock(options: BackupOptions, lockBox: { lock?: LockHan
 
   /** Writes this backup's pause ledger entry; refused when another backup's entry is there (ours was taken over). */
   const recordPause = async (phase: LedgerEntry['phase']): Promise<void> => {
+    // Asked, not only observed through the signal: a process waking from a stall may get here
+    // before the timer that aborts the signal has run.
+    lockBox.lock?.assertHeld();
     const other = await ledger.write({ record: pauseRecord!, backupId: id, host: hostname(), pid: process.pid, phase, writtenAt: new Date().toISOString() });
     if (other) {
       throw new BackupError(`${ownedBy(other)}: this backup's lock must have been lost and its pause taken over; it writes nothing over that entry and seals nothing`);
@@ -322,8 +348,21 @@ async function backupUnderLock(options: BackupOptions, lockBox: { lock?: LockHan
       } catch (err) {
         failure = err;
       } finally {
-        // Resume always runs once a pause began: on success, on error and on SIGINT/SIGTERM.
+        // A lock lost once the work was done fails the backup too (nothing is sealed), and
+        // whatever goes wrong in the resume below is reported alongside it.
+        failure ??= lockBox.lock?.signal.aborted ? lockBox.lock.signal.reason : undefined;
+        // Resume always runs once a pause began: on success, on error and on SIGINT/SIGTERM;
+        // unless this backup lost its lock and the next one took the pause over: it resumed
+        // this pause (from the ledger) and paused the cluster itself, and its ledger entry is the
+        // record of that pause. Resuming now would end that pause in the middle of its backup.
         await phases.run('resume', async () => {
+          // A ledger that cannot be read is no proof of a takeover: the cluster is resumed.
+          const taker = await ledger.ownedByOther(id).catch(() => undefined);
+          if (taker) {
+            lockBox.pauseTakenBy = taker;
+            emit({ type: 'warning', message: `not resuming the cluster: ${ownedBy(taker)}, which took this backup's pause over; that backup resumes the cluster when it ends` });
+            return;
+          }
           try {
             await resumeWithRetries(strategy, pauseRecord!, events);
             resumedAt = new Date();
