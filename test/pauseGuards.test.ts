@@ -8,15 +8,16 @@
 import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';
 import { readFileSync } from 'node:fs';
-import { mkdtemp, readFile, writeFile } from 'node:fs/promises';
+import { mkdtemp, readFile, rm, stat, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
 import pg from 'pg';
 import { openRepository } from '../src/engine/context.js';
 import type { EngineEvent } from '../src/engine/events.js';
 import { createStrategy } from '../src/quiesce/factory.js';
 import { LEDGER_KEY, PauseLedger, type LedgerEntry } from '../src/quiesce/ledger.js';
 import type { QuiesceStrategy } from '../src/quiesce/strategy.js';
-import { acquireLock } from '../src/repository/lock.js';
+import { acquireLock, listLocks } from '../src/repository/lock.js';
 import { TestCluster, describeRun, type CliResult } from './helpers/cluster.js';
 
 describe('pause guards', () => {
@@ -166,6 +167,30 @@ describe('pause guards', () => {
       } finally {
         await lock.release();
       }
+    });
+  });
+
+  test('"pachbackup resume" holds the backup lock while it resumes: a backup starting meanwhile is refused, so its pause and ledger cannot be undone by the resume', async () => {
+    await withLedger(async (ledger, stateDir) => {
+      const env = { PACHBACKUP_STATE_DIR: stateDir };
+      const started = join(cluster.work, 'resume-started');
+      await rm(started, { force: true });
+      // A slow resume command: it says it started, then takes 3 s.
+      const configFile = await cluster.writeConfig((raw) => (raw.pause.command.resume = ['/bin/sh', '-c', 'touch "$1"; sleep 3; echo resumed >> "$0"', cluster.marker, started]));
+      await ledger.write({ record: { strategy: 'command', target: 'the cluster (pause.command)', startedAt: '2024-01-01T00:00:00.000Z', state: {} }, backupId: 'killed-backup', host: 'cronjob-pod', pid: 4242, phase: 'paused', writtenAt: '2024-01-01T00:00:01.000Z' });
+      const before = (await cluster.markerLines()).length;
+      const resume = cluster.spawnCli(['--config', configFile, '--json', 'resume'], { env });
+      while (!(await stat(started).then(() => true, () => false))) await sleep(50);
+      const error = await cluster.backup().then(
+        () => undefined,
+        (err: Error) => err,
+      );
+      const done = await resume.done;
+      assert.equal(done.code, 0, describeRun(done));
+      assert.match(error?.message ?? 'the backup ran during the resume', /is locked: cannot take the backup lock while the backup lock .* held by "pachbackup resume"/);
+      assert.deepEqual((await cluster.markerLines()).slice(before), ['resumed'], 'the backup did not pause during the resume');
+      assert.equal(await ledger.read(), undefined, 'the resumed ledger is gone');
+      assert.deepEqual(await listLocks(openRepository(cluster.config()).store), [], 'the resume released its lock');
     });
   });
 

@@ -9,7 +9,7 @@ import { newRetryTally, openRepository } from '../engine/context.js';
 import { restoreTargetsFromConfig, runRestore } from '../engine/restore.js';
 import { verifyBackup } from '../engine/verify.js';
 import { PauseLedger } from '../quiesce/ledger.js';
-import { acquireLock, describeLock, listLocks, lockExpiry, LockConflictError } from '../repository/lock.js';
+import { acquireLock, describeLock, lockExpiry, LockConflictError, type LockHandle } from '../repository/lock.js';
 import { createStrategy, resumeLedgerEntry } from '../quiesce/factory.js';
 import { TOOL_VERSION } from '../version.js';
 import { tuneHeapForStreaming } from '../process/heapTuning.js';
@@ -172,23 +172,37 @@ export function buildProgram(): Command {
         const repo = openRepository(config);
         await repo.open(false);
         const ledger = new PauseLedger(repo.store, repo.id);
-        const entry = await ledger.read();
-        if (!entry) {
-          renderer.result('resume', { resumed: false }, () => 'no pause ledger: pachbackup has not left the cluster paused');
-          return;
-        }
-        if (!opts.force) {
-          // The ledger of a backup that is still running: it resumes the cluster itself, and a
-          // resume now would end its pause in the middle of the copy.
-          const running = (await listLocks(repo.store)).find((l) => l.kind === 'backup' && l.state === 'live');
-          if (running) {
+        const nothingPaused = (): void => renderer.result('resume', { resumed: false }, () => 'no pause ledger: pachbackup has not left the cluster paused');
+        const seen = await ledger.read();
+        if (!seen) return nothingPaused();
+        // The backup lock, held while resuming: a backup starting meanwhile would write a ledger
+        // of its own that this resume must not clear, and pause a cluster this resume scales back.
+        let lock: LockHandle | undefined;
+        try {
+          lock = await acquireLock(repo.store, 'backup', { command: `pachbackup resume${opts.force ? ' --force' : ''}` }, { onEvent: renderer.sink });
+        } catch (err) {
+          if (!(err instanceof LockConflictError)) throw err;
+          const holder = err.holder;
+          if (holder.info?.kind === 'backup' && !opts.force) {
+            // The ledger of a backup that is still running: it resumes the cluster itself, and a
+            // resume now would end its pause in the middle of the copy.
             throw new LockConflictError(
-              `a backup may still be running: ${describeLock(running)}. It resumes the cluster itself when it ends; resuming now would end its pause in the middle of the backup. If that run is gone (killed on another machine), its lock goes stale ${lockExpiry(running)}, or run "pachbackup resume --force"`,
-              running,
+              `a backup may still be running: ${describeLock(holder)}. It resumes the cluster itself when it ends; resuming now would end its pause in the middle of the backup. If that run is gone (killed on another machine), its lock goes stale ${lockExpiry(holder)}, or run "pachbackup resume --force"`,
+              holder,
             );
           }
+          // A prune (which never pauses), or --force: a paused cluster does not wait for either.
+          renderer.line(`! warning: resuming without the backup lock: ${describeLock(holder)}`);
         }
-        await resumeLedgerEntry(config.pause, ledger, entry, { info: (m) => renderer.line(`  ${m}`), warn: (m) => renderer.line(`! warning: ${m}`) });
+        let entry;
+        try {
+          // Read again under the lock: the backup that wrote it may have ended meanwhile.
+          entry = lock ? await ledger.read() : seen;
+          if (entry) await resumeLedgerEntry(config.pause, ledger, entry, { info: (m) => renderer.line(`  ${m}`), warn: (m) => renderer.line(`! warning: ${m}`) });
+        } finally {
+          await lock?.release();
+        }
+        if (!entry) return nothingPaused();
         renderer.result('resume', { resumed: true, record: entry.record, backupId: entry.backupId }, () => `resumed ${entry.record.target}, paused since ${entry.record.startedAt} by backup ${entry.backupId} (pid ${entry.pid} on ${entry.host})`);
       });
     });
