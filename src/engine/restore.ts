@@ -17,7 +17,7 @@ import { algorithmOf, digestHex } from '../repository/checksum.js';
 import { pipeWithDigest } from '../repository/digest.js';
 import { dumpFormat, type DatabaseEntry } from '../repository/manifest.js';
 import { acquireLock, type LockHandle } from '../repository/lock.js';
-import { layout, RepositoryError, type Repository } from '../repository/repository.js';
+import { layout, RepositoryError, type IndexEntry, type Repository } from '../repository/repository.js';
 import { PreflightError, newRetryTally, openRepository } from './context.js';
 import { PhaseRunner, ProgressReporter, type EventSink } from './events.js';
 import { IndexSource, repositoryObjects } from './objects.js';
@@ -372,15 +372,11 @@ async function restoreObjects(
   // (SSE-KMS, a store ignoring Content-MD5) turns the MD5s over to this process from then on.
   let targetVouches = true;
   await forEachConcurrently(
-    index.entries(),
+    withPresence(index.entries(), out, targetWasEmpty),
     concurrency,
-    async (entry) => {
-      // In a target that held objects before, one already there is not this restore's to remove.
-      // Asked once: on a retry, the object may be there from this restore's own earlier attempt.
-      let recorded: boolean | undefined;
+    async ({ entry, recorded }) => {
       await withRetry(
         async () => {
-          recorded ??= targetWasEmpty || (await out.stat(entry.key)) === undefined;
           const body = await failsAtOnce(repo.store.get(layout.object(entry.key), signal));
           if (recorded) await written.write([entry.key]);
           // An MD5 checksum is checked by the target service itself when it can (Content-MD5): nothing to hash here.
@@ -406,6 +402,26 @@ async function restoreObjects(
     signal,
   );
   progress.flush();
+}
+
+/**
+ * Each index entry, with whether the restore will have created its object (`recorded`): in a
+ * target that held objects before, one already there is not this restore's to remove on a
+ * rollback. The target's listing is merged with the index (both in key order), one LIST per
+ * thousand keys instead of a HEAD per object; it is read before each object is copied, so a
+ * retry does not take the restore's own earlier attempt for an object that was there.
+ */
+async function* withPresence(entries: AsyncIterable<IndexEntry>, out: ObjectStore, targetWasEmpty: boolean): AsyncGenerator<{ entry: IndexEntry; recorded: boolean }> {
+  if (targetWasEmpty) {
+    for await (const entry of entries) yield { entry, recorded: true };
+    return;
+  }
+  const present = new Cursor(inKeyOrder(out.list(), `the listing of ${out.description}`));
+  try {
+    for await (const entry of entries) yield { entry, recorded: (await present.seek(entry.key)) === undefined };
+  } finally {
+    await present.close();
+  }
 }
 
 /** pg_restore of a dump already downloaded and checked: a custom-format file or a directory. */
