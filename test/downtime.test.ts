@@ -3,6 +3,7 @@
  * against real PostgreSQL 15 servers and real stores (filesystem and s3rver).
  */
 import assert from 'node:assert/strict';
+import { rmSync } from 'node:fs';
 import { readdir } from 'node:fs/promises';
 import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
@@ -183,6 +184,33 @@ describe('online mode', () => {
     assert.ok(referenced.length >= 60);
     for (const key of referenced) assert.ok(restoredKeys.has(key), `restored bucket holds referenced ${key}`);
   });
+
+  // Pachyderm's garbage collector deletes unreferenced chunks while the cluster runs, and pachd
+  // writes and deletes a test/<uuid> object at start-up: objects listed, then gone before their copy.
+  for (const mode of ['online', 'paused'] as const) {
+    test(`${mode}: unreferenced objects deleted between the listing and their copy are left out; the backup seals and verifies`, async () => {
+      const gone = ['chunk/' + 'e'.repeat(64) + '.00000000000fffff', 'test/6f1c0d3e-8a7b-4c2d-9e1f-0a1b2c3d4e5f'];
+      for (const key of gone) await cluster.clusterStore().put(key, Buffer.alloc(512, 7));
+      const events: EngineEvent[] = [];
+      const summary = await runBackup({
+        config: cluster.config((raw) => (raw.backup.mode = mode)),
+        strategy: mode === 'online' ? new NoPause() : new HookPause(async () => undefined),
+        emit: (e) => {
+          events.push(e);
+          // Listed in preflight; deleted (synchronously) before the pre-copy copies anything.
+          if (e.type === 'phase-start' && e.phase === 'precopy') for (const key of gone) rmSync(join(cluster.dirs!.cluster, key));
+        },
+      });
+      const held = await backupIndexKeys(cluster, summary.id);
+      for (const key of gone) assert.ok(!held.has(key), `${key}, gone before its copy, is not in the index`);
+      for (const key of await referencedKeys(cluster, 'source')) assert.ok(held.has(key), `referenced ${key} is held`);
+      assert.ok(events.some((e) => e.type === 'warning' && /2 object\(s\) listed in the cluster bucket were deleted before they were copied/.test(e.message)), 'the operator is told');
+      const repo = openRepository(cluster.config());
+      await repo.open(false);
+      const report = await verifyBackup({ repo, manifest: await repo.readManifest(summary.id), emit: () => undefined, concurrency: 4 });
+      assert.deepEqual(report.problems, []);
+    });
+  }
 
   test('a referenced object deleted from the bucket before it is copied: not sealed, the key named', async () => {
     const keys = await referencedKeys(cluster, 'source');

@@ -153,7 +153,7 @@ async function backupUnderLock(options: BackupOptions, lockBox: LockBox, scratch
     const helmValues = rawHelmValues && (await repo.helmValuesForStorage(rawHelmValues, config.backup.keepHelmSecrets));
     if (mode === 'paused') await assertExpectedContext(strategy, config.pause.expectedContext);
     if (mode === 'online' && rawHelmValues && pachydermGcEnabled(rawHelmValues.toString('utf8'))) {
-      events.warn('the Helm values enable Pachyderm garbage collection; online mode still proves every referenced object is held, but a chunk deleted mid-backup fails the backup');
+      events.warn('the Helm values enable Pachyderm garbage collection; online mode still proves every referenced object is held, but a chunk the dump snapshot references that is deleted before it is copied fails the backup');
     }
     const backups = await repo.listBackups();
     const scratch = await ScratchDir.create();

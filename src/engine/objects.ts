@@ -1,6 +1,6 @@
 import { gzipSync } from 'node:zlib';
 import { asRetryable, CHECKSUM_FALLBACK, failedAtOnce, failsAtOnce, isRetryable, withRetry, defaultRetryPolicy, type RetryPolicy } from '../objectstore/retry.js';
-import { ChecksumMismatchError, md5OfEtag, NOT_FOUND, NotFoundError, SOURCE_CHANGED, sourceChanged, StoreError, type ObjectInfo, type ObjectStore } from '../objectstore/store.js';
+import { ChecksumMismatchError, isNotFound, md5OfEtag, NOT_FOUND, NotFoundError, SOURCE_CHANGED, sourceChanged, StoreError, type ObjectInfo, type ObjectStore } from '../objectstore/store.js';
 import { checksumOf, isChecksum, type Checksum } from '../repository/checksum.js';
 import { digestOf, pipeWithDigest } from '../repository/digest.js';
 import type { FileRef } from '../repository/manifest.js';
@@ -406,6 +406,16 @@ export async function copyMissingObjects(options: CopyOptions & { objects: Objec
   return { entries, newCount: missing.length, newBytes, serverSideCount };
 }
 
+/**
+ * After a copy failed with "not found": whether the cluster bucket confirms the object is gone
+ * (deleted since it was listed). Anything else (the repository answering 404, a stat that fails)
+ * stays the copy's failure.
+ */
+async function confirmedGone(source: ObjectStore, key: string, error: unknown): Promise<boolean> {
+  if (!isNotFound(error)) return false;
+  return (await source.stat(key).catch(() => null)) === undefined;
+}
+
 /** Results waiting to be written in key order; a copy that is slow holds back at most this many. */
 const ORDER_WINDOW = 4096;
 
@@ -413,24 +423,30 @@ const ORDER_WINDOW = 4096;
  * Carries out a plan in key order: objects marked held pass through, the others are copied with
  * `concurrency` copies in flight. Every entry is written to `out` in the plan's (key) order, so the
  * output is itself a key-ordered index; memory is bounded by the window, not by the plan's length.
+ *
+ * An object the cluster bucket no longer has when its copy starts (deleted since the listing:
+ * Pachyderm's garbage collector, pachd's start-up test object) is left out of the output with a
+ * warning, not a failure: only referenced objects must be held, and the seal checks those.
  */
-export async function copyPlanned(options: CopyOptions & { plan: AsyncIterable<PlanItem>; total: { objects: number; bytes: number }; out?: RowWriter }): Promise<{ count: number; bytes: number; newCount: number; newBytes: number; serverSideCount: number }> {
+export async function copyPlanned(options: CopyOptions & { plan: AsyncIterable<PlanItem>; total: { objects: number; bytes: number }; out?: RowWriter }): Promise<{ count: number; bytes: number; newCount: number; newBytes: number; serverSideCount: number; goneCount: number }> {
   const { signal } = options;
   const progress = new ProgressReporter(options.emit, options.phase, options.total.objects, options.total.bytes);
-  const result = { count: 0, bytes: 0, newCount: 0, newBytes: 0, serverSideCount: 0 };
-  const window: Array<{ entry?: IndexEntry; settled?: Promise<void> }> = [];
+  const result = { count: 0, bytes: 0, newCount: 0, newBytes: 0, serverSideCount: 0, goneCount: 0 };
+  const goneShown: string[] = [];
+  const window: Array<{ entry?: IndexEntry; gone?: boolean; settled?: Promise<void> }> = [];
   const inFlight = new Set<Promise<void>>();
   let failure: { error: unknown } | undefined;
 
   const writeReady = async (): Promise<void> => {
     while (window.length > 0) {
       const head = window[0]!;
-      if (!head.entry) {
+      if (!head.entry && !head.gone) {
         if (window.length < ORDER_WINDOW || !head.settled) return;
         await head.settled;
-        if (!head.entry) return;
+        if (!head.entry && !head.gone) return;
       }
       window.shift();
+      if (!head.entry) continue;
       result.count++;
       result.bytes += head.entry.size;
       await options.out?.write(indexRow(head.entry));
@@ -446,7 +462,7 @@ export async function copyPlanned(options: CopyOptions & { plan: AsyncIterable<P
       } else {
         while (inFlight.size >= options.concurrency) await Promise.race(inFlight);
         if (failure) break;
-        const slot: { entry?: IndexEntry; settled?: Promise<void> } = {};
+        const slot: { entry?: IndexEntry; gone?: boolean; settled?: Promise<void> } = {};
         const settled = copyOne(options, item).then(
           ({ serverSide, ...entry }) => {
             slot.entry = entry;
@@ -456,7 +472,13 @@ export async function copyPlanned(options: CopyOptions & { plan: AsyncIterable<P
             options.journal.record(entry);
             progress.add(1, entry.size);
           },
-          (error: unknown) => {
+          async (error: unknown) => {
+            if (!signal?.aborted && (await confirmedGone(options.source, item.key, error))) {
+              slot.gone = true;
+              if (result.goneCount++ < 5) goneShown.push(item.key);
+              progress.add(1, 0);
+              return;
+            }
             failure ??= { error };
           },
         );
@@ -481,6 +503,12 @@ export async function copyPlanned(options: CopyOptions & { plan: AsyncIterable<P
   }
   await options.journal.flush();
   progress.flush();
+  if (result.goneCount > 0) {
+    options.emit({
+      type: 'warning',
+      message: `${result.goneCount} object(s) listed in the cluster bucket were deleted before they were copied (${options.phase}), so the backup does not hold them: ${goneShown.join(', ')}${result.goneCount > goneShown.length ? ', …' : ''}. Pachyderm deletes only chunks nothing references (garbage collection) and its start-up test objects; the seal still fails if a referenced one is missing`,
+    });
+  }
   return result;
 }
 
