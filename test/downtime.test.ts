@@ -15,7 +15,7 @@ import { addChunks } from '../src/demo/pachydermFixture.js';
 import { REFERENCED_KEYS_SQL } from '../src/postgres/snapshot.js';
 import type { PauseRecord, QuiesceEvents, QuiesceStrategy } from '../src/quiesce/strategy.js';
 import { NoPause } from '../src/quiesce/none.js';
-import { TestCluster, describeRun } from './helpers/cluster.js';
+import { TestCluster, describeRun, withFaults } from './helpers/cluster.js';
 
 /** A pause strategy that runs a hook inside pause(): writes that land after the pre-copy, before the pause. */
 class HookPause implements QuiesceStrategy {
@@ -211,6 +211,25 @@ describe('online mode', () => {
       assert.deepEqual(report.problems, []);
     });
   }
+
+  test("the backup role's idle_in_transaction_session_timeout (shorter than the copy) does not end the exported snapshot before pg_dump reads it", async () => {
+    // A common server or role setting; the snapshot's session waits idle in its transaction while
+    // the copy phase runs, as pg_dump's own sessions do while it works (pg_dump turns it off).
+    const role = cluster.source.user;
+    await cluster.source.query('postgres', `ALTER ROLE "${role}" SET idle_in_transaction_session_timeout = '1s'`);
+    try {
+      // The copy phase's listing (the second of the cluster bucket) takes longer than the timeout.
+      const summary = await withFaults([{ store: 'cluster.objectStore', op: 'list', after: 1, limit: 1, kind: 'delay', ms: 2500 }], () =>
+        runBackup({ config: cluster.config((raw) => (raw.backup.mode = 'online')), strategy: new NoPause(), emit: () => undefined }),
+      );
+      const repo = openRepository(cluster.config());
+      await repo.open(false);
+      const report = await verifyBackup({ repo, manifest: await repo.readManifest(summary.id), emit: () => undefined, concurrency: 4 });
+      assert.deepEqual(report.problems, []);
+    } finally {
+      await cluster.source.query('postgres', `ALTER ROLE "${role}" RESET idle_in_transaction_session_timeout`);
+    }
+  });
 
   test('a referenced object deleted from the bucket before it is copied: not sealed, the key named', async () => {
     const keys = await referencedKeys(cluster, 'source');

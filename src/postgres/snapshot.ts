@@ -8,6 +8,9 @@ export const REFERENCED_KEYS_SQL = `SELECT key FROM (
     FROM storage.chunk_objects WHERE uploaded AND NOT tombstone) AS referenced
   ORDER BY key COLLATE "C"`;
 
+/** Server settings that would end the snapshot's transaction or its queries; 0 turns each off. */
+const SESSION_TIMEOUTS = ['statement_timeout', 'lock_timeout', 'idle_in_transaction_session_timeout', 'transaction_timeout'];
+
 const USER_TABLES_SQL = `SELECT n.nspname AS schema, c.relname AS table
   FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
   WHERE c.relkind IN ('r', 'p') AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg_toast%'
@@ -32,6 +35,10 @@ export class DatabaseSnapshot {
     const client = await connect(server, database);
     try {
       await client.query('BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY');
+      // The snapshot lives only as long as this session's transaction, which waits idle while the
+      // objects are copied and until pg_dump has imported it: a server or role timeout must not end
+      // it (pg_dump turns the same ones off for its own sessions). Only the settings the server has.
+      await client.query(`SELECT set_config(name, '0', true) FROM pg_settings WHERE name = ANY($1)`, [SESSION_TIMEOUTS]);
       const { rows } = await client.query<{ id: string; version: string; num: string }>(
         `SELECT pg_export_snapshot() AS id, current_setting('server_version') AS version, current_setting('server_version_num') AS num`,
       );
