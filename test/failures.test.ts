@@ -19,14 +19,15 @@ function faults(rules: unknown[]): Record<string, string> {
 
 /**
  * No backup was sealed since `sealedBefore` (the tests of a group share one repository, where an
- * earlier test's mistake must not fail the next), and no pause is recorded.
+ * earlier test's mistake must not fail the next), and no pause is recorded. `leftFiles`: the
+ * failed backup wrote files, so it is listed as incomplete.
  */
-async function assertNothingSealed(cluster: TestCluster, config: string, sealedBefore: string[]): Promise<void> {
+async function assertNothingSealed(cluster: TestCluster, config: string, sealedBefore: string[], leftFiles = true): Promise<void> {
   assert.deepEqual(await cluster.sealedBackups(), sealedBefore, 'no new manifest in the repository');
   const list = await cluster.runCli(['--config', config, '--json', 'list']);
   assert.equal(list.code, 0, describeRun(list));
   assert.deepEqual(list.result?.backups.map((b: { id: string }) => b.id), sealedBefore, `list shows no new complete backup: ${list.stdout}`);
-  assert.ok(list.result?.incomplete.length >= 1, `the interrupted backup is listed as incomplete: ${list.stdout}`);
+  if (leftFiles) assert.ok(list.result?.incomplete.length >= 1, `the interrupted backup is listed as incomplete: ${list.stdout}`);
   const status = await cluster.runCli(['--config', config, '--json', 'status']);
   assert.equal(status.code, 0, describeRun(status));
   assert.equal(status.result?.paused, false, 'no pause left in the ledger');
@@ -109,6 +110,26 @@ for (const kind of ['fs', 's3rver'] as StoreKind[]) {
       assert.match(run.stderr, /interrupted/, describeRun(run));
       assert.deepEqual(await cluster.markerLines(), ['paused', 'resumed'], 'resumed after the pause');
       await assertNothingSealed(cluster, config, sealedBefore);
+    });
+
+    test('the repository refuses the copy journal (written in the background) while paused: a failure of the backup, resume still runs, nothing sealed', { timeout: 300_000 }, async () => {
+      await cluster.resetMarker();
+      // New objects, so the paused copy phase has work, each read slowed down: it outlasts the
+      // journal's 2 s flush interval, so a journal is written while objects are still copied.
+      await addChunks(cluster.source, cluster.clusterStore(), 12, { seed: 41 });
+      const sealedBefore = await cluster.sealedBackups();
+      const config = await cluster.writeConfig();
+      const run = await cluster.runCli(['--config', config, '--yes', 'backup', '--no-precopy', '--concurrency', '1'], {
+        env: faults([
+          { store: 'cluster.objectStore', op: 'get', kind: 'delay', ms: 400 },
+          { store: 'repository', op: 'put', keyContains: '/journal/', kind: 'permanent' },
+        ]),
+      });
+      assert.equal(run.code, EXIT_FAILED, describeRun(run));
+      assert.match(run.stderr, /pachbackup: error: .*(injected fault|AccessDenied).*journal/, describeRun(run));
+      assert.deepEqual(await cluster.markerLines(), ['paused', 'resumed'], 'paused once, then resumed');
+      // Its only files would have been journals.
+      await assertNothingSealed(cluster, config, sealedBefore, false);
     });
   });
 }

@@ -200,12 +200,22 @@ export class CopyJournal {
   #seq = 0;
   #lastFlush = performance.now();
   #flushing: Promise<void> = Promise.resolve();
+  #failure: { error: unknown } | undefined;
 
   constructor(private readonly repo: Repository, private readonly backupId: string, private readonly maxEntries = 1000, private readonly maxAgeMs = 2000) {}
 
   record(entry: IndexEntry): void {
     this.#pending.push(entry);
-    if (this.#pending.length >= this.maxEntries || performance.now() - this.#lastFlush >= this.maxAgeMs) void this.flush();
+    // Written in the background: a failure is kept (the copy stops on it) and every later flush()
+    // rejects with it, instead of an unhandled rejection ending the process, paused cluster and all.
+    if (this.#pending.length >= this.maxEntries || performance.now() - this.#lastFlush >= this.maxAgeMs) {
+      this.flush().catch((error: unknown) => (this.#failure ??= { error }));
+    }
+  }
+
+  /** The failure of a journal written in the background, once there is one. */
+  get failure(): { error: unknown } | undefined {
+    return this.#failure;
   }
 
   flush(): Promise<void> {
@@ -455,6 +465,7 @@ export async function copyPlanned(options: CopyOptions & { plan: AsyncIterable<P
 
   try {
     for await (const item of options.plan) {
+      failure ??= options.journal.failure;
       if (failure) break;
       signal?.throwIfAborted();
       if (item.checksum !== undefined) {
