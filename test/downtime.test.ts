@@ -4,7 +4,7 @@
  */
 import assert from 'node:assert/strict';
 import { rmSync } from 'node:fs';
-import { readdir } from 'node:fs/promises';
+import { readdir, rename } from 'node:fs/promises';
 import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { runBackup } from '../src/engine/backup.js';
@@ -95,6 +95,61 @@ describe('pre-copy and paused backups', () => {
     const referenced = await referencedKeys(cluster, 'target');
     assert.equal(referenced.length, 40 + 10, 'the restored database references the objects written before the pause');
     for (const key of referenced) assert.ok(restoredKeys.has(key), `restored bucket holds referenced ${key}`);
+  });
+
+  test('a bucket that lacks the referenced objects (a wrong bucket or prefix): the downtime budget still stops the backup, which resumes at once', async () => {
+    const chunks = join(cluster.dirs!.cluster, 'chunk');
+    let resumedAt = 0;
+    let pausedAt = 0;
+    const started = Date.now();
+    const sealedBefore = await cluster.sealedBackups();
+    await assert.rejects(
+      // Every referenced key is then looked up one by one, each lookup slowed down: over 15 s in all.
+      withFaults([{ store: 'cluster.objectStore', op: 'stat', kind: 'delay', ms: 300 }], () =>
+        runBackup({
+          config: cluster.config((raw) => {
+            raw.backup.precopy = false;
+            raw.pause.maxDowntimeSeconds = 2;
+            raw.pause.quiescence = { settleSeconds: 0 };
+          }),
+          strategy: new HookPause(
+            async () => {
+              pausedAt = Date.now();
+              // The objects vanish from the bucket the backup reads while paused.
+              await rename(chunks, `${chunks}.away`);
+            },
+            async () => {
+              resumedAt = Date.now();
+              await rename(`${chunks}.away`, chunks);
+            },
+          ),
+          emit: () => undefined,
+        }),
+      ),
+      (err: Error) => /downtime budget of 2s/.test(err.message),
+    );
+    assert.ok(pausedAt > started && resumedAt > 0, 'paused, then resumed');
+    assert.ok(resumedAt - pausedAt < 5000, `resumed ${resumedAt - pausedAt} ms after the pause, within the 2 s budget and a lookup or two`);
+    assert.deepEqual(await cluster.sealedBackups(), sealedBefore);
+
+    // Without a budget: once ten are known missing, the others are counted without a lookup each
+    // (an eleventh lookup of the cluster bucket would fail the backup with an injected fault).
+    await assert.rejects(
+      withFaults([{ store: 'cluster.objectStore', op: 'stat', after: 10, kind: 'permanent' }], () =>
+        runBackup({
+          config: cluster.config((raw) => {
+            raw.backup.precopy = false;
+            raw.pause.quiescence = { settleSeconds: 0 };
+          }),
+          strategy: new HookPause(
+            async () => rename(chunks, `${chunks}.away`),
+            async () => rename(`${chunks}.away`, chunks),
+          ),
+          emit: () => undefined,
+        }),
+      ),
+      (err: Error) => /^\d+ object\(s\) the pachyderm database references are not in the bucket/.test(err.message) && /check that cluster\.objectStore/.test(err.message),
+    );
   });
 });
 

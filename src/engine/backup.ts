@@ -264,15 +264,18 @@ async function backupUnderLock(options: BackupOptions, lockBox: LockBox, scratch
       newCount = precopied.count + copied.newCount;
       newBytes = precopied.bytes + copied.newBytes;
       // Referenced keys the listing did not have (written after it, in online mode): fetched by key.
+      // Once MISSING_SHOWN are known missing the backup will fail: the rest are counted without a
+      // lookup each (a wrong bucket or prefix would make that one per referenced key, while paused).
       const unlisted: ObjectInfo[] = [];
       const missing = { count: 0, shown: [] as string[] };
       const index = new Cursor(readEntries(indexEntries));
       try {
         for await (const [key] of readRows(referenced!.path) as AsyncIterable<[string]>) {
+          copySignal?.throwIfAborted();
           if (await index.seek(key)) continue;
-          const info = await cluster.source.store.stat(key);
+          const info = missing.count < MISSING_SHOWN ? await cluster.source.store.stat(key) : undefined;
           if (info) unlisted.push(info);
-          else if (missing.count++ < 10) missing.shown.push(key);
+          else if (missing.count++ < MISSING_SHOWN) missing.shown.push(key);
         }
       } finally {
         await index.close();
@@ -401,7 +404,7 @@ async function backupUnderLock(options: BackupOptions, lockBox: LockBox, scratch
     if (missing.count > 0) {
       const shown = missing.shown.join(', ');
       throw new BackupError(
-        `${missing.count} object(s) the pachyderm database references are not in the bucket, so the backup would not restore: ${shown}${missing.count > missing.shown.length ? ', …' : ''}. Nothing was sealed. If Pachyderm garbage collection is on, back up in paused mode or turn it off.`,
+        `${missing.count} object(s) the pachyderm database references are not in the bucket, so the backup would not restore: ${shown}${missing.count > missing.shown.length ? ', …' : ''}. Nothing was sealed. ${mode === 'online' ? 'If Pachyderm garbage collection is on, back up in paused mode or turn it off; if most are missing, ' : 'If most are missing, '}check that cluster.objectStore names the bucket (and prefix) pachd writes to.`,
       );
     }
     // The index streams from the scratch file, merged with the objects fetched by key, in key order.
@@ -494,6 +497,9 @@ async function openSnapshots(cluster: ClusterHandles): Promise<OpenSnapshot[]> {
   }
   return opened.map((r) => (r as PromiseFulfilledResult<OpenSnapshot>).value);
 }
+
+/** Referenced keys missing from the bucket named in the error; after this many, the backup is known to fail. */
+const MISSING_SHOWN = 10;
 
 function notQuiet(problems: string[]): BackupError {
   return new BackupError(`the cluster is not quiet after pausing, so the backup would not be consistent; the cluster is resumed and nothing is sealed. Still writing: ${problems.join('; ')}`);
