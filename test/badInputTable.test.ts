@@ -124,6 +124,19 @@ describe('bad input table: configuration files', () => {
     });
   }
 
+  test('wrong database: cluster.databases.pachyderm names a database that is not Pachyderm\'s (no storage.chunk_objects)', { timeout: 120_000 }, async (t) => {
+    const notPachyderm = (raw: RawConfig): void => void (raw.cluster.databases.pachyderm = 'postgres');
+    // Online mode's consistency rests on the referenced chunk keys: refused before anything is copied.
+    await refusedBackup(t, cluster, 'wrong database', 'cluster.databases.pachyderm: postgres, online mode', (raw) => {
+      notPachyderm(raw);
+      raw.backup.mode = 'online';
+    }, { exit: EXIT_FAILED, message: [/database "postgres" \(cluster\.databases\.pachyderm\) has no table storage\.chunk_objects/, /online mode .* check cluster\.databases\.pachyderm/] });
+    // Paused mode can still back it up, but says it cannot prove the objects held: plan says so before any backup.
+    const plan = await cluster.runCli(['--config', await cluster.writeConfig(notPachyderm), 'plan']);
+    assert.equal(plan.code, 0, describeRun(plan));
+    assert.match(plan.stdout, /! warning: database "postgres" \(cluster\.databases\.pachyderm\) has no table storage\.chunk_objects.*cannot prove them held/, describeRun(plan));
+  });
+
   const urlCases: Array<{ input: string; mutate: (raw: RawConfig) => void; message: RegExp[] }> = [
     { input: 'repository.url http://bucket (not a store URL)', mutate: (raw) => void (raw.repository.url = 'http://bucket'), message: [/repository\.url/, /"http:\/\/bucket" is not a store URL; use s3:\/\/bucket\[\/prefix\] or file:\/\/\/absolute\/path/] },
     { input: 'cluster.objectStore.url s3://Bad_Bucket', mutate: (raw) => void (raw.cluster.objectStore.url = 's3://Bad_Bucket'), message: [/cluster\.objectStore\.url: "Bad_Bucket" is not a valid S3 bucket name/] },

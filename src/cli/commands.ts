@@ -108,6 +108,7 @@ export function planText(plan: Awaited<ReturnType<typeof runPlan>>): string {
     `  predicted downtime ${formatMs(p.downtimeMs)}, total ${formatMs(p.totalMs)}`,
     `  basis: ${p.basis}`,
     `  rates: dump ${formatBytes(p.rates.dumpBytesPerSecond)}/s, copy ${p.rates.copyObjectsPerSecond} objects/s and ${formatBytes(p.rates.copyBytesPerSecond)}/s, listing ${p.rates.listObjectsPerSecond} objects/s`,
+    ...plan.warnings.map((w) => `! warning: ${w}`),
   ];
   const judged = plan.history.filter((h) => h.predictedTotalMs !== null);
   if (judged.length > 0) {

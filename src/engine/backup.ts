@@ -148,7 +148,7 @@ async function backupUnderLock(options: BackupOptions, lockBox: LockBox, scratch
     }
     const pgDump = findPgTool('pg_dump', config.cluster.postgres.binDir);
     const dumpVersion = await toolVersion(pgDump);
-    const databaseBytes = await checkDatabases(cluster, pgDump, dumpVersion);
+    const databaseBytes = await checkDatabases(cluster, pgDump, dumpVersion, mode, (m) => events.warn(m));
     const rawHelmValues = await readHelmValues(config);
     const helmValues = rawHelmValues && (await repo.helmValuesForStorage(rawHelmValues, config.backup.keepHelmSecrets));
     if (mode === 'paused') await assertExpectedContext(strategy, config.pause.expectedContext);
@@ -629,12 +629,22 @@ function combineSignals(...signals: Array<AbortSignal | undefined>): AbortSignal
   return combined;
 }
 
-/** Connects to every database and checks pg_dump can dump it; returns their total size. */
-async function checkDatabases(cluster: ClusterHandles, pgDump: string, dumpVersion: { major: number; full: string }): Promise<number> {
+/**
+ * Connects to every database and checks pg_dump can dump it; returns their total size. A
+ * `pachyderm` database without storage.chunk_objects is not Pachyderm's metadata (a wrong
+ * cluster.databases.pachyderm): no referenced key can be listed, so online mode, whose
+ * consistency rests on them, refuses it; a paused backup is warned through `warn`.
+ */
+async function checkDatabases(cluster: ClusterHandles, pgDump: string, dumpVersion: { major: number; full: string }, mode: 'paused' | 'online', warn: (message: string) => void): Promise<number> {
   let bytes = 0;
   for (const db of cluster.databases) {
     const probe = await DatabaseSnapshot.open(cluster.postgres, db.name);
     try {
+      if (db.role === 'pachyderm' && !(await probe.hasChunkObjects())) {
+        const what = `database "${db.name}" (cluster.databases.pachyderm) has no table storage.chunk_objects: it is not a Pachyderm metadata database, or pachd has never started on it`;
+        if (mode === 'online') throw new PreflightError(`${what}; online mode proves the backup consistent through the chunk keys that table references, so it cannot back this up: check cluster.databases.pachyderm, or use paused mode`);
+        warn(`${what}; the backup cannot list which objects the database references, so it cannot prove them held: check cluster.databases.pachyderm`);
+      }
       bytes += await probe.databaseBytes();
       const unreadable = await probe.unreadableRelations();
       if (unreadable.length > 0) {
@@ -662,13 +672,14 @@ function formatSeconds(ms: number): string {
  * `pachbackup plan`: measures what the next backup would do (database sizes, objects not yet
  * held) and predicts its downtime and total time, without pausing or writing anything.
  */
-export async function runPlan(config: Config): Promise<{ prediction: Prediction; inputs: PlanInputs; history: Array<{ id: string; predictedDowntimeMs: number | null; downtimeMs: number | null; predictedTotalMs: number | null; totalMs: number }> }> {
+export async function runPlan(config: Config): Promise<{ prediction: Prediction; inputs: PlanInputs; warnings: string[]; history: Array<{ id: string; predictedDowntimeMs: number | null; downtimeMs: number | null; predictedTotalMs: number | null; totalMs: number }> }> {
   const cluster = openCluster(config);
   const repo = openRepository(config);
   await cluster.source.store.check();
   await repo.store.check();
   const pgDump = findPgTool('pg_dump', config.cluster.postgres.binDir);
-  const databaseBytes = await checkDatabases(cluster, pgDump, await toolVersion(pgDump));
+  const warnings: string[] = [];
+  const databaseBytes = await checkDatabases(cluster, pgDump, await toolVersion(pgDump), config.backup.mode, (m) => warnings.push(m));
   let sealed: Manifest[] = [];
   let held: HeldLookup = { get: async () => undefined, close: async () => undefined };
   const scratch = await ScratchDir.create();
@@ -690,6 +701,7 @@ export async function runPlan(config: Config): Promise<{ prediction: Prediction;
   return {
     prediction: predictBackup(sealed, inputs),
     inputs,
+    warnings,
     history: sealed.map((m) => ({
       id: m.id,
       predictedDowntimeMs: m.prediction?.downtimeMs ?? null,

@@ -64,6 +64,11 @@ export class DatabaseSnapshot {
   }
 
   /** On-disk size of the database, the input of the dump-time prediction. */
+  /** Whether this is a Pachyderm metadata database: one with the table the referenced chunk keys come from. */
+  async hasChunkObjects(): Promise<boolean> {
+    return hasChunkObjectsIn(this.client);
+  }
+
   async databaseBytes(): Promise<number> {
     const { rows } = await this.client.query<{ n: string }>('SELECT pg_database_size(current_database()) AS n');
     return Number(rows[0]?.n ?? 0);
@@ -93,8 +98,7 @@ export class DatabaseSnapshot {
  * transaction: the cursor lives until its end.
  */
 export async function* referencedKeysIn(client: pg.Client, batch = 10_000): AsyncGenerator<string> {
-  const { rows: exists } = await client.query(`SELECT to_regclass('storage.chunk_objects') IS NOT NULL AS present`);
-  if (!exists[0]?.present) return;
+  if (!(await hasChunkObjectsIn(client))) return;
   await client.query(`DECLARE pachbackup_referenced NO SCROLL CURSOR FOR ${REFERENCED_KEYS_SQL}`);
   try {
     for (;;) {
@@ -105,6 +109,11 @@ export async function* referencedKeysIn(client: pg.Client, batch = 10_000): Asyn
   } finally {
     await client.query('CLOSE pachbackup_referenced');
   }
+}
+
+async function hasChunkObjectsIn(client: pg.Client): Promise<boolean> {
+  const { rows } = await client.query<{ present: boolean }>(`SELECT to_regclass('storage.chunk_objects') IS NOT NULL AS present`);
+  return rows[0]?.present === true;
 }
 
 /** Exact row count of every user table, in a stable order, as seen by `client`'s transaction. */
