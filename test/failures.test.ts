@@ -8,7 +8,7 @@ import assert from 'node:assert/strict';
 import { addChunks } from '../src/demo/pachydermFixture.js';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { after, before, describe, test } from 'node:test';
-import { describeRun, TestCluster, type CliResult, type StoreKind } from './helpers/cluster.js';
+import { describeRun, TestCluster, withFaults, type CliResult, type StoreKind } from './helpers/cluster.js';
 
 const EXIT_FAILED = 1;
 const EXIT_INTERRUPTED = 130;
@@ -70,6 +70,31 @@ for (const kind of ['fs', 's3rver'] as StoreKind[]) {
       assert.match(run.stderr, /pachbackup: error: .*(injected fault|AccessDenied).*\.dump/, describeRun(run));
       assert.deepEqual(await cluster.markerLines(), ['paused', 'resumed'], 'paused once, then resumed');
       await assertNothingSealed(cluster, config, sealedBefore);
+    });
+
+    test('one database dump fails: the other dump is stopped with it, and nothing of the backup is written after it failed', { timeout: 300_000 }, async () => {
+      await cluster.resetMarker();
+      const sealedBefore = await cluster.sealedBackups();
+      const dumpKeys = async (): Promise<string[]> => {
+        const keys: string[] = [];
+        for await (const info of cluster.repositoryStore().list('backups/')) if (info.key.includes('/db/')) keys.push(info.key);
+        return keys;
+      };
+      const before = await dumpKeys();
+      // The dex dump's upload is refused at once; the pachyderm dump's upload starts 3 s late.
+      const error = await withFaults(
+        [
+          { store: 'repository', op: 'put', keyContains: '/db/dex', kind: 'permanent' },
+          { store: 'repository', op: 'put', keyContains: '/db/pachyderm', kind: 'delay', ms: 3000 },
+        ],
+        () => cluster.backup((raw) => void (raw.backup.precopy = false)).then(() => undefined, (err: Error) => err),
+      );
+      assert.match(error?.message ?? 'the backup succeeded', /injected fault|AccessDenied/);
+      assert.deepEqual(await cluster.markerLines(), ['paused', 'resumed'], 'paused once, then resumed');
+      // Past the delay: a pachyderm dump still running would have written its file by now.
+      await sleep(4000);
+      assert.deepEqual(await dumpKeys(), before, 'no dump file appeared after the backup failed');
+      assert.deepEqual(await cluster.sealedBackups(), sealedBefore);
     });
 
     test('a failure before the pause (during pre-copy) never pauses the cluster, nothing sealed', { timeout: 300_000 }, async () => {

@@ -511,13 +511,27 @@ function notQuiet(problems: string[]): BackupError {
  * snapshot (and the resume) the dump runs.
  */
 async function dumpDatabases(snapshots: OpenSnapshot[], dump: DumpContext): Promise<DumpedDatabase[]> {
-  // The databases are dumped at the same time.
-  return Promise.all(snapshots.map(async (open): Promise<DumpedDatabase> => {
-    dump.signal?.throwIfAborted();
-    const dumped = dump.jobs > 1 ? await dumpToDirectory(dump, open) : { ref: await dumpToStream(dump, open) };
-    const tables = await open.snapshot.tableCounts();
-    return { role: open.role, name: open.name, ...dumped, tables, serverVersion: open.snapshot.serverVersion };
-  }));
+  // The databases are dumped at the same time. The first failure stops the others (their pg_dump
+  // killed, their upload aborted), and returns only once they have stopped: nothing of this backup
+  // runs on after it has failed and released its lock.
+  const stop = new AbortController();
+  const signal = combineSignals(dump.signal, stop.signal)!;
+  const settled = await Promise.allSettled(
+    snapshots.map(async (open): Promise<DumpedDatabase> => {
+      try {
+        signal.throwIfAborted();
+        const dumped = dump.jobs > 1 ? await dumpToDirectory({ ...dump, signal }, open) : { ref: await dumpToStream({ ...dump, signal }, open) };
+        const tables = await open.snapshot.tableCounts();
+        return { role: open.role, name: open.name, ...dumped, tables, serverVersion: open.snapshot.serverVersion };
+      } catch (err) {
+        if (!stop.signal.aborted) stop.abort(err);
+        throw err;
+      }
+    }),
+  );
+  const failed = settled.find((r): r is PromiseRejectedResult => r.status === 'rejected' && r.reason === stop.signal.reason) ?? settled.find((r) => r.status === 'rejected');
+  if (failed) throw failed.reason;
+  return settled.map((r) => (r as PromiseFulfilledResult<DumpedDatabase>).value);
 }
 
 /** What dumping a database needs besides its snapshot. */

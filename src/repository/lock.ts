@@ -1,4 +1,5 @@
 import { randomBytes } from 'node:crypto';
+import { setMaxListeners } from 'node:events';
 import { hostname } from 'node:os';
 import { z } from 'zod';
 import { ACCESS_DENIED, NotFoundError, PreconditionFailedError, StoreError, type ObjectStore } from '../objectstore/store.js';
@@ -297,6 +298,8 @@ class HeldLock implements LockHandle {
     private readonly onEvent: (event: LockEvent) => void,
   ) {
     this.#lastBeat = Date.parse(info.heartbeatAt);
+    // Every copy of a backup listens on this signal; the default limit of 10 would warn spuriously.
+    setMaxListeners(0, this.#controller.signal);
     this.schedule(this.intervalMs);
     this.watch();
   }
