@@ -70,6 +70,10 @@ export async function connect(server: PgServer, database: string): Promise<pg.Cl
     ssl: sslOption(server),
     connectionTimeoutMillis: c.connectTimeoutSeconds * 1000,
     application_name: 'pachbackup',
+    // The snapshot's session sits idle through the whole copy; TCP keepalives every 30 s keep a
+    // NAT or load balancer that drops idle connections (e.g. after 350 s) from ending it.
+    keepAlive: true,
+    keepAliveInitialDelayMillis: 30_000,
   });
   // An idle client whose server goes away emits 'error'; without a listener the process would crash.
   client.on('error', () => undefined);
