@@ -9,7 +9,7 @@ import { mkdir, mkdtemp, readdir, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
-import { copyPlanned, CopyJournal, readEntries, type PlanItem } from '../src/engine/objects.js';
+import { copyPlanned, CopyJournal, planCopy, readEntries, type PlanItem } from '../src/engine/objects.js';
 import { FsObjectStore } from '../src/objectstore/fs.js';
 import { compareKeys, Cursor, inKeyOrder, KeyOrderError, mergeByKey, readRows, RowWriter, ScratchDir, sortByKey } from '../src/objectstore/sorted.js';
 import { sha256Hex } from '../src/repository/digest.js';
@@ -228,5 +228,22 @@ describe('copyPlanned', () => {
       assert.ok(copied.equals(objects.get(item.key)!), `${item.key} copied byte for byte`);
     }
     await scratch.remove();
+  });
+});
+
+describe('planCopy', () => {
+  test('an abort stops a listing that is still going (a large bucket listed while paused): Ctrl-C and the downtime budget do not wait for its end', async () => {
+    let listed = 0;
+    // A listing that never ends, one object every millisecond.
+    const endless = async function* () {
+      for (;;) {
+        await new Promise((r) => setTimeout(r, 1));
+        yield { key: `chunk/${String(listed++).padStart(12, '0')}`, size: 1 };
+      }
+    };
+    const none = { get: async () => undefined, close: async () => undefined };
+    const stopped = planCopy(endless(), none, undefined, undefined, AbortSignal.timeout(200));
+    const gaveUp = new Promise((_, reject) => setTimeout(() => reject(new Error(`still listing after 10 s (${listed} objects)`)), 10_000).unref());
+    await assert.rejects(Promise.race([stopped, gaveUp]), (err: Error) => err.name === 'TimeoutError');
   });
 });

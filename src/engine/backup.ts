@@ -162,7 +162,7 @@ async function backupUnderLock(options: BackupOptions, lockBox: LockBox, scratch
     // The first merge pass: what the bucket holds against what the repository holds, to a scratch plan.
     if (config.backup.dumpJobs > 1) await warnIfScratchSmall(scratch.path, databaseBytes, events.warn);
     const planOut = new RowWriter(scratch.file('precopy-plan'));
-    const counts = await planCopy(cluster.source.store.list(), holdings.lookup(), planOut);
+    const counts = await planCopy(cluster.source.store.list(), holdings.lookup(), planOut, undefined, options.signal);
     await planOut.close();
     const prediction = predictBackup(backups.sealed, { mode, precopy: config.backup.precopy, holdDuringDump: config.pause.holdDuringDump, databaseBytes, ...counts });
     const target = mode === 'paused' ? await strategy.describeTarget() : 'nothing (online mode)';
@@ -249,7 +249,7 @@ async function backupUnderLock(options: BackupOptions, lockBox: LockBox, scratch
       const comparer = quiet?.comparer();
       const planOut = new RowWriter(scratch.file('copy-plan'));
       const held = precopiedEntries ? entriesLookup(precopiedEntries) : holdings.lookup();
-      const counts = await planCopy(cluster.source.store.list(), held, planOut, comparer && ((info) => comparer.add(info)));
+      const counts = await planCopy(cluster.source.store.list(), held, planOut, comparer && ((info) => comparer.add(info)), copySignal);
       await planOut.close();
       if (comparer) {
         const problems = await comparer.finish();

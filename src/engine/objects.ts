@@ -158,10 +158,14 @@ export async function planCopy(
   held: HeldLookup,
   out?: RowWriter,
   onListed?: (info: ObjectInfo) => Promise<void>,
+  signal?: AbortSignal,
 ): Promise<PlanCounts> {
   const counts: PlanCounts = { objects: 0, bytes: 0, missingObjects: 0, missingBytes: 0 };
   try {
     for await (const info of inKeyOrder(listing, 'the cluster bucket listing')) {
+      // Listing a large bucket takes minutes, in paused mode while paused: Ctrl-C and the
+      // downtime budget stop it, between two objects.
+      signal?.throwIfAborted();
       await onListed?.(info);
       counts.objects++;
       counts.bytes += info.size;
