@@ -10,14 +10,15 @@
  * command lines of every process started meanwhile. None may contain a secret.
  */
 import assert from 'node:assert/strict';
+import { spawnSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { mkdir, readdir, readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
-import { pathToFileURL } from 'node:url';
+import { fileURLToPath, pathToFileURL } from 'node:url';
 import { after, before, describe, test, type TestContext } from 'node:test';
 import type { ObjectStore } from '../src/objectstore/store.js';
 import { describeRun, TestCluster, type CliResult, type StoreKind } from './helpers/cluster.js';
-import { cephRgwSkipReason } from './helpers/servers.js';
+import { cephRgwSkipReason, withTempDir } from './helpers/servers.js';
 
 function record(t: TestContext, row: { category: string; fault: string; runs: number; detail: string }): void {
   t.diagnostic(`reliability ${JSON.stringify(row)}`);
@@ -250,6 +251,35 @@ describe('secrets never leak', () => {
     });
     assert.deepEqual(leaks, [], 'no secret appears anywhere');
   });
+});
+
+const CLI = fileURLToPath(new URL('../src/cli/main.js', import.meta.url));
+
+describe('secrets never leak from refused input (no cluster needed)', () => {
+  const secret = `Sup3r-Secret-refused-${tag}`;
+
+  /** Runs `pachbackup list` with a config of these cluster and repository lines, in `dir`. */
+  async function listWith(dir: string, cluster: string, repository: string): Promise<{ code: number | null; output: string }> {
+    const config = join(dir, 'pachbackup.yaml');
+    await writeFile(config, ['cluster:', cluster, `  objectStore: { url: ${pathToFileURL(join(dir, 'cluster')).href} }`, 'repository:', `  url: ${pathToFileURL(join(dir, 'repository')).href}`, repository, ''].join('\n'));
+    const run = spawnSync(process.execPath, [CLI, '--config', config, 'list'], { encoding: 'utf8', env: { ...process.env, CI: 'true' } });
+    return { code: run.status, output: `${run.stdout}${run.stderr}` };
+  }
+
+  const cases: Array<{ input: string; cluster: string; repository: string; message: RegExp }> = [
+    { input: 'the passphrase written as repository.encryption itself', cluster: '  postgres: { user: u }', repository: `  encryption: "${secret}"`, message: /repository\.encryption: expected object, got a string/ },
+    { input: 'a connection URL with its password as cluster.postgres', cluster: `  postgres: "postgresql://pachyderm:${secret}@db.example.com:5432/pachyderm"`, repository: '', message: /cluster\.postgres: expected object, got a string/ },
+  ];
+  for (const { input, cluster, repository, message } of cases) {
+    test(`a config error does not echo the secret: ${input}`, async () => {
+      await withTempDir(async (dir) => {
+        const run = await listWith(dir, cluster, repository);
+        assert.equal(run.code, 2, run.output);
+        assert.match(run.output, message);
+        assert.deepEqual(findLeaks({ secret }, [{ label: 'output', text: run.output }]), []);
+      });
+    });
+  }
 });
 
 /** Every place a secret, in any of its forms, appears. */

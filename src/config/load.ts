@@ -65,7 +65,11 @@ function formatIssue(issue: z.core.$ZodIssue): string {
     return `${path}: is required (expected ${issue.expected})`;
   }
   if (issue.code === 'invalid_type') {
-    return `${path}: expected ${issue.expected}, got ${describe(issue.input)}`;
+    // A string where a section belongs is quoted never: it is typically a secret written in
+    // place of its section (a passphrase for repository.encryption, a connection URL with its
+    // password for cluster.postgres).
+    const got = issue.expected === 'object' && typeof issue.input === 'string' ? 'a string (not shown: it may hold a secret)' : describe(issue.input);
+    return `${path}: expected ${issue.expected}, got ${got}`;
   }
   return `${path || 'config'}: ${issue.message}`;
 }
