@@ -13,10 +13,13 @@ import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { mkdir, readdir, readFile, writeFile } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath, pathToFileURL } from 'node:url';
 import { after, before, describe, test, type TestContext } from 'node:test';
+import { FsObjectStore } from '../src/objectstore/fs.js';
 import type { ObjectStore } from '../src/objectstore/store.js';
+import { Repository } from '../src/repository/repository.js';
 import { describeRun, TestCluster, type CliResult, type StoreKind } from './helpers/cluster.js';
 import { cephRgwSkipReason, withTempDir } from './helpers/servers.js';
 
@@ -280,6 +283,16 @@ describe('secrets never leak from refused input (no cluster needed)', () => {
       });
     });
   }
+
+  test('Helm values that are not YAML because of their password: the refusal names the line, not the password', async () => {
+    const repo = new Repository(new FsObjectStore(tmpdir()));
+    const values = ['global:', '  postgresql:', `    postgresqlPassword: pa: ${secret}`, ''].join('\n');
+    await assert.rejects(repo.helmValuesForStorage(Buffer.from(values), false), (err: Error) => {
+      assert.match(err.message, /cannot be parsed to redact their secrets .*not valid YAML: .* at line 3, column \d+/);
+      assert.deepEqual(findLeaks({ secret }, [{ label: 'error', text: err.message }]), []);
+      return true;
+    });
+  });
 });
 
 /** Every place a secret, in any of its forms, appears. */

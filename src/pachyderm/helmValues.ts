@@ -363,7 +363,9 @@ type ScalarValue = string | boolean;
 function parseValues(text: string): Document.Parsed {
   const doc = parseDocument(text, YAML_OPTIONS);
   const problem = doc.errors[0];
-  if (problem !== undefined) throw new Error(`values are not valid YAML: ${problem.message}`);
+  // Only the first line: the parser's message goes on to quote the lines around the error, which
+  // in Helm values are often a password (one with a ': ' or a quote in it is a common cause).
+  if (problem !== undefined) throw new Error(`values are not valid YAML: ${problem.message.split('\n')[0]!.replace(/:$/, '')}`);
   return doc;
 }
 
