@@ -8,9 +8,10 @@
  * (issue 2) with the inputs it does not try.
  */
 import assert from 'node:assert/strict';
+import { spawnSync } from 'node:child_process';
 import { mkdir, writeFile } from 'node:fs/promises';
 import { dirname, join } from 'node:path';
-import { pathToFileURL } from 'node:url';
+import { fileURLToPath, pathToFileURL } from 'node:url';
 import { after, before, describe, test, type TestContext } from 'node:test';
 import { findFreePort } from '../src/demo/localPostgres.js';
 import { startFaultProxy, type FaultProxy } from '../src/objectstore/faultProxy.js';
@@ -362,5 +363,24 @@ describe('bad input table: S3 credentials and endpoints', () => {
     await refusedBackup(t, cluster, 'repository equal to the cluster bucket', 'repository is the cluster bucket, endpoint host in upper case', (raw) => {
       raw.repository = { ...raw.cluster.objectStore, endpoint: raw.cluster.objectStore.endpoint.replace('http://', 'HTTP://') };
     }, { exit: EXIT_FAILED, message: [/overlaps/, /repository\.url/] });
+  });
+});
+
+describe('bad input table: command lines and signals (no cluster needed)', () => {
+  const CLI = fileURLToPath(new URL('../src/cli/main.js', import.meta.url));
+  const cli = (args: string[]) => spawnSync(process.execPath, [CLI, ...args], { encoding: 'utf8', env: { ...process.env, CI: 'true' } });
+
+  // A scheduled job whose arguments lost the command must fail, not report success.
+  for (const args of [[], ['--config', 'pachbackup.yaml'], ['--json', '--yes'], ['key']]) {
+    test(`no command: pachbackup ${args.join(' ')}`, (t) => {
+      const run = cli(args);
+      record(t, { category: 'bad input', fault: `bad flag: no command (pachbackup ${args.join(' ')})`, runs: 1, detail: `exit ${run.status}` });
+      assert.equal(run.status, EXIT_USAGE, `${run.stdout}${run.stderr}`);
+      assert.match(run.stderr, /Usage: pachbackup/);
+    });
+  }
+
+  test('control: help and version exit 0', () => {
+    for (const args of [['--help'], ['help'], ['help', 'backup'], ['key', '--help'], ['--version']]) assert.equal(cli(args).status, 0, args.join(' '));
   });
 });

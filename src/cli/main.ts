@@ -31,9 +31,11 @@ export function buildProgram(): Command {
     .option('--metrics-file <path>', 'after backup, restore, verify and drill, write Prometheus metrics here (node-exporter textfile collector)')
     .option('-y, --yes', 'confirm pausing the cluster without asking (for automation)', false)
     .showHelpAfterError()
-    // Usage errors exit 2, like configuration errors; help and version exit 0.
+    // Usage errors exit 2, like configuration errors; help and version exit 0. Help shown because
+    // a command is missing (`pachbackup`, `pachbackup key`) is a usage error too: commander gives
+    // it exit code 1 and the code 'commander.help' that `pachbackup help` also has.
     .exitOverride((err) => {
-      process.exit(err.code === 'commander.helpDisplayed' || err.code === 'commander.version' || err.code === 'commander.help' ? 0 : 2);
+      process.exit(err.exitCode === 0 ? 0 : EXIT_USAGE);
     });
 
   const globals = (): GlobalOptions => program.opts<GlobalOptions>();
