@@ -8,7 +8,7 @@
  * (issue 2) with the inputs it does not try.
  */
 import assert from 'node:assert/strict';
-import { spawnSync } from 'node:child_process';
+import { spawn, spawnSync } from 'node:child_process';
 import { mkdir, writeFile } from 'node:fs/promises';
 import { dirname, join } from 'node:path';
 import { fileURLToPath, pathToFileURL } from 'node:url';
@@ -16,7 +16,7 @@ import { after, before, describe, test, type TestContext } from 'node:test';
 import { findFreePort } from '../src/demo/localPostgres.js';
 import { startFaultProxy, type FaultProxy } from '../src/objectstore/faultProxy.js';
 import { describeRun, TestCluster, type CliResult, type RawConfig, type StoreKind } from './helpers/cluster.js';
-import { cephRgwSkipReason } from './helpers/servers.js';
+import { cephRgwSkipReason, withTempDir } from './helpers/servers.js';
 
 const EXIT_FAILED = 1;
 const EXIT_USAGE = 2;
@@ -382,5 +382,40 @@ describe('bad input table: command lines and signals (no cluster needed)', () =>
 
   test('control: help and version exit 0', () => {
     for (const args of [['--help'], ['help'], ['help', 'backup'], ['key', '--help'], ['--version']]) assert.equal(cli(args).status, 0, args.join(' '));
+  });
+
+  // Commands that pause nothing and hold no lock end at the first Ctrl-C; they did not watch the
+  // abort signal, so they ran on to the end of their request timeouts and retries (minutes).
+  test('SIGINT ends list, status and key list at once (exit 130) while the repository does not answer', { timeout: 120_000 }, async (t) => {
+    const blackhole = await startFaultProxy({ target: { host: '127.0.0.1', port: 9 }, mode: { kind: 'blackhole' } });
+    try {
+      await withTempDir(async (dir) => {
+        const config = join(dir, 'pachbackup.yaml');
+        await writeFile(config, [
+          'cluster:',
+          '  postgres: { user: u }',
+          `  objectStore: { url: ${pathToFileURL(dir).href} }`,
+          'repository:',
+          `  { url: "s3://pachbackup-repo", endpoint: "http://${blackhole.address}", requestTimeoutSeconds: 60, accessKeyId: { env: PBT_SIGINT_AK }, secretAccessKey: { env: PBT_SIGINT_SK }, encryption: { key: { env: PBT_SIGINT_KEK } } }`,
+          '',
+        ].join('\n'));
+        for (const args of [['list'], ['status'], ['key', 'list']]) {
+          const child = spawn(process.execPath, [CLI, '--config', config, ...args], { env: { ...process.env, CI: 'true', PBT_SIGINT_AK: 'access', PBT_SIGINT_SK: 'secret-key', PBT_SIGINT_KEK: 'a passphrase of enough characters' }, stdio: ['ignore', 'pipe', 'pipe'] });
+          let stderr = '';
+          child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
+          const exited = new Promise<number | null>((resolve) => child.on('close', (code) => resolve(code)));
+          await new Promise((resolve) => setTimeout(resolve, 1500));
+          const sent = Date.now();
+          child.kill('SIGINT');
+          const code = await Promise.race([exited, new Promise<'running'>((resolve) => setTimeout(() => resolve('running'), 10_000))]);
+          if (code === 'running') child.kill('SIGKILL');
+          record(t, { category: 'bad input', fault: `SIGINT during ${args.join(' ')} (repository not answering)`, runs: 1, detail: code === 'running' ? 'still running 10 s after SIGINT' : `exit ${code} after ${Date.now() - sent} ms` });
+          assert.equal(code, 130, `pachbackup ${args.join(' ')}: ${stderr}`);
+          assert.match(stderr, /interrupted by SIGINT/);
+        }
+      });
+    } finally {
+      await blackhole.close();
+    }
   });
 });

@@ -24,7 +24,7 @@ export function registerKeyCommands(program: Command, globals: () => GlobalOptio
         const encryption = repo.encryption!;
         const keys = encryption.wrappedKeys.map((k) => ({ kekId: k.kekId, kind: k.kdf ? 'passphrase' : 'key', addedAt: k.addedAt, inUse: k.kekId === repo.openedWithKekId }));
         renderer.result('key-list', { dataKeyId: encryption.keyId, keys }, () => keyListText(encryption, repo.openedWithKekId));
-      });
+      }, { interrupt: 'exit' });
     });
 
   key
@@ -52,7 +52,7 @@ export function registerKeyCommands(program: Command, globals: () => GlobalOptio
             `  3. remove the old key: pachbackup key remove ${repo.openedWithKekId}`,
           ].join('\n'),
         );
-      });
+      }, { interrupt: 'exit' });
     });
 
   key
@@ -69,7 +69,7 @@ export function registerKeyCommands(program: Command, globals: () => GlobalOptio
             'a copy of pachbackup.json made before this still opens with the removed key: if that key leaked, see "Key rotation" in docs/repository-format.md',
           ].join('\n'),
         );
-      });
+      }, { interrupt: 'exit' });
     });
 }
 

@@ -81,7 +81,7 @@ export function buildProgram(): Command {
         if (!opts.precopy) overrides.push(['backup.precopy', false]);
         const plan = await runPlan(load(globals(), overrides));
         renderer.result('plan', plan, () => planText(plan));
-      });
+      }, { interrupt: 'exit' });
     });
 
   program
@@ -149,7 +149,7 @@ export function buildProgram(): Command {
         await repo.open(false);
         const listing = await repo.listBackups();
         renderer.result('list', { backups: listing.sealed, incomplete: listing.incomplete, damaged: listing.damaged }, () => listingText(listing));
-      });
+      }, { interrupt: 'exit' });
     });
 
   program
@@ -161,7 +161,7 @@ export function buildProgram(): Command {
         await repo.open(false);
         const manifest = await repo.resolve(backup);
         renderer.result('show', { manifest }, () => manifestText(manifest));
-      });
+      }, { interrupt: 'exit' });
     });
 
   program
@@ -221,7 +221,7 @@ export function buildProgram(): Command {
         renderer.result('status', { paused: Boolean(entry), ledger: entry ?? null }, () =>
           entry ? `PAUSED by pachbackup (${entry.phase}): ${entry.record.target} since ${entry.record.startedAt}, backup ${entry.backupId}, pid ${entry.pid} on ${entry.host}` : 'not paused by pachbackup',
         );
-      });
+      }, { interrupt: 'exit' });
     });
 
   program

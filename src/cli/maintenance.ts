@@ -84,7 +84,7 @@ export function registerMaintenanceCommands(program: Command, globals: () => Glo
         const summary = (l: LockEntry) => ({ id: l.id, kind: l.kind, state: l.state, ...(l.reason ? { reason: l.reason } : {}), ...(l.info ? { holder: l.info } : {}) });
         renderer.result('unlock', { removed: removable.map(summary), left: left.map(summary) }, () => unlockText(removable, left, now));
         return lockId && left.length > 0 ? EXIT_FAILED : 0;
-      });
+      }, { interrupt: 'exit' });
     });
 }
 

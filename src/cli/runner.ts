@@ -40,14 +40,27 @@ export function parseDbMap(value: string): Record<string, string> {
   return out;
 }
 
+export interface RunOptions {
+  metrics?: MetricsCommand;
+  /**
+   * `exit`: the command pauses nothing, holds no lock and leaves nothing half done (it only reads,
+   * or makes one atomic write), so the first SIGINT/SIGTERM ends it at once with exit 130. Without
+   * it, the signal aborts the work, which stops and cleans up (resumes the cluster, rolls back,
+   * releases its lock) before the process exits; a command that does not watch the signal would
+   * then run on to its end, a listing of a large bucket or a timing-out store for minutes.
+   */
+  interrupt?: 'exit';
+}
+
 /**
  * Runs one command with a renderer and an abort signal wired to SIGINT/SIGTERM. The first signal
- * stops the work (the engine then resumes the cluster); later ones are refused with a reason.
+ * stops the work (the engine then resumes the cluster), or with `interrupt: 'exit'` the process;
+ * later ones are refused with a reason.
  */
 export async function run(
   globals: GlobalOptions,
   work: (ctx: { renderer: Renderer; signal: AbortSignal }) => Promise<number | void>,
-  options: { metrics?: MetricsCommand } = {},
+  options: RunOptions = {},
 ): Promise<void> {
   const startedAt = new Date();
   const renderer = new ResultKeepingRenderer(outputMode(globals.json));
@@ -55,6 +68,10 @@ export async function run(
   // Every concurrent copy listens on this signal; the default limit of 10 would warn spuriously.
   setMaxListeners(0, controller.signal);
   const onSignal = (sig: NodeJS.Signals): void => {
+    if (options.interrupt === 'exit') {
+      renderer.error(`interrupted by ${sig}`);
+      process.exit(EXIT_INTERRUPTED);
+    }
     if (!controller.signal.aborted) {
       renderer.line(`! ${sig} received: stopping; the cluster is resumed before exiting`);
       controller.abort(new Error(`interrupted by ${sig}`));
