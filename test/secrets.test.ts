@@ -261,17 +261,22 @@ const CLI = fileURLToPath(new URL('../src/cli/main.js', import.meta.url));
 describe('secrets never leak from refused input (no cluster needed)', () => {
   const secret = `Sup3r-Secret-refused-${tag}`;
 
-  /** Runs `pachbackup list` with a config of these cluster and repository lines, in `dir`. */
+  /** Runs `pachbackup list` with a config of these cluster and repository lines, in `dir` (REPOSITORY stands for a directory there). */
   async function listWith(dir: string, cluster: string, repository: string): Promise<{ code: number | null; output: string }> {
     const config = join(dir, 'pachbackup.yaml');
-    await writeFile(config, ['cluster:', cluster, `  objectStore: { url: ${pathToFileURL(join(dir, 'cluster')).href} }`, 'repository:', `  url: ${pathToFileURL(join(dir, 'repository')).href}`, repository, ''].join('\n'));
-    const run = spawnSync(process.execPath, [CLI, '--config', config, 'list'], { encoding: 'utf8', env: { ...process.env, CI: 'true' } });
+    const lines = ['cluster:', cluster, `  objectStore: { url: ${pathToFileURL(join(dir, 'cluster')).href} }`, 'repository:', repository.replace('REPOSITORY', pathToFileURL(join(dir, 'repository')).href), ''];
+    await writeFile(config, lines.join('\n'));
+    const run = spawnSync(process.execPath, [CLI, '--config', config, 'list'], { encoding: 'utf8', env: { ...process.env, CI: 'true', PBT_REFUSED_AK: 'ak', PBT_REFUSED_SK: 'sk' } });
     return { code: run.status, output: `${run.stdout}${run.stderr}` };
   }
 
+  const pg = '  postgres: { user: u }';
+  const s3 = 'accessKeyId: { env: PBT_REFUSED_AK }, secretAccessKey: { env: PBT_REFUSED_SK }';
   const cases: Array<{ input: string; cluster: string; repository: string; message: RegExp }> = [
-    { input: 'the passphrase written as repository.encryption itself', cluster: '  postgres: { user: u }', repository: `  encryption: "${secret}"`, message: /repository\.encryption: expected object, got a string/ },
-    { input: 'a connection URL with its password as cluster.postgres', cluster: `  postgres: "postgresql://pachyderm:${secret}@db.example.com:5432/pachyderm"`, repository: '', message: /cluster\.postgres: expected object, got a string/ },
+    { input: 'the passphrase written as repository.encryption itself', cluster: pg, repository: `  url: REPOSITORY\n  encryption: "${secret}"`, message: /repository\.encryption: expected object, got a string/ },
+    { input: 'a connection URL with its password as cluster.postgres', cluster: `  postgres: "postgresql://pachyderm:${secret}@db.example.com:5432/pachyderm"`, repository: '  url: REPOSITORY', message: /cluster\.postgres: expected object, got a string/ },
+    { input: 'S3 credentials in repository.url', cluster: pg, repository: `  { url: "s3://AKIAEXAMPLE:${secret}@pachbackup-repo", ${s3} }`, message: /repository\.url: must not hold credentials/ },
+    { input: 'S3 credentials in repository.endpoint', cluster: pg, repository: `  { url: "s3://pachbackup-repo", endpoint: "http://minio:${secret}@127.0.0.1:1", ${s3} }`, message: /repository\.endpoint: must not hold credentials/ },
   ];
   for (const { input, cluster, repository, message } of cases) {
     test(`a config error does not echo the secret: ${input}`, async () => {

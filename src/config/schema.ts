@@ -33,11 +33,25 @@ export const postgresSchema = z
     }
   });
 
+/**
+ * Whether a URL holds credentials (`scheme://user:password@host`). Store URLs and endpoints are
+ * printed in messages and recorded in manifests, and pachbackup never authenticates with
+ * userinfo, so such a URL is refused (without quoting it) instead of carried around.
+ */
+function holdsUserinfo(url: string): boolean {
+  return /^[a-z][a-z0-9+.-]*:\/\/[^/?#]*@/i.test(url);
+}
+
+const NO_USERINFO = 'must not hold credentials (user:password@ before the host or bucket): give S3 credentials as accessKeyId and secretAccessKey, {env: VARIABLE} or {file: /path} references';
+
 export const objectStoreSchema = z
   .object({
     /** `s3://bucket[/prefix]` or `file:///absolute/path`, like pachd.storage.storageURL. */
-    url: z.string().min(1),
-    endpoint: z.url({ error: 'must be a URL such as https://s3.eu-west-1.amazonaws.com or http://127.0.0.1:9000' }).optional(),
+    url: z.string().min(1).refine((url) => !holdsUserinfo(url), NO_USERINFO),
+    endpoint: z
+      .url({ error: 'must be a URL such as https://s3.eu-west-1.amazonaws.com or http://127.0.0.1:9000' })
+      .refine((url) => !holdsUserinfo(url), NO_USERINFO)
+      .optional(),
     region: z.string().default('us-east-1'),
     forcePathStyle: z.boolean().default(true),
     accessKeyId: secretRef.optional(),
