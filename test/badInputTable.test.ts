@@ -380,6 +380,24 @@ describe('bad input table: command lines and signals (no cluster needed)', () =>
     });
   }
 
+  // --json promises one JSON event per line on stdout: a refused command line is an error event,
+  // as a refused config file is.
+  for (const { args, message } of [
+    { args: ['backup', '--mode', 'sometimes'], message: /--mode/ },
+    { args: ['--bogus', 'list'], message: /unknown option '--bogus'/ },
+    { args: ['restore'], message: /missing required argument 'backup'/ },
+    { args: ['key'], message: /command is missing/ },
+  ]) {
+    test(`--json: a refused command line is a JSON error event: pachbackup --json ${args.join(' ')}`, () => {
+      const run = cli(['--json', ...args]);
+      assert.equal(run.status, EXIT_USAGE, `${run.stdout}${run.stderr}`);
+      const events = run.stdout.split('\n').filter((line) => line !== '').map((line) => JSON.parse(line) as { type: string; message: string });
+      assert.equal(events.length, 1, run.stdout);
+      assert.equal(events[0]!.type, 'error');
+      assert.match(events[0]!.message, message);
+    });
+  }
+
   test('control: help and version exit 0', () => {
     for (const args of [['--help'], ['help'], ['help', 'backup'], ['key', '--help'], ['--version']]) assert.equal(cli(args).status, 0, args.join(' '));
   });

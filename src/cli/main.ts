@@ -35,7 +35,14 @@ export function buildProgram(): Command {
     // a command is missing (`pachbackup`, `pachbackup key`) is a usage error too: commander gives
     // it exit code 1 and the code 'commander.help' that `pachbackup help` also has.
     .exitOverride((err) => {
-      process.exit(err.exitCode === 0 ? 0 : EXIT_USAGE);
+      if (err.exitCode === 0) process.exit(0);
+      // With --json a refused command line is an error event too, as a refused config is: a
+      // wrapper that reads stdout sees why, not nothing (commander wrote the text to stderr).
+      if (program.opts<GlobalOptions>().json) {
+        const message = err.code === 'commander.help' ? 'a command is missing; pachbackup --help lists them' : err.message.replace(/^error: /, '');
+        process.stdout.write(`${JSON.stringify({ time: new Date().toISOString(), type: 'error', message })}\n`);
+      }
+      process.exit(EXIT_USAGE);
     });
 
   const globals = (): GlobalOptions => program.opts<GlobalOptions>();
