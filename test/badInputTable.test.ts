@@ -153,7 +153,7 @@ describe('bad input table: configuration files', () => {
   }
 
   const flagCases: Array<{ input: string; args: string[]; message: RegExp[] }> = [
-    { input: 'backup --concurrency 0', args: ['backup', '--concurrency', '0'], message: [/--concurrency/, /positive integer/] },
+    { input: 'backup --concurrency 0', args: ['backup', '--concurrency', '0'], message: [/--concurrency/, /integer from 1 to 512/] },
     { input: 'backup --mode sometimes', args: ['backup', '--mode', 'sometimes'], message: [/--mode/, /paused, online|choices/] },
     { input: 'restore latest --db-map pachyderm', args: ['restore', 'latest', '--db-map', 'pachyderm'], message: [/--db-map/, /pachyderm=NAME/] },
     { input: 'backup --max-downtime -5', args: ['backup', '--max-downtime', '-5'], message: [/--max-downtime/] },
@@ -395,6 +395,17 @@ describe('bad input table: command lines and signals (no cluster needed)', () =>
       assert.equal(events.length, 1, run.stdout);
       assert.equal(events[0]!.type, 'error');
       assert.match(events[0]!.message, message);
+    });
+  }
+
+  // A flag's value is checked against the limit of the config key it stands for, and the refusal
+  // names the flag: the config file said nothing wrong, and restore, verify and drill passed any
+  // --concurrency on (100,000 reads at once).
+  for (const args of [['backup', '--concurrency', '1000'], ['restore', 'latest', '--concurrency', '100000'], ['verify', 'latest', '--concurrency', '100000'], ['drill', 'latest', '--concurrency', '100000'], ['restore', 'latest', '--jobs', '100'], ['drill', 'latest', '--pg-port', '70000']]) {
+    test(`a flag beyond its limit is refused naming the flag: pachbackup ${args.join(' ')}`, () => {
+      const run = cli(['--config', 'no-such-config.yaml', ...args]);
+      assert.equal(run.status, EXIT_USAGE, `${run.stdout}${run.stderr}`);
+      assert.match(run.stderr, new RegExp(`option '${args[args.length - 2]} <[a-z]+>' argument '${args[args.length - 1]}' is invalid\\. must be an integer from 1 to \\d+`));
     });
   }
 

@@ -3,7 +3,8 @@ import type { ConfigOverride } from '../config/load.js';
 import { drillTargetsFromConfig, runDrill, type DrillReport } from '../engine/drill.js';
 import { retriesText } from '../objectstore/retry.js';
 import { formatBytes, formatMs, table } from './render.js';
-import { EXIT_FAILED, load, positiveInt, run, type GlobalOptions } from './runner.js';
+import { LIMITS } from '../config/schema.js';
+import { EXIT_FAILED, intUpTo, load, run, type GlobalOptions } from './runner.js';
 
 interface DrillFlags {
   scratchUrl?: string;
@@ -20,9 +21,9 @@ export function registerDrillCommands(program: Command, globals: () => GlobalOpt
     .description('prove a backup (an id or "latest") restores: restore it into scratch databases and a scratch prefix, check it, then remove both')
     .option('--scratch-url <url>', 'override drill.objectStore.url (each drill uses its own drill-<id>/ prefix under it)')
     .option('--pg-host <host>', 'override the host of the scratch PostgreSQL server (drill.postgres, else restore.postgres)')
-    .option('--pg-port <port>', 'override its port', positiveInt)
+    .option('--pg-port <port>', 'override its port', intUpTo(LIMITS.port))
     .option('--pg-user <user>', 'override its user (needs CREATEDB)')
-    .option('--concurrency <n>', 'objects restored at once', positiveInt)
+    .option('--concurrency <n>', 'objects restored at once', intUpTo(LIMITS.concurrency))
     .action(async (backup: string, opts: DrillFlags) => {
       await run(
         globals(),

@@ -18,7 +18,8 @@ import { backupSummaryText, confirmPause, planText, listingText, manifestText, r
 import { registerDrillCommands } from './drill.js';
 import { registerScheduleCommands } from './schedule.js';
 import { registerKeyCommands } from './keys.js';
-import { EXIT_FAILED, EXIT_USAGE, load, parseDbMap, positiveInt, positiveNumber, run, type GlobalOptions } from './runner.js';
+import { LIMITS } from '../config/schema.js';
+import { EXIT_FAILED, EXIT_USAGE, intUpTo, load, parseDbMap, positiveInt, positiveNumber, run, type GlobalOptions } from './runner.js';
 
 export function buildProgram(): Command {
   const program = new Command();
@@ -50,7 +51,7 @@ export function buildProgram(): Command {
   program
     .command('backup')
     .description('back up the cluster: preflight, pre-copy, pause, dump, copy, resume, seal')
-    .option('--concurrency <n>', 'objects copied at once', positiveInt)
+    .option('--concurrency <n>', 'objects copied at once', intUpTo(LIMITS.concurrency))
     .addOption(new Option('--mode <mode>', 'paused: pause the cluster; online: no pause, completeness proven').choices(['paused', 'online']))
     .option('--no-precopy', 'do not copy objects before pausing')
     .addOption(new Option('--pause-strategy <name>', 'override pause.strategy').choices(['none', 'command', 'kubernetes', 'pachctl']))
@@ -99,8 +100,8 @@ export function buildProgram(): Command {
     .option('--helm-values-out <file>', 'write the kept Helm values, rewritten for the targets, here')
     .option('--force', 'restore into non-empty targets (non-empty databases are dropped and recreated)', false)
     .option('--dry-run', 'print the plan and change nothing', false)
-    .option('--concurrency <n>', 'objects copied at once', positiveInt)
-    .option('--jobs <n>', 'override restore.jobs: pg_restore --jobs (the dump is downloaded to $TMPDIR first when above 1)', positiveInt)
+    .option('--concurrency <n>', 'objects copied at once', intUpTo(LIMITS.concurrency))
+    .option('--jobs <n>', 'override restore.jobs: pg_restore --jobs (the dump is downloaded to $TMPDIR first when above 1)', intUpTo(LIMITS.jobs))
     .action(async (backup: string, opts: { dbMap?: Record<string, string>; targetUrl?: string; helmValuesOut?: string; force: boolean; dryRun: boolean; concurrency?: number; jobs?: number }) => {
       await run(globals(), async ({ renderer, signal }) => {
         const overrides: ConfigOverride[] = [];
@@ -127,7 +128,7 @@ export function buildProgram(): Command {
   program
     .command('verify <backup>')
     .description('re-read every file of a backup and check sizes and checksums')
-    .option('--concurrency <n>', 'objects read at once', positiveInt)
+    .option('--concurrency <n>', 'objects read at once', intUpTo(LIMITS.concurrency))
     .action(async (backup: string, opts: { concurrency?: number }) => {
       await run(globals(), async ({ renderer, signal }) => {
         const config = load(globals(), []);

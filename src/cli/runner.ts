@@ -24,6 +24,15 @@ export function positiveInt(value: string): number {
   return n;
 }
 
+/** A flag's parser for an integer from 1 to `max`: the bound of the config key the flag stands for (LIMITS). */
+export function intUpTo(max: number): (value: string) => number {
+  return (value) => {
+    const n = Number(value);
+    if (!Number.isInteger(n) || n < 1 || n > max) throw new InvalidArgumentError(`must be an integer from 1 to ${max}`);
+    return n;
+  };
+}
+
 export function positiveNumber(value: string): number {
   const n = Number(value);
   if (!Number.isFinite(n) || n <= 0) throw new InvalidArgumentError('must be a positive number of seconds');

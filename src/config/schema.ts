@@ -5,6 +5,9 @@ import { z } from 'zod';
  * the code that reads the config cannot drift apart.
  */
 
+/** Bounds of numeric keys that command-line flags also set (the flags are checked against them too). */
+export const LIMITS = { concurrency: 512, jobs: 64, port: 65535 } as const;
+
 const secretRef = z.union(
   [z.object({ env: z.string().min(1) }).strict(), z.object({ file: z.string().min(1) }).strict()],
   { error: 'must be a reference, {env: VARIABLE} or {file: /path/to/file}; literal secrets are not accepted in the config file' },
@@ -15,7 +18,7 @@ const sslMode = z.enum(['disable', 'allow', 'prefer', 'require', 'verify-ca', 'v
 export const postgresSchema = z
   .object({
     host: z.string().min(1).default('localhost'),
-    port: z.number().int().min(1).max(65535).default(5432),
+    port: z.number().int().min(1).max(LIMITS.port).default(5432),
     user: z.string().min(1),
     password: secretRef.optional(),
     sslmode: sslMode.default('prefer'),
@@ -177,7 +180,7 @@ export const configSchema = z
     pause: pauseSchema.prefault({}),
     backup: z
       .object({
-        concurrency: z.number().int().min(1).max(512).default(16),
+        concurrency: z.number().int().min(1).max(LIMITS.concurrency).default(16),
         mode: z.enum(['paused', 'online']).default('paused'),
         /** Copy objects while the cluster runs, before pausing, so the pause covers only the delta. */
         precopy: z.boolean().default(true),
@@ -198,7 +201,7 @@ export const configSchema = z
          * More dumps that many tables at once in the directory format, written to $TMPDIR first
          * (free space there of about the dumps' size) and then uploaded file by file.
          */
-        dumpJobs: z.number().int().min(1).max(64).default(1),
+        dumpJobs: z.number().int().min(1).max(LIMITS.jobs).default(1),
         /** Keep the Helm values' secrets in an unencrypted repository (an encrypted one always keeps them). */
         keepHelmSecrets: z.boolean().default(false),
       })
@@ -216,7 +219,7 @@ export const configSchema = z
          * pg_restore --jobs. Above 1 (and for every directory-format dump) the dump is first
          * downloaded to $TMPDIR, each file checked against the manifest, and restored from there.
          */
-        jobs: z.number().int().min(1).max(64).default(1),
+        jobs: z.number().int().min(1).max(LIMITS.jobs).default(1),
       })
       .strict()
       .optional(),
