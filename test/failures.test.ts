@@ -1,8 +1,8 @@
 /**
  * Failures during a backup or a restore, through the real CLI process with faults injected into
  * its stores (PACHBACKUP_FAULTS): once a pause began, the resume command always runs — on an
- * error and on Ctrl-C — and nothing that looks like a complete backup is left behind; a restore
- * that fails takes back what it created.
+ * error, on Ctrl-C and on a hangup — and nothing that looks like a complete backup is left
+ * behind; a restore that fails takes back what it created.
  */
 import assert from 'node:assert/strict';
 import { addChunks } from '../src/demo/pachydermFixture.js';
@@ -111,31 +111,34 @@ for (const kind of ['fs', 's3rver'] as StoreKind[]) {
       await assertNothingSealed(cluster, config, sealedBefore);
     });
 
-    test('SIGINT while paused: exit 130, resume runs after the pause, nothing sealed', { timeout: 300_000 }, async () => {
-      await cluster.resetMarker();
-      const sealedBefore = await cluster.sealedBackups();
-      const config = await cluster.writeConfig();
-      // Every object read waits a second, so the paused copy phase lasts long enough to interrupt.
-      const { child, done } = cluster.spawnCli(['--config', config, '--yes', 'backup', '--no-precopy', '--concurrency', '1'], {
-        env: faults([{ store: 'cluster.objectStore', op: 'get', kind: 'delay', ms: 1000 }]),
+    // SIGHUP: the terminal closed (an ssh session dropped); Node's default for it is to die at once.
+    for (const signal of ['SIGINT', 'SIGHUP'] as const) {
+      test(`${signal} while paused: exit 130, resume runs after the pause, nothing sealed`, { timeout: 300_000 }, async () => {
+        await cluster.resetMarker();
+        const sealedBefore = await cluster.sealedBackups();
+        const config = await cluster.writeConfig();
+        // Every object read waits a second, so the paused copy phase lasts long enough to interrupt.
+        const { child, done } = cluster.spawnCli(['--config', config, '--yes', 'backup', '--no-precopy', '--concurrency', '1'], {
+          env: faults([{ store: 'cluster.objectStore', op: 'get', kind: 'delay', ms: 1000 }]),
+        });
+        let finished: CliResult | undefined;
+        void done.then((r) => (finished = r), () => undefined);
+        const deadline = Date.now() + 120_000;
+        while (!(await cluster.markerLines()).includes('paused')) {
+          if (finished) assert.fail(`the backup ended before pausing: ${describeRun(finished)}`);
+          if (Date.now() > deadline) assert.fail('the backup did not pause within 120 s');
+          await sleep(100);
+        }
+        assert.deepEqual(await cluster.markerLines(), ['paused'], 'paused and not yet resumed when interrupted');
+        child.kill(signal);
+        const run = await done;
+        assert.equal(run.code, EXIT_INTERRUPTED, describeRun(run));
+        assert.match(run.stderr, new RegExp(signal), describeRun(run));
+        assert.match(run.stderr, /interrupted/, describeRun(run));
+        assert.deepEqual(await cluster.markerLines(), ['paused', 'resumed'], 'resumed after the pause');
+        await assertNothingSealed(cluster, config, sealedBefore);
       });
-      let finished: CliResult | undefined;
-      void done.then((r) => (finished = r), () => undefined);
-      const deadline = Date.now() + 120_000;
-      while (!(await cluster.markerLines()).includes('paused')) {
-        if (finished) assert.fail(`the backup ended before pausing: ${describeRun(finished)}`);
-        if (Date.now() > deadline) assert.fail('the backup did not pause within 120 s');
-        await sleep(100);
-      }
-      assert.deepEqual(await cluster.markerLines(), ['paused'], 'paused and not yet resumed when interrupted');
-      child.kill('SIGINT');
-      const run = await done;
-      assert.equal(run.code, EXIT_INTERRUPTED, describeRun(run));
-      assert.match(run.stderr, /SIGINT/, describeRun(run));
-      assert.match(run.stderr, /interrupted/, describeRun(run));
-      assert.deepEqual(await cluster.markerLines(), ['paused', 'resumed'], 'resumed after the pause');
-      await assertNothingSealed(cluster, config, sealedBefore);
-    });
+    }
 
     test('the repository refuses the copy journal (written in the background) while paused: a failure of the backup, resume still runs, nothing sealed', { timeout: 300_000 }, async () => {
       await cluster.resetMarker();

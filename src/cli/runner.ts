@@ -53,7 +53,7 @@ export interface RunOptions {
   metrics?: MetricsCommand;
   /**
    * `exit`: the command pauses nothing, holds no lock and leaves nothing half done (it only reads,
-   * or makes one atomic write), so the first SIGINT/SIGTERM ends it at once with exit 130. Without
+   * or makes one atomic write), so the first SIGINT/SIGTERM/SIGHUP ends it at once with exit 130. Without
    * it, the signal aborts the work, which stops and cleans up (resumes the cluster, rolls back,
    * releases its lock) before the process exits; a command that does not watch the signal would
    * then run on to its end, a listing of a large bucket or a timing-out store for minutes.
@@ -62,7 +62,14 @@ export interface RunOptions {
 }
 
 /**
- * Runs one command with a renderer and an abort signal wired to SIGINT/SIGTERM. The first signal
+ * Stop signals: Ctrl-C, `kill` (and Kubernetes), and SIGHUP, which a backup started in an ssh
+ * session gets when the connection drops; Node's default for each is to die at once, which would
+ * leave a paused cluster paused.
+ */
+const STOP_SIGNALS: NodeJS.Signals[] = ['SIGINT', 'SIGTERM', 'SIGHUP'];
+
+/**
+ * Runs one command with a renderer and an abort signal wired to the stop signals. The first signal
  * stops the work (the engine then resumes the cluster), or with `interrupt: 'exit'` the process;
  * later ones are refused with a reason.
  */
@@ -77,6 +84,9 @@ export async function run(
   // Every concurrent copy listens on this signal; the default limit of 10 would warn spuriously.
   setMaxListeners(0, controller.signal);
   const onSignal = (sig: NodeJS.Signals): void => {
+    // After a hangup the terminal is gone: a write to it fails (EIO), and an unhandled stream
+    // error would end the process in the middle of resuming the cluster.
+    if (sig === 'SIGHUP') for (const stream of [process.stdout, process.stderr]) stream.on('error', () => undefined);
     if (options.interrupt === 'exit') {
       renderer.error(`interrupted by ${sig}`);
       process.exit(EXIT_INTERRUPTED);
@@ -88,8 +98,7 @@ export async function run(
       renderer.line(`! ${sig} again: still cleaning up (resuming the cluster); kill -9 would leave it paused until "pachbackup resume"`);
     }
   };
-  process.on('SIGINT', onSignal);
-  process.on('SIGTERM', onSignal);
+  for (const sig of STOP_SIGNALS) process.on(sig, onSignal);
   try {
     const code = await work({ renderer, signal: controller.signal });
     process.exitCode = code ?? 0;
@@ -104,8 +113,7 @@ export async function run(
     }
     if (process.env.PACHBACKUP_DEBUG && err instanceof Error && err.stack) process.stderr.write(`${err.stack}\n`);
   } finally {
-    process.off('SIGINT', onSignal);
-    process.off('SIGTERM', onSignal);
+    for (const sig of STOP_SIGNALS) process.off(sig, onSignal);
     if (options.metrics && globals.metricsFile) {
       const run = { exitCode: Number(process.exitCode ?? 0), startedAt, finishedAt: new Date(), result: renderer.reported };
       await recordRunMetrics(globals.metricsFile, options.metrics, run, renderer.sink);
