@@ -654,17 +654,17 @@ async function checkDatabases(cluster: ClusterHandles, pgDump: string, dumpVersi
   for (const db of cluster.databases) {
     const probe = await DatabaseSnapshot.open(cluster.postgres, db.name);
     try {
-      if (db.role === 'pachyderm' && !(await probe.hasChunkObjects())) {
-        const what = `database "${db.name}" (cluster.databases.pachyderm) has no table storage.chunk_objects: it is not a Pachyderm metadata database, or pachd has never started on it`;
-        if (mode === 'online') throw new PreflightError(`${what}; online mode proves the backup consistent through the chunk keys that table references, so it cannot back this up: check cluster.databases.pachyderm, or use paused mode`);
-        warn(`${what}; the backup cannot list which objects the database references, so it cannot prove them held: check cluster.databases.pachyderm`);
-      }
       bytes += await probe.databaseBytes();
       const unreadable = await probe.unreadableRelations();
       if (unreadable.length > 0) {
         throw new PreflightError(
           `user ${cluster.postgres.config.user} may not read ${unreadable.length} table(s) or sequence(s) of database "${db.name}" (e.g. ${unreadable.slice(0, 3).join(', ')}), so pg_dump would fail; back up as the database owner or GRANT SELECT on them`,
         );
+      }
+      if (db.role === 'pachyderm' && !(await probe.hasChunkObjects())) {
+        const what = `database "${db.name}" (cluster.databases.pachyderm) has no table storage.chunk_objects: it is not a Pachyderm metadata database, or pachd has never started on it`;
+        if (mode === 'online') throw new PreflightError(`${what}; online mode proves the backup consistent through the chunk keys that table references, so it cannot back this up: check cluster.databases.pachyderm, or use paused mode`);
+        warn(`${what}; the backup cannot list which objects the database references, so it cannot prove them held: check cluster.databases.pachyderm`);
       }
       if (dumpVersion.major < probe.serverMajor) {
         throw new PreflightError(

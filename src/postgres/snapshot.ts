@@ -112,7 +112,11 @@ export async function* referencedKeysIn(client: pg.Client, batch = 10_000): Asyn
 }
 
 async function hasChunkObjectsIn(client: pg.Client): Promise<boolean> {
-  const { rows } = await client.query<{ present: boolean }>(`SELECT to_regclass('storage.chunk_objects') IS NOT NULL AS present`);
+  // From the catalog: to_regclass() needs USAGE on the schema, and a user without it must get the
+  // preflight's own message about the tables it may not read, not "permission denied for schema".
+  const { rows } = await client.query<{ present: boolean }>(
+    `SELECT EXISTS (SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = 'storage' AND c.relname = 'chunk_objects' AND c.relkind IN ('r', 'p')) AS present`,
+  );
   return rows[0]?.present === true;
 }
 
