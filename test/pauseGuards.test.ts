@@ -14,7 +14,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import pg from 'pg';
 import { openRepository } from '../src/engine/context.js';
 import type { EngineEvent } from '../src/engine/events.js';
-import { createStrategy } from '../src/quiesce/factory.js';
+import { createStrategy, resumeLedgerEntry } from '../src/quiesce/factory.js';
 import { LEDGER_KEY, PauseLedger, type LedgerEntry } from '../src/quiesce/ledger.js';
 import type { QuiesceStrategy } from '../src/quiesce/strategy.js';
 import { acquireLock, listLocks } from '../src/repository/lock.js';
@@ -335,6 +335,36 @@ describe('pause guards', () => {
       const phases = events.flatMap((e) => (e.type === 'phase-start' ? [e.phase] : []));
       assert.deepEqual(phases.slice(phases.indexOf('pause')), ['pause', 'resume'], 'nothing but the resume runs once the lock is lost');
       assert.deepEqual(await cluster.sealedBackups(), sealedBefore);
+    });
+  });
+  test('a backup whose resume fails while its lock is lost (a network outage reaching both the cluster and the repository) says RESUME FAILED: the lock loss does not hide that the cluster is still paused', async () => {
+    await withLedger(async (ledger) => {
+      const before = (await cluster.markerLines()).length;
+      const sealedBefore = await cluster.sealedBackups();
+      const inner = await createStrategy(cluster.config().pause);
+      // Every resume attempt fails; the first stalls this process past the lease, as a resume
+      // waiting on an API server that does not answer (and a heartbeat that cannot be written) would.
+      let attempts = 0;
+      const resume: QuiesceStrategy['resume'] = async () => {
+        if (attempts++ === 0) {
+          const stalledAt = Date.now();
+          stallProcess(() => Date.now() > stalledAt + LEASE_SECONDS * 1000 + 100, "the backup's lock to go stale");
+        }
+        throw new Error('Unable to connect to the server: dial tcp 10.0.0.1:443: i/o timeout');
+      };
+      const strategy = Object.create(inner, { resume: { value: resume } }) as QuiesceStrategy;
+      const events: EngineEvent[] = [];
+      const error = await cluster.backup(quickSettle, events, { strategy, leaseSeconds: LEASE_SECONDS }).then(
+        () => undefined,
+        (err: Error) => err,
+      );
+      assert.equal(attempts, 3, 'the resume was tried three times');
+      assert.deepEqual((await cluster.markerLines()).slice(before), ['paused'], 'the cluster is still paused');
+      assert.ok((await ledger.read())?.backupId, 'the ledger, the record of that pause, stays');
+      assert.match(error?.message ?? 'the backup succeeded', /RESUME FAILED.*pachbackup resume/s, `the error says the cluster may still be paused and how to resume it (warnings: ${JSON.stringify(events.filter((e) => e.type === 'warning'))})`);
+      assert.deepEqual(await cluster.sealedBackups(), sealedBefore);
+      // The cluster is resumed for the tests that follow.
+      await resumeLedgerEntry(cluster.config().pause, ledger, (await ledger.read())!, { info: () => undefined, warn: () => undefined });
     });
   });
 });

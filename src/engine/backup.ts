@@ -73,10 +73,11 @@ interface DumpedDatabase {
   serverVersion: string;
 }
 
-/** The repository lock, once taken; and the backup that took this one's pause over, when one did. */
+/** The repository lock, once taken; the backup that took this one's pause over, when one did; a failed resume's message. */
 interface LockBox {
   lock?: LockHandle;
   pauseTakenBy?: LedgerEntry;
+  resumeFailed?: string;
 }
 
 export async function runBackup(options: BackupOptions): Promise<BackupSummary> {
@@ -95,13 +96,18 @@ export async function runBackup(options: BackupOptions): Promise<BackupSummary> 
 
 /**
  * A backup whose lock was lost fails with one error saying so, whatever the abort broke first:
- * another backup may hold the repository now, and may have taken this one's pause over.
+ * another backup may hold the repository now, and may have taken this one's pause over. A resume
+ * that failed is named in it too: the cluster may still be paused.
  */
 function lockLossError(lockBox: LockBox, err: unknown): unknown {
   const lost = lockBox.lock?.signal.aborted ? (lockBox.lock.signal.reason as Error) : undefined;
   if (!lost) return err;
   const taker = lockBox.pauseTakenBy;
-  const pause = taker ? `; the cluster was not resumed: ${describeOwner(taker)} took this backup's pause over and paused the cluster itself, and resumes it when it ends` : '';
+  const pause = taker
+    ? `; the cluster was not resumed: ${describeOwner(taker)} took this backup's pause over and paused the cluster itself, and resumes it when it ends`
+    : lockBox.resumeFailed
+      ? `; ${lockBox.resumeFailed}`
+      : '';
   return new BackupError(`the backup stopped: ${lost.message}${pause}; nothing was sealed`);
 }
 
@@ -371,6 +377,8 @@ async function backupUnderLock(options: BackupOptions, lockBox: LockBox, scratch
             resumedAt = new Date();
           } catch (err) {
             const msg = `RESUME FAILED, the cluster may still be paused: ${(err as Error).message}. Run "pachbackup resume" to retry from the pause ledger (${ledger.localFile}).`;
+            // A lock lost meanwhile replaces whatever failed with its own error (lockLossError), which must still say this.
+            lockBox.resumeFailed = msg;
             if (failure) emit({ type: 'warning', message: msg });
             else failure = new BackupError(msg);
             return;
