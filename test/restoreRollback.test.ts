@@ -8,6 +8,7 @@ import { chmod, mkdir, readdir, readFile, rm, stat, writeFile } from 'node:fs/pr
 import { pathToFileURL } from 'node:url';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
+import net from 'node:net';
 import pg from 'pg';
 import { after, before, beforeEach, describe, test } from 'node:test';
 import type { EngineEvent } from '../src/engine/events.js';
@@ -262,4 +263,96 @@ describe('restore: rollback and refusals (fs)', () => {
     assert.deepEqual(await cluster.targetDatabases(), ['dex', 'pachyderm'], 'no copy or replaced database left');
     assert.deepEqual(compareFingerprints(await cluster.sourceFingerprints(), await cluster.restoredFingerprints()), [], 'the restored cluster equals the source');
   });
+  /**
+   * A TCP proxy to the target server that, on the connection that renames databases, cuts the
+   * connection at COMMIT (a network fault, a proxy or pooler restarting, at the worst moment):
+   * `answer` lets COMMIT through to the server and drops its answer (the transaction committed, the
+   * client only sees the connection end); `request` drops COMMIT itself (nothing is committed).
+   */
+  async function commitCut(lost: 'answer' | 'request'): Promise<{ port: number; cut: () => boolean; close: () => Promise<void> }> {
+    const t = cluster.target!;
+    let cut = false;
+    const sockets = new Set<net.Socket>();
+    const server = net.createServer((client) => {
+      const upstream = net.connect(t.port, t.host);
+      sockets.add(client).add(upstream);
+      let renaming = false;
+      let committing = false;
+      client.on('data', (chunk) => {
+        const text = chunk.toString('latin1');
+        if (text.includes('ALTER DATABASE')) renaming = true;
+        if (renaming && !cut && text.includes('COMMIT')) {
+          committing = true;
+          if (lost === 'request') {
+            cut = true;
+            client.destroy();
+            upstream.destroy();
+            return;
+          }
+        }
+        upstream.write(chunk);
+      });
+      upstream.on('data', (chunk) => {
+        if (committing && !cut) {
+          cut = true;
+          client.destroy();
+          upstream.destroy();
+          return;
+        }
+        client.write(chunk);
+      });
+      for (const [a, b] of [[client, upstream], [upstream, client]] as const) {
+        a.on('error', () => b.destroy());
+        a.on('close', () => b.destroy());
+      }
+    });
+    await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+    return {
+      port: (server.address() as net.AddressInfo).port,
+      cut: () => cut,
+      close: async () => {
+        for (const s of sockets) s.destroy();
+        await new Promise((resolve) => server.close(resolve));
+      },
+    };
+  }
+
+  const viaProxy = (port: number) => (raw: RawConfig): void => {
+    raw.restore.postgres.host = '127.0.0.1';
+    raw.restore.postgres.port = port;
+  };
+  const publicTables = async (db: string): Promise<string[]> => (await cluster.target!.query<{ relname: string }>(db, `SELECT relname FROM pg_class WHERE relkind = 'r' AND relnamespace = 'public'::regnamespace ORDER BY 1`)).rows.map((r) => r.relname);
+
+  for (const lost of ['answer', 'request'] as const) {
+    const what = lost === 'answer' ? 'the answer to the swap\'s COMMIT is lost (the connection ends after the server committed)' : 'the connection ends as the swap\'s COMMIT is sent (the server never gets it)';
+    test(`--force: when ${what}, the restore reports what happened and keeps what the databases in place refer to`, { timeout: 300_000 }, async () => {
+      await cluster.target!.createDatabase('pachyderm');
+      await cluster.target!.query('pachyderm', 'CREATE TABLE precious (v text)');
+      await cluster.target!.createDatabase('dex');
+      await cluster.target!.query('dex', 'CREATE TABLE kept (v text)');
+      const proxy = await commitCut(lost);
+      let outcome: RestoreSummary | Error;
+      try {
+        outcome = await restore({ force: true, mutate: viaProxy(proxy.port) }).catch((err: Error) => err);
+      } finally {
+        await proxy.close();
+      }
+      assert.ok(proxy.cut(), 'the proxy cut the connection at COMMIT');
+      const message = outcome instanceof Error ? outcome.message : 'the restore succeeded';
+      if (lost === 'answer') {
+        assert.doesNotMatch(message, /nothing was replaced/, 'the swap did commit: saying nothing was replaced is false');
+        assert.ok(!(await publicTables('pachyderm')).includes('precious'), `the restored pachyderm database is in place (${message})`);
+        assert.deepEqual(compareFingerprints(await cluster.sourceFingerprints(), await cluster.restoredFingerprints()), [], `the databases in place find every object they refer to (${message})`);
+        assert.ok(!(outcome instanceof Error), `the swap committed: the restore succeeded (${message})`);
+        assert.deepEqual(await cluster.targetDatabases(), ['dex', 'pachyderm'], 'the replaced databases were dropped');
+      } else {
+        assert.match(message, /nothing was replaced: they are as before/);
+        assert.deepEqual(await publicTables('pachyderm'), ['precious'], 'pachyderm is the old one');
+        assert.deepEqual(await publicTables('dex'), ['kept'], 'dex is the old one');
+        assert.deepEqual(await cluster.targetDatabases(), ['dex', 'pachyderm'], 'no copy left');
+        assert.deepEqual(await cluster.restoredKeys(), [], 'the restored objects were removed');
+      }
+    });
+  }
+
 });

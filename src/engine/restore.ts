@@ -10,7 +10,7 @@ import { ChecksumMismatchError, StoreError, type ObjectStore } from '../objectst
 import { locationsOverlap } from '../objectstore/url.js';
 import { REDACTED, rewriteHelmValues } from '../pachyderm/helmValues.js';
 import { childEnv, connect, describeServer, pgServer, type PgServer } from '../postgres/connection.js';
-import { createDatabase, databaseState, dropDatabase, swapDatabases } from '../postgres/restore.js';
+import { createDatabase, databaseState, dropDatabase, swapDatabases, SwapOutcomeUnknownError } from '../postgres/restore.js';
 import { countTables } from '../postgres/snapshot.js';
 import { findPgTool, runToolToEnd, startTool, stopTool, toolVersion } from '../postgres/tools.js';
 import { algorithmOf, digestHex } from '../repository/checksum.js';
@@ -242,7 +242,7 @@ async function restoreWithScratch(options: RestoreOptions, lockBox: { lock?: Loc
   const suffix = randomBytes(4).toString('hex');
   const work = mapping.map(({ db, target: name }) => ({ db, target: pre.existing.includes(name) ? `pachbackup_restore_${suffix}_${db.role}` : name, final: name }));
   let helmTemp: string | undefined;
-  /** Set once an existing database was dropped for its restored copy: a rollback then keeps the objects. */
+  /** Set once an existing database was (or may have been) replaced by its restored copy: a rollback then keeps the objects. */
   let replaced = false;
   try {
     await phases.run('restore-objects', () => restoreObjects(repo, out, index, objects, written, pre.targetWasEmpty, options.concurrency, emit, retries.policy(), signal));
@@ -279,6 +279,12 @@ async function restoreWithScratch(options: RestoreOptions, lockBox: { lock?: Loc
     const swaps = work.filter((w) => w.target !== w.final).map((w) => ({ copy: w.target, existing: w.final, old: `pachbackup_replaced_${suffix}_${w.db.role}` }));
     if (swaps.length > 0) {
       await swapDatabases(target, swaps).catch((err: unknown) => {
+        if (err instanceof SwapOutcomeUnknownError) {
+          // Perhaps in place: the restored copies and the objects they refer to are kept, whatever their names.
+          replaced = true;
+          for (const s of swaps) createdDatabases.splice(createdDatabases.indexOf(s.copy), 1);
+          throw new RestoreError(`putting the restored databases in place of ${swaps.map((s) => `"${s.existing}"`).join(' and ')} may or may not have taken effect: ${err.message}. Nothing is removed: check which databases are where, and drop the ones not wanted`);
+        }
         throw new RestoreError(
           `putting the restored databases in place of ${swaps.map((s) => `"${s.existing}"`).join(' and ')} on ${describeServer(target)} failed (${(err as Error).message}); nothing was replaced: ${swaps.length > 1 ? 'they are' : 'it is'} as before`,
         );

@@ -1,3 +1,4 @@
+import pg from 'pg';
 import { connect, describeServer, explainPgError, PgError, quoteIdent, type PgServer } from './connection.js';
 
 /** The maintenance database used to create and inspect databases. */
@@ -73,22 +74,37 @@ export interface DatabaseSwap {
 }
 
 /**
+ * The swap's COMMIT was sent but its answer never came (the connection ended): whether the renames
+ * took effect could not be established afterwards either. Nothing may be removed on this basis.
+ */
+export class SwapOutcomeUnknownError extends PgError {
+  override name = 'SwapOutcomeUnknownError';
+}
+
+/**
  * Puts restored copies in place of existing databases, all or none: in one transaction each
  * existing database is renamed to its `old` name and its copy takes its name (ALTER DATABASE …
  * RENAME may run in a transaction; a failure rolls every rename back). Sessions on the existing
  * databases are ended first, as DROP DATABASE … WITH (FORCE) would end them; one that connects
  * again at once is met by two more tries. A session on a copy, or one this user may not end,
  * fails the swap with nothing renamed.
+ *
+ * A COMMIT that fails without an answer (the connection ends) may have committed: the outcome is
+ * then read from the catalog on a new connection, once the old session is gone. Committed, the swap
+ * succeeded; not committed, its error is thrown; anything else is a SwapOutcomeUnknownError.
  */
 export async function swapDatabases(server: PgServer, swaps: DatabaseSwap[]): Promise<void> {
   const admin = await connect(server, MAINTENANCE_DB);
   try {
+    const { rows } = await admin.query<{ pid: number }>('SELECT pg_backend_pid() AS pid');
+    const pid = rows[0]!.pid;
     for (let attempt = 1; ; attempt++) {
       // Sessions this user may not end stay; the rename then names the database they use.
       await admin
         .query('SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = ANY($1) AND pid <> pg_backend_pid()', [swaps.map((s) => s.existing)])
         .catch(() => undefined);
       let renaming = swaps[0]?.existing ?? '';
+      let committing = false;
       try {
         await admin.query('BEGIN');
         for (const s of swaps) {
@@ -97,9 +113,15 @@ export async function swapDatabases(server: PgServer, swaps: DatabaseSwap[]): Pr
           renaming = s.copy;
           await admin.query(`ALTER DATABASE ${quoteIdent(s.copy)} RENAME TO ${quoteIdent(s.existing)}`);
         }
+        committing = true;
         await admin.query('COMMIT');
         return;
       } catch (err) {
+        if (committing && !(err instanceof pg.DatabaseError && err.severity === 'ERROR')) {
+          // No answer to COMMIT (or the session ended in it): it may have committed.
+          if ((await swapOutcome(server, swaps, pid)) === 'committed') return;
+          throw explainPgError(err, server, renaming);
+        }
         await admin.query('ROLLBACK').catch(() => undefined);
         // 55006 object_in_use: a session on a database being renamed.
         const reconnected = (err as { code?: string }).code === '55006' && swaps.some((s) => s.existing === renaming);
@@ -108,6 +130,42 @@ export async function swapDatabases(server: PgServer, swaps: DatabaseSwap[]): Pr
       }
     }
   } finally {
-    await admin.end();
+    await admin.end().catch(() => undefined);
   }
+}
+
+/**
+ * Whether a swap whose COMMIT went unanswered committed, read from the catalog once its session
+ * (`pid`) is gone (ended here if it lingers): 'committed' or 'rolled back', or a
+ * SwapOutcomeUnknownError naming what is where.
+ */
+async function swapOutcome(server: PgServer, swaps: DatabaseSwap[], pid: number): Promise<'committed' | 'rolled back'> {
+  const names = swaps.flatMap((s) => [s.copy, s.old]);
+  let found: Set<string> | undefined;
+  let why = '';
+  try {
+    const admin = await connect(server, MAINTENANCE_DB);
+    try {
+      for (let i = 0; ; i++) {
+        const { rows } = await admin.query<{ gone: boolean }>('SELECT NOT EXISTS (SELECT 1 FROM pg_stat_activity WHERE pid = $1) AS gone', [pid]);
+        if (rows[0]?.gone) break;
+        if (i === 50) throw new Error(`its session (pid ${pid}) did not end`);
+        await admin.query('SELECT pg_terminate_backend($1)', [pid]).catch(() => undefined);
+        await new Promise((resolve) => setTimeout(resolve, 200));
+      }
+      const { rows } = await admin.query<{ datname: string }>('SELECT datname FROM pg_database WHERE datname = ANY($1)', [names]);
+      found = new Set(rows.map((r) => r.datname));
+    } finally {
+      await admin.end().catch(() => undefined);
+    }
+  } catch (err) {
+    why = `: ${(err as Error).message}`;
+  }
+  const present = found;
+  if (present) {
+    if (swaps.every((s) => present.has(s.old) && !present.has(s.copy))) return 'committed';
+    if (swaps.every((s) => present.has(s.copy) && !present.has(s.old))) return 'rolled back';
+  }
+  const where = swaps.map((s) => `"${s.existing}" is the restored copy if "${s.old}" exists (the database it replaced), the old database if "${s.copy}" does`).join('; ');
+  throw new SwapOutcomeUnknownError(`the connection to ${describeServer(server)} ended in the COMMIT of the swap, and whether it committed could not be read back${why}; ${where}`);
 }
