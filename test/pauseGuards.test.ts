@@ -8,11 +8,12 @@
 import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';
 import { readFileSync } from 'node:fs';
-import { mkdtemp, readFile, rm, stat, writeFile } from 'node:fs/promises';
+import { mkdir, mkdtemp, readFile, rm, stat, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import pg from 'pg';
 import { openRepository } from '../src/engine/context.js';
+import { findPgTool } from '../src/postgres/tools.js';
 import type { EngineEvent } from '../src/engine/events.js';
 import { createStrategy, resumeLedgerEntry } from '../src/quiesce/factory.js';
 import { LEDGER_KEY, PauseLedger, type LedgerEntry } from '../src/quiesce/ledger.js';
@@ -365,6 +366,41 @@ describe('pause guards', () => {
       assert.deepEqual(await cluster.sealedBackups(), sealedBefore);
       // The cluster is resumed for the tests that follow.
       await resumeLedgerEntry(cluster.config().pause, ledger, (await ledger.read())!, { info: () => undefined, warn: () => undefined });
+    });
+  });
+  test('holdDuringDump, dumpJobs 2: when one dump fails, a pg_dump that does not exit on SIGTERM (stuck sending its cancel requests to a server it cannot reach) does not keep the failed backup, and the paused cluster, waiting for it', async () => {
+    await withLedger(async () => {
+      const bin = join(cluster.work, 'stubborn-pg-dump');
+      await mkdir(bin, { recursive: true });
+      await writeFile(
+        join(bin, 'pg_dump'),
+        [
+          '#!/bin/sh',
+          `case "$*" in *--version*) exec "${findPgTool('pg_dump')}" "$@";; esac`,
+          'case "$*" in *--dbname=dex*) echo "pg_dump: error: connection to server was lost" >&2; exit 1;; esac',
+          "trap '' TERM",
+          'exec sleep 90',
+          '',
+        ].join('\n'),
+        { mode: 0o755 },
+      );
+      const before = (await cluster.markerLines()).length;
+      const started = Date.now();
+      const error = await cluster
+        .backup((raw) => {
+          raw.cluster.postgres.binDir = bin;
+          raw.backup.dumpJobs = 2;
+          raw.pause.holdDuringDump = true;
+          raw.pause.quiescence = { settleSeconds: 0 };
+        })
+        .then(
+          () => undefined,
+          (err: Error) => err,
+        );
+      const took = Date.now() - started;
+      assert.match(error?.message ?? 'the backup succeeded', /database dex .*connection to server was lost/);
+      assert.ok(took < 45_000, `the backup failed ${Math.round(took / 1000)} s after it started: it waited for the pg_dump that ignores SIGTERM`);
+      assert.deepEqual((await cluster.markerLines()).slice(before), ['paused', 'resumed']);
     });
   });
 });

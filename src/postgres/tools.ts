@@ -75,20 +75,30 @@ export function startTool(path: string, args: string[], env: NodeJS.ProcessEnv):
   return { child, done };
 }
 
+/** How long a program stopped with SIGTERM has to exit before it is killed. */
+const STOP_GRACE_MS = 5_000;
+
 /**
  * Runs a long program that reads and writes files, not pipes (pg_dump --format=directory,
- * pg_restore from a file), until it exits; `signal` stops it.
+ * pg_restore from a file), until it exits; `signal` stops it: SIGTERM (pg_dump and pg_restore
+ * then cancel their queries), SIGKILL if it has not exited STOP_GRACE_MS later (its cancel
+ * requests can hang on a server it cannot reach, and whoever stops it waits for it).
  */
 export async function runToolToEnd(path: string, args: string[], env: NodeJS.ProcessEnv, signal?: AbortSignal): Promise<void> {
   signal?.throwIfAborted();
   const tool = startTool(path, args, env);
   tool.child.stdin.end();
   tool.child.stdout.resume();
-  const onAbort = (): void => void tool.child.kill('SIGTERM');
+  let kill: NodeJS.Timeout | undefined;
+  const onAbort = (): void => {
+    tool.child.kill('SIGTERM');
+    kill = setTimeout(() => tool.child.kill('SIGKILL'), STOP_GRACE_MS);
+  };
   signal?.addEventListener('abort', onAbort, { once: true });
   try {
     await tool.done;
   } finally {
+    clearTimeout(kill);
     signal?.removeEventListener('abort', onAbort);
   }
   signal?.throwIfAborted();
