@@ -126,6 +126,14 @@ test('Ceph RGW, read-only repository credentials (a subuser with read access): v
     const blocked = await cluster.runCli(['--config', config, 'verify', first.id], { env });
     assert.notEqual(blocked.code, 0, describeRun(blocked));
     assert.match(blocked.stderr, /is locked: cannot take a read lock while the exclusive lock exclusive-0123456789abcdef held by "pachbackup prune/, describeRun(blocked));
+
+    // A prune that died (its lock stale: killed, or the primary site lost and the bucket replicated
+    // here) does not stop them: a run with write access would remove that lock and go ahead.
+    const anHourAgo = new Date(Date.now() - 3600_000).toISOString();
+    await cluster.repositoryStore().put('locks/exclusive-0123456789abcdef.json', Buffer.from(JSON.stringify({ kind: 'exclusive', host: 'other-host', pid: 4242, command: 'pachbackup prune --keep-last 3', createdAt: anHourAgo, heartbeatAt: anHourAgo, leaseSeconds: 300 })));
+    const afterStale = await cluster.runCli(['--config', config, 'verify', first.id], { env });
+    assert.equal(afterStale.code, 0, describeRun(afterStale));
+    assert.match(afterStale.stderr, /stale exclusive lock exclusive-0123456789abcdef .*left in place/s, describeRun(afterStale));
   } finally {
     delete process.env['PBT_RO_KEY'];
     delete process.env['PBT_RO_SECRET'];

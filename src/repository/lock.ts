@@ -176,7 +176,7 @@ export async function acquireLock(store: ObjectStore, kind: LockKind, info: { co
     // Read-only credentials (a replica, a bucket under object lock, an auditor's key) cannot write a
     // lock. A run that only reads still goes ahead: it can damage nothing, and no live exclusive
     // lock was there when it listed (above). Only a prune starting later cannot see it.
-    if (kind !== 'read' || !(err instanceof StoreError) || err.code !== ACCESS_DENIED) throw err;
+    if (kind !== 'read' || !isAccessDenied(err)) throw err;
     onEvent({
       type: 'warning',
       message: `no read lock taken: the credentials cannot write to ${store.description} (${err.message}). Going ahead without one, read-only; a prune started during this run could remove what it still has to read, so do not prune meanwhile`,
@@ -219,7 +219,14 @@ async function clearConflicts(
   for (const lock of await listLocks(store, now)) {
     if (lock.id === self?.id || !lockKindsConflict(kind, lock.kind)) continue;
     if (lock.state === 'stale') {
-      await store.remove([lock.key]);
+      try {
+        await store.remove([lock.key]);
+      } catch (err) {
+        // Read-only credentials (see acquireLock): a stale lock blocks nothing, whether or not it can be removed.
+        if (kind !== 'read' || !isAccessDenied(err)) throw err;
+        onEvent({ type: 'warning', message: `stale ${describeLock(lock, now)} left in place: the credentials cannot remove it (${lock.reason})` });
+        continue;
+      }
       onEvent({ type: 'warning', message: `took over stale ${describeLock(lock, now)}: ${lock.reason}` });
       continue;
     }
@@ -231,6 +238,10 @@ async function clearConflicts(
     throw conflictError(store, kind, lock);
   }
   return younger;
+}
+
+function isAccessDenied(err: unknown): err is StoreError {
+  return err instanceof StoreError && err.code === ACCESS_DENIED;
 }
 
 function precedes(createdA: string, idA: string, createdB: string, idB: string): boolean {
