@@ -411,8 +411,13 @@ async function backupUnderLock(options: BackupOptions, lockBox: LockBox, scratch
     const missing = missingReferenced;
     if (missing.count > 0) {
       const shown = missing.shown.join(', ');
+      // Past the first MISSING_SHOWN, keys were not looked up one by one: they were only absent from the listing.
+      const what =
+        missing.count > missing.shown.length
+          ? `${missing.count} object(s) the pachyderm database references are not in the backup, so it would not restore: the first ${missing.shown.length} are not in the bucket (${shown}), the other ${missing.count - missing.shown.length} were not in its listing`
+          : `${missing.count} object(s) the pachyderm database references are not in the bucket, so the backup would not restore: ${shown}`;
       throw new BackupError(
-        `${missing.count} object(s) the pachyderm database references are not in the bucket, so the backup would not restore: ${shown}${missing.count > missing.shown.length ? ', …' : ''}. Nothing was sealed. ${mode === 'online' ? 'If Pachyderm garbage collection is on, back up in paused mode or turn it off; if most are missing, ' : 'If most are missing, '}check that cluster.objectStore names the bucket (and prefix) pachd writes to.`,
+        `${what}. Nothing was sealed. ${mode === 'online' ? 'If Pachyderm garbage collection is on, back up in paused mode or turn it off; if most are missing, ' : 'If most are missing, '}check that cluster.objectStore names the bucket (and prefix) pachd writes to.`,
       );
     }
     // The index streams from the scratch file, merged with the objects fetched by key, in key order.

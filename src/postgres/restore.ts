@@ -99,10 +99,10 @@ export async function swapDatabases(server: PgServer, swaps: DatabaseSwap[]): Pr
     const { rows } = await admin.query<{ pid: number }>('SELECT pg_backend_pid() AS pid');
     const pid = rows[0]!.pid;
     for (let attempt = 1; ; attempt++) {
-      // Sessions this user may not end stay; the rename then names the database they use.
-      await admin
-        .query('SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = ANY($1) AND pid <> pg_backend_pid()', [swaps.map((s) => s.existing)])
-        .catch(() => undefined);
+      // One at a time: a session this user may not end (another role's) fails only its own
+      // pg_terminate_backend, and stays; the rename then names the database it uses.
+      const { rows: sessions } = await admin.query<{ pid: number }>('SELECT pid FROM pg_stat_activity WHERE datname = ANY($1) AND pid <> pg_backend_pid()', [swaps.map((s) => s.existing)]);
+      for (const { pid } of sessions) await admin.query('SELECT pg_terminate_backend($1)', [pid]).catch(() => undefined);
       let renaming = swaps[0]?.existing ?? '';
       let committing = false;
       try {
