@@ -7,7 +7,7 @@
  */
 import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';
-import { readFileSync } from 'node:fs';
+import { existsSync, readFileSync } from 'node:fs';
 import { mkdir, mkdtemp, readFile, rm, stat, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -314,6 +314,34 @@ describe('pause guards', () => {
       assert.deepEqual((await cluster.markerLines()).slice(before), ['paused', 'resumed', 'paused', 'resumed'], 'B resumes its own pause');
       assert.equal(await ledger.read(), undefined);
       assert.deepEqual((await cluster.sealedBackups()).filter((id) => !sealedBefore.includes(id)), [runB.result?.id]);
+    });
+  });
+
+  test('a backup stalled while paused until its lock went stale, whose pause "pachbackup resume" resumed meanwhile (clearing its ledger entry): it does not resume a second time, which could end a pause another backup is starting', async () => {
+    await withLedger(async (ledger) => {
+      const before = (await cluster.markerLines()).length;
+      const sealedBefore = await cluster.sealedBackups();
+      const configFile = await cluster.writeConfig();
+      let resume: { done: Promise<CliResult> } | undefined;
+      const strategy = await stallingStrategy(() => {
+        const stalledAt = Date.now();
+        stallProcess(() => Date.now() > stalledAt + LEASE_SECONDS * 1000 + 100, "the backup's lock to go stale");
+        // The operator (or a scheduled job) resumes the pause from the ledger, taking the stale lock over.
+        resume = cluster.spawnCli(['--config', configFile, '--json', 'resume']);
+        stallProcess(() => !existsSync(ledger.localFile), 'the resume to clear the ledger');
+      });
+      const events: EngineEvent[] = [];
+      const error = await cluster.backup(quickSettle, events, { strategy, leaseSeconds: LEASE_SECONDS }).then(
+        () => undefined,
+        (err: Error) => err,
+      );
+      const resumed = await resume?.done;
+      assert.ok(resumed, 'the resume ran while the backup stalled');
+      assert.equal(resumed.code, 0, describeRun(resumed));
+      assert.deepEqual((await cluster.markerLines()).slice(before), ['paused', 'resumed'], 'resumed once, by "pachbackup resume"; the woken backup did not resume again');
+      assert.match(error?.message ?? 'the backup succeeded', /lost lock.*another run resumed its pause/s);
+      assert.equal(await ledger.read(), undefined);
+      assert.deepEqual(await cluster.sealedBackups(), sealedBefore);
     });
   });
 

@@ -77,6 +77,8 @@ interface DumpedDatabase {
 interface LockBox {
   lock?: LockHandle;
   pauseTakenBy?: LedgerEntry;
+  /** Set when this backup lost its lock and found its ledger entry removed: another run resumed its pause. */
+  pauseResumedByOther?: boolean;
   resumeFailed?: string;
 }
 
@@ -105,7 +107,9 @@ function lockLossError(lockBox: LockBox, err: unknown): unknown {
   const taker = lockBox.pauseTakenBy;
   const pause = taker
     ? `; the cluster was not resumed: ${describeOwner(taker)} took this backup's pause over and paused the cluster itself, and resumes it when it ends`
-    : lockBox.resumeFailed
+    : lockBox.pauseResumedByOther
+      ? `; the cluster was not resumed by this backup: its pause ledger entry was removed, so another run resumed its pause (run "pachbackup status" to see whether anything is paused now)`
+      : lockBox.resumeFailed
       ? `; ${lockBox.resumeFailed}`
       : '';
   return new BackupError(`the backup stopped: ${lost.message}${pause}; nothing was sealed`);
@@ -370,6 +374,14 @@ async function backupUnderLock(options: BackupOptions, lockBox: LockBox, scratch
           if (taker) {
             lockBox.pauseTakenBy = taker;
             emit({ type: 'warning', message: `not resuming the cluster: ${ownedBy(taker)}, which took this backup's pause over; that backup resumes the cluster when it ends` });
+            return;
+          }
+          // Lost the lock, and the entry is gone from the repository (this backup wrote it before
+          // pausing): the run that took the repository over resumed this pause and cleared it. A
+          // second resume could meet that run's own pause, just starting, and end it.
+          if (lockBox.lock?.signal.aborted && (await ledger.repositoryEntry().then((e) => e === undefined, () => false))) {
+            lockBox.pauseResumedByOther = true;
+            emit({ type: 'warning', message: 'not resuming the cluster: this backup lost its lock and its pause ledger entry was removed from the repository, so another run already resumed this pause' });
             return;
           }
           try {

@@ -69,6 +69,23 @@ export class PauseLedger {
     }
   }
 
+  /**
+   * The entry in the repository (shared by every host); undefined only when there is none. A read
+   * that fails, or an entry that cannot be parsed, throws.
+   */
+  async repositoryEntry(): Promise<LedgerEntry | undefined> {
+    let text: string;
+    try {
+      text = (await readWhole(this.store, LEDGER_KEY)).toString('utf8');
+    } catch (err) {
+      if (err instanceof NotFoundError) return undefined;
+      throw err;
+    }
+    const entry = parseEntry(text);
+    if (!entry) throw new Error(`${LEDGER_KEY} cannot be parsed`);
+    return entry;
+  }
+
   /** Another backup's entry, in the repository or in the local file; undefined when neither names another backup. */
   async ownedByOther(backupId: string): Promise<LedgerEntry | undefined> {
     const { repository, local } = await this.entries();
