@@ -483,6 +483,70 @@ describe('failures of the thin path are classified as the SDK path classified th
     });
   });
 
+  test('a PUT whose body takes longer than the request timeout to send, bytes flowing all along, is stored; a body that stops flowing fails as a timeout', async () => {
+    const s3 = await startS3rver();
+    try {
+      await s3.createBucket('slow-puts');
+      const store = s3Store(s3.endpoint, s3, 'slow-puts', { requestTimeoutSeconds: 1 });
+      // 12 chunks 250 ms apart: 3 s to send (a 16 MiB object from a slow source), never 1 s without a byte.
+      const body = randomBytes(12 * 1024);
+      const trickle = Readable.from(
+        (async function* () {
+          for (let at = 0; at < body.length; at += 1024) {
+            await new Promise((resolve) => setTimeout(resolve, 250));
+            yield body.subarray(at, at + 1024);
+          }
+        })(),
+      );
+      await store.put('slow', trickle, { size: body.length });
+      assert.ok(body.equals(await readAll(await store.get('slow'))), 'the object holds the bytes sent');
+      const stalled = new Readable({ read() {} });
+      stalled.push(Buffer.alloc(100));
+      const started = Date.now();
+      await assert.rejects(store.put('stalled', stalled, { size: 1000 }), (err: unknown) => {
+        assert.ok(err instanceof StoreError && err.retryable, String(err));
+        assert.match(err.message, /TimeoutError/);
+        return true;
+      });
+      assert.ok(Date.now() - started < 5000, 'the stalled upload fails about the request timeout after its last byte');
+      // (s3rver keeps the 100 bytes of the cut-off request as the object; a real S3 discards a body shorter than its Content-Length.)
+    } finally {
+      await s3.stop();
+    }
+  });
+
+  test('an error response whose body stops coming (a proxy that hangs mid-answer) fails as a timeout instead of hanging', async () => {
+    const server: Server = createServer((req, res) => {
+      req.resume();
+      req.on('end', () => {
+        res.writeHead(503, { 'content-type': 'application/xml', 'content-length': 500 });
+        res.write('<?xml version="1.0"?><Error><Code>SlowDown</Code>');
+      });
+    });
+    await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+    try {
+      const store = s3Store(`http://127.0.0.1:${(server.address() as AddressInfo).port}`, creds, 'b', { requestTimeoutSeconds: 1 });
+      for (const [what, attempt] of [
+        ['put', () => store.put('k', Buffer.from('x'))],
+        ['list', async () => {
+          for await (const _ of store.list()) break;
+        }],
+      ] as const) {
+        const outcome = await Promise.race([
+          attempt().then(
+            () => 'resolved',
+            (err: unknown) => (err instanceof StoreError && err.retryable && /HTTP 503.*TimeoutError|TimeoutError.*HTTP 503/.test(err.message) ? 'timed out' : `failed otherwise: ${String(err)}`),
+          ),
+          new Promise<string>((resolve) => setTimeout(() => resolve('still hanging after 5 s'), 5000).unref()),
+        ]);
+        assert.equal(outcome, 'timed out', what);
+      }
+    } finally {
+      server.closeAllConnections();
+      await new Promise<void>((resolve) => server.close(() => resolve()));
+    }
+  });
+
   test('an abort signal ends a request that is waiting for its answer, with an AbortError', async () => {
     await withBlackhole(600, async (store) => {
       const controller = new AbortController();

@@ -214,10 +214,11 @@ export class S3Http {
         return;
       }
       let settled = false;
+      /** The response, once its head arrived. */
+      let response: IncomingMessage | undefined;
       const fail = (err: Error): void => {
         if (settled) return;
         settled = true;
-        clearTimeout(timer);
         outgoing.destroy();
         reject(err);
       };
@@ -235,13 +236,9 @@ export class S3Http {
           return;
         }
         settled = true;
-        clearTimeout(timer);
+        response = res;
         const status = res.statusCode ?? 0;
         if (status >= 200 && status < 300) {
-          // After the headers, a body that stalls as long as the request timeout fails the read.
-          outgoing.setTimeout(this.options.requestTimeoutMs, () =>
-            res.destroy(new S3HttpError('TimeoutError', `${req.method} ${req.key}: no bytes of the response body for ${this.options.requestTimeoutMs} ms`)),
-          );
           resolve(res);
           return;
         }
@@ -258,11 +255,17 @@ export class S3Http {
           },
         );
       });
-      // As the SDK: no response headers within the request timeout (a server that accepts and never answers) fails the request.
-      const timer = setTimeout(
-        () => fail(new S3HttpError('TimeoutError', `${req.method} ${req.key}: no response within ${this.options.requestTimeoutMs} ms`, undefined, { code: 'ETIMEDOUT' })),
-        this.options.requestTimeoutMs,
-      );
+      // The request timeout bounds silence on the socket, as the SDK's does: no byte of the request
+      // body taken (a stalled source, a server that stopped reading), no response to a request sent
+      // whole (a server that accepts and never answers), no byte of a response body. A body that
+      // takes longer than that to send or receive, bytes flowing all along, is no timeout.
+      const timeoutMs = this.options.requestTimeoutMs;
+      outgoing.setTimeout(timeoutMs, () => {
+        const why = response ? `no bytes of the response body for ${timeoutMs} ms` : outgoing.writableFinished ? `no response within ${timeoutMs} ms` : `the socket took no byte of the request body for ${timeoutMs} ms`;
+        const err = new S3HttpError('TimeoutError', `${req.method} ${req.key}: ${why}`, undefined, { code: 'ETIMEDOUT' });
+        if (response) response.destroy(err);
+        else fail(err);
+      });
       outgoing.once('socket', (socket) => {
         if (!socket.connecting) return;
         const connectTimer = setTimeout(
