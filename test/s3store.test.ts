@@ -7,13 +7,21 @@
  */
 import assert from 'node:assert/strict';
 import { createHash, randomBytes } from 'node:crypto';
+import { execFile } from 'node:child_process';
+import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
 import { createServer, type IncomingMessage, type Server } from 'node:http';
-import type { AddressInfo } from 'node:net';
+import { connect, type AddressInfo } from 'node:net';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { createServer as createTlsServer, type Server as TlsServer } from 'node:tls';
+import { promisify } from 'node:util';
 import { Readable } from 'node:stream';
 import { after, before, describe, test } from 'node:test';
 import { GetObjectCommand, ListObjectsV2Command, PutObjectCommand, S3Client } from '@aws-sdk/client-s3';
+import type { ObjectStoreConfig } from '../src/config/schema.js';
 import { Secret } from '../src/config/secret.js';
 import { startFaultProxy } from '../src/objectstore/faultProxy.js';
+import { openStore, type OpenedStore } from '../src/objectstore/open.js';
 import { S3ObjectStore } from '../src/objectstore/s3.js';
 import { ChecksumMismatchError, md5OfEtag, NotFoundError, PreconditionFailedError, SOURCE_CHANGED, StoreError } from '../src/objectstore/store.js';
 import { cephRgwSkipReason, startCephRgw, startS3rver, type S3TestServer } from './helpers/servers.js';
@@ -609,5 +617,106 @@ describe('CopyObject through the SDK path (checksums: when_supported)', () => {
       await Promise.all([source.destroy(), target.destroy()]);
       await new Promise<void>((resolve) => server.close(() => resolve()));
     }
+  });
+});
+
+/** A CA and a server certificate it signed for 127.0.0.1, made with the openssl CLI; undefined without it. */
+async function privateCa(dir: string): Promise<{ caFile: string; key: Buffer; cert: Buffer } | undefined> {
+  const openssl = (...args: string[]) => promisify(execFile)('openssl', args, { cwd: dir });
+  try {
+    await openssl('req', '-x509', '-newkey', 'rsa:2048', '-nodes', '-keyout', 'ca.key', '-out', 'ca.crt', '-days', '2', '-subj', '/CN=pachbackup test CA', '-addext', 'basicConstraints=critical,CA:TRUE', '-addext', 'keyUsage=critical,keyCertSign,cRLSign');
+  } catch {
+    return undefined;
+  }
+  await openssl('req', '-newkey', 'rsa:2048', '-nodes', '-keyout', 'server.key', '-out', 'server.csr', '-subj', '/CN=127.0.0.1');
+  await writeFile(join(dir, 'server.ext'), 'subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n');
+  await openssl('x509', '-req', '-in', 'server.csr', '-CA', 'ca.crt', '-CAkey', 'ca.key', '-CAcreateserial', '-out', 'server.crt', '-days', '2', '-extfile', 'server.ext');
+  const [key, cert] = await Promise.all([readFile(join(dir, 'server.key')), readFile(join(dir, 'server.crt'))]);
+  return { caFile: join(dir, 'ca.crt'), key, cert };
+}
+
+describe('an https endpoint whose certificate a private CA signed (s3rver behind a TLS proxy)', () => {
+  let dir: string;
+  let s3: S3TestServer;
+  let proxy: TlsServer;
+  let ca: Awaited<ReturnType<typeof privateCa>>;
+  let endpoint: string;
+  const saved = { bundle: process.env['AWS_CA_BUNDLE'] };
+  before(async () => {
+    dir = await mkdtemp(join(tmpdir(), 'pbt-s3-tls-'));
+    ca = await privateCa(dir);
+    if (!ca) return;
+    s3 = await startS3rver();
+    await s3.createBucket('tls-bucket');
+    const target = Number(new URL(s3.endpoint).port);
+    proxy = createTlsServer({ key: ca.key, cert: ca.cert }, (client) => {
+      const upstream = connect(target, '127.0.0.1');
+      client.on('error', () => upstream.destroy());
+      upstream.on('error', () => client.destroy());
+      client.pipe(upstream).pipe(client);
+    });
+    await new Promise<void>((resolve) => proxy.listen(0, '127.0.0.1', resolve));
+    endpoint = `https://127.0.0.1:${(proxy.address() as AddressInfo).port}`;
+    process.env['PBT_TLS_KEY_ID'] = s3.accessKeyId;
+    process.env['PBT_TLS_SECRET'] = s3.secretAccessKey;
+    delete process.env['AWS_CA_BUNDLE'];
+  });
+  after(async () => {
+    if (saved.bundle === undefined) delete process.env['AWS_CA_BUNDLE'];
+    else process.env['AWS_CA_BUNDLE'] = saved.bundle;
+    await new Promise<void>((resolve) => (proxy ? proxy.close(() => resolve()) : resolve()));
+    await s3?.stop();
+    await rm(dir, { recursive: true, force: true });
+  });
+  const config = (extra: Partial<ObjectStoreConfig> = {}): ObjectStoreConfig => ({
+    url: 's3://tls-bucket/p',
+    endpoint,
+    region: 'us-east-1',
+    forcePathStyle: true,
+    accessKeyId: { env: 'PBT_TLS_KEY_ID' },
+    secretAccessKey: { env: 'PBT_TLS_SECRET' },
+    checksums: 'when_required',
+    requestTimeoutSeconds: 10,
+    ...extra,
+  });
+  /** Every kind of request through the store: check, put (buffer, stream), stat, get, list. */
+  async function roundTrip(opened: OpenedStore, key: string): Promise<void> {
+    const body = randomBytes(200_000);
+    await opened.s3!.check();
+    await opened.store.put(`${key}-b`, body);
+    // (A stream through the SDK with checksums when_supported is sent aws-chunked, which s3rver stores as it came.)
+    await opened.store.put(`${key}-s`, key === 'sdk' ? body : Readable.from([body]), { size: body.length });
+    assert.equal((await opened.store.stat(`${key}-s`))?.size, body.length);
+    assert.ok(body.equals(await readAll(await opened.store.get(`${key}-b`))));
+    const listed = [];
+    for await (const info of opened.store.list(key)) listed.push(info.key);
+    assert.deepEqual(listed, [`${key}-b`, `${key}-s`]);
+    await opened.s3!.destroy();
+  }
+
+  test('with the CA as caFile (thin path and SDK path) or as AWS_CA_BUNDLE, every request works; without it, a permanent error that says where the CA goes', async (t) => {
+    if (!ca) {
+      t.skip('the openssl CLI is not installed (apt-get install openssl)');
+      return;
+    }
+    await roundTrip(openStore(config({ caFile: ca.caFile }), 'repository'), 'thin');
+    await roundTrip(openStore(config({ caFile: ca.caFile, checksums: 'when_supported' }), 'repository'), 'sdk');
+    process.env['AWS_CA_BUNDLE'] = ca.caFile;
+    try {
+      await roundTrip(openStore(config(), 'repository'), 'env');
+    } finally {
+      delete process.env['AWS_CA_BUNDLE'];
+    }
+    const untrusted = openStore(config(), 'repository').s3!;
+    for (const attempt of [() => untrusted.check(), () => untrusted.put('x', Buffer.from('x')), () => untrusted.get('thin-b')]) {
+      await assert.rejects(attempt(), (err: unknown) => {
+        assert.ok(err instanceof StoreError, String(err));
+        assert.equal(err.retryable, false, err.message);
+        assert.match(err.message, /TLS certificate of https:\/\/127\.0\.0\.1:\d+ is not accepted \(UNABLE_TO_VERIFY_LEAF_SIGNATURE: .*repository\.caFile \(or AWS_CA_BUNDLE\)/);
+        return true;
+      });
+    }
+    await untrusted.destroy();
+    assert.throws(() => openStore(config({ caFile: join(dir, 'no-such-ca.crt') }), 'repository'), /repository\.caFile: cannot read CA file .*no-such-ca\.crt; check the path/);
   });
 });

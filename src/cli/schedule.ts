@@ -235,7 +235,7 @@ function configForCluster(config: Config, notes: string[]): { config: Record<str
       } else if (key === 'binDir' && typeof value === 'string') {
         delete record[key];
         notes.push(`${here.join('.')} (${value}) removed: the image's PostgreSQL client tools are used`);
-      } else if (key === 'sslrootcert' && typeof value === 'string') {
+      } else if ((key === 'sslrootcert' || key === 'caFile') && typeof value === 'string') {
         notes.push(`${here.join('.')} is ${value}: mount that CA file into the job's containers at the same path`);
       } else {
         walk(value, here);

@@ -66,6 +66,11 @@ export const objectStoreSchema = z
     checksums: z.enum(['when_supported', 'when_required']).default('when_required'),
     /** Per-request timeout in seconds. */
     requestTimeoutSeconds: z.number().positive().default(120),
+    /**
+     * CA certificates (PEM file) trusted for an https endpoint besides Node's bundled roots: a
+     * store behind a private CA. Default: the file named by AWS_CA_BUNDLE, when that is set.
+     */
+    caFile: z.string().min(1).optional(),
   })
   .strict();
 

@@ -1,3 +1,4 @@
+import { readFileSync } from 'node:fs';
 import type { ObjectStoreConfig } from '../config/schema.js';
 import { resolveSecret } from '../config/secret.js';
 import { FaultStore, faultsFromEnv } from './faults.js';
@@ -33,7 +34,20 @@ export function openStore(config: ObjectStoreConfig, keyPath: string, options: O
   if (Boolean(config.accessKeyId) !== Boolean(config.secretAccessKey)) {
     throw new Error(`${keyPath}: set both accessKeyId and secretAccessKey, or neither to use the default AWS credential chain`);
   }
+  // A private CA: the config's caFile, else AWS_CA_BUNDLE (as the AWS CLI and the other SDKs read it).
+  const caFile = config.caFile ?? (process.env['AWS_CA_BUNDLE'] || undefined);
+  const caKey = config.caFile ? `${keyPath}.caFile` : 'AWS_CA_BUNDLE';
+  let ca: string | undefined;
+  if (caFile) {
+    try {
+      ca = readFileSync(caFile, 'utf8');
+    } catch {
+      throw new Error(`${caKey}: cannot read CA file ${caFile}; check the path`);
+    }
+  }
   const s3 = new S3ObjectStore({
+    configKey: keyPath,
+    ...(ca ? { ca } : {}),
     bucket: location.bucket,
     prefix: location.prefix,
     ...(config.endpoint ? { endpoint: config.endpoint } : {}),

@@ -2,6 +2,7 @@ import { createHash } from 'node:crypto';
 import { Agent as HttpAgent } from 'node:http';
 import { Agent as HttpsAgent } from 'node:https';
 import { Readable } from 'node:stream';
+import { createSecureContext, rootCertificates } from 'node:tls';
 import type { S3Client, S3ClientConfig } from '@aws-sdk/client-s3';
 import type { Secret } from '../config/secret.js';
 import { parseListPage, readSmallBody, S3Http, S3HttpError, xmlText, type ListPage } from './s3http.js';
@@ -19,6 +20,10 @@ export interface S3StoreOptions {
   requestTimeoutSeconds: number;
   /** Sockets kept per store; the copy concurrency should not exceed it. */
   maxSockets?: number;
+  /** The config section the store comes from (`repository`, `cluster.objectStore`), for hints in errors. */
+  configKey?: string;
+  /** PEM of CA certificates trusted for an https endpoint besides Node's bundled roots (a private CA). */
+  ca?: string;
   /** Tests only: the largest object copied with one CopyObject (default 5 GiB, S3's limit), and the part size above it. */
   copyObjectLimit?: number;
   copyPartSize?: number;
@@ -71,7 +76,14 @@ export class S3ObjectStore implements ObjectStore {
     this.description = `s3://${options.bucket}${options.prefix ? `/${options.prefix}` : ''}${options.endpoint ? ` at ${options.endpoint}` : ''}`;
     const agentOptions = { keepAlive: true, maxSockets: options.maxSockets ?? 128 };
     const httpAgent = new HttpAgent(agentOptions);
-    const httpsAgent = new HttpsAgent(agentOptions);
+    // One TLS context for every connection, the SDK's and the thin path's (a context per connection would parse every root again).
+    let secureContext;
+    try {
+      secureContext = options.ca === undefined ? undefined : createSecureContext({ ca: [...rootCertificates, options.ca] });
+    } catch (err) {
+      throw new StoreError(`${options.configKey ? `${options.configKey}: ` : ''}the CA certificates given are not PEM certificates: ${(err as Error).message}`, false, { cause: err });
+    }
+    const httpsAgent = new HttpsAgent({ ...agentOptions, ...(secureContext ? { secureContext } : {}) });
     const requestTimeoutMs = options.requestTimeoutSeconds * 1000;
     const config: S3ClientConfig = {
       region: options.region,
@@ -108,6 +120,7 @@ export class S3ObjectStore implements ObjectStore {
         httpsAgent,
         requestTimeoutMs,
         connectionTimeoutMs: CONNECTION_TIMEOUT_MS,
+        ...(secureContext ? { secureContext } : {}),
         ownReads: process.env.PACHBACKUP_OBJECT_READS !== 'node',
       });
     }
@@ -414,6 +427,12 @@ export class S3ObjectStore implements ObjectStore {
     if (code === 'ECONNREFUSED' || code === 'ENOTFOUND' || code === 'EHOSTUNREACH') {
       return new StoreError(`${doing}: cannot reach ${this.options.endpoint ?? 'S3'} (${code}); check the endpoint`, true, { cause: err, code });
     }
+    // A certificate this process does not accept is no transient fault: no retry, and say where a private CA goes.
+    if (code !== undefined && TLS_CERTIFICATE_ERROR.test(code)) {
+      const where = `${this.options.configKey ?? 'the store'}.caFile (or AWS_CA_BUNDLE)`;
+      const hint = code === 'ERR_TLS_CERT_ALTNAME_INVALID' ? 'use an endpoint host name the certificate names' : code.includes('EXPIRED') || code.includes('NOT_YET_VALID') ? 'the server needs a valid certificate' : `a private CA's certificate goes in ${where}`;
+      return new StoreError(`${doing}: the TLS certificate of ${this.options.endpoint ?? 'S3'} is not accepted (${code}: ${message}); ${hint}`, false, { cause: err, code });
+    }
     if (status === 403) return new StoreError(`${doing}: access denied (${name}); check the credentials and the bucket policy`, false, { cause: err, code: ACCESS_DENIED });
     if (status === 404) return new StoreError(`${doing}: not found (${name})`, false, { cause: err, code: NOT_FOUND });
     // 501 NotImplemented (an operation this service lacks, e.g. UploadPartCopy) is never transient.
@@ -423,6 +442,9 @@ export class S3ObjectStore implements ObjectStore {
     return new StoreError(`${doing}: ${name}${status ? ` (HTTP ${status})` : ''}: ${message}`, retryable, { cause: err, ...(cause ? { code: cause } : {}) });
   }
 }
+
+/** Node's (OpenSSL's) codes of a server certificate that was refused. */
+const TLS_CERTIFICATE_ERROR = /CERT|SELF_SIGNED|UNABLE_TO_VERIFY|UNABLE_TO_GET_ISSUER/;
 
 /** ETags compared without their quotes, which some services (Ceph) leave out of CopyObject results. */
 function sameEtag(a: string | undefined, b: string | undefined): boolean {

@@ -2,6 +2,7 @@ import { createHash, createHmac, type Hash, type Hmac } from 'node:crypto';
 import { request as httpRequest, type Agent as HttpAgent, type IncomingMessage, type OutgoingHttpHeaders } from 'node:http';
 import { request as httpsRequest, type Agent as HttpsAgent } from 'node:https';
 import { isIP } from 'node:net';
+import type { SecureContext } from 'node:tls';
 import type { Readable } from 'node:stream';
 import { SignatureV4 } from '@smithy/signature-v4';
 import { GetReader, RELEASE, type GetResult, type ReleasableChunk } from './getReader.js';
@@ -35,6 +36,8 @@ export interface S3HttpOptions {
   /** No response headers within this long: the request fails with a TimeoutError (as the SDK's requestTimeout). */
   requestTimeoutMs: number;
   connectionTimeoutMs: number;
+  /** The TLS context of the https agent (a private CA), for the own reader's connections too. */
+  secureContext?: SecureContext;
   /**
    * Object reads on this module's own sockets (getReader.ts) instead of Node's HTTP client: the
    * same requests, a fraction of the client CPU. Default on; `PACHBACKUP_OBJECT_READS=node` turns
@@ -133,7 +136,7 @@ export class S3Http {
             port: this.#port ?? (this.#secure ? 443 : 80),
             connectionTimeoutMs: options.connectionTimeoutMs,
             requestTimeoutMs: options.requestTimeoutMs,
-            ...(this.#secure ? { tls: {} } : {}),
+            ...(this.#secure ? { tls: options.secureContext ? { secureContext: options.secureContext } : {} } : {}),
           })
         : undefined;
     this.#signer = new SignatureV4({ service: 's3', region: options.region, credentials: options.credentials, sha256: NodeSha256, uriEscapePath: false, applyChecksum: false });
