@@ -466,6 +466,55 @@ describe('failures of the thin path are classified as the SDK path classified th
     }
   });
 
+  test('a bucket in another region (AWS answers 301 with x-amz-bucket-region, or 400 naming the region): a permanent error saying which region to set, on the thin path and the SDK path', async () => {
+    const server: Server = createServer((req, res) => {
+      req.resume();
+      req.on('end', () => {
+        // A PUT is refused as signed for the wrong region; the rest are redirected, as S3's regional endpoints do.
+        const [status, body] =
+          req.method === 'PUT'
+            ? [400, '<Error><Code>AuthorizationHeaderMalformed</Code><Message>The authorization header is malformed; the region \'us-east-1\' is wrong; expecting \'eu-west-2\'</Message><Region>eu-west-2</Region></Error>']
+            : [301, '<Error><Code>PermanentRedirect</Code><Message>The bucket you are attempting to access must be addressed using the specified endpoint.</Message><Endpoint>b.s3.eu-west-2.amazonaws.com</Endpoint></Error>'];
+        res.writeHead(status, { 'content-type': 'application/xml', 'x-amz-bucket-region': 'eu-west-2' });
+        res.end(req.method === 'HEAD' ? undefined : `<?xml version="1.0" encoding="UTF-8"?>${body}`);
+      });
+    });
+    await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+    const endpoint = `http://127.0.0.1:${(server.address() as AddressInfo).port}`;
+    try {
+      for (const checksums of ['when_required', 'when_supported'] as const) {
+        const store = new S3ObjectStore({
+          configKey: 'repository',
+          bucket: 'b',
+          prefix: '',
+          endpoint,
+          region: 'us-east-1',
+          forcePathStyle: true,
+          accessKeyId: new Secret(creds.accessKeyId, 'test key id'),
+          secretAccessKey: new Secret(creds.secretAccessKey, 'test secret'),
+          checksums,
+          requestTimeoutSeconds: 30,
+        });
+        for (const [what, attempt] of [
+          ['check', () => store.check()],
+          ['get', () => store.get('k')],
+          ['stat', () => store.stat('k')],
+          ['put', () => store.put('k', Buffer.from('x'))],
+        ] as const) {
+          await assert.rejects(attempt(), (err: unknown) => {
+            assert.ok(err instanceof StoreError, `${checksums} ${what}: ${String(err)}`);
+            assert.equal(err.retryable, false, `${checksums} ${what}: ${err.message}`);
+            assert.match(err.message, /bucket b is in region eu-west-2, not us-east-1 .*set repository\.region: eu-west-2/, `${checksums} ${what}`);
+            return true;
+          });
+        }
+        await store.destroy();
+      }
+    } finally {
+      await new Promise<void>((resolve) => server.close(() => resolve()));
+    }
+  });
+
   /** An s3rver behind a proxy that accepts connections and never answers. */
   async function withBlackhole(requestTimeoutSeconds: number, fn: (store: S3ObjectStore) => Promise<void>): Promise<void> {
     const s3 = await startS3rver();

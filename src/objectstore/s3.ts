@@ -424,6 +424,14 @@ export class S3ObjectStore implements ObjectStore {
     const name = (err as { name?: string }).name ?? 'Error';
     const code = (err as { code?: string }).code;
     const message = (err as Error).message ?? String(err);
+    // The bucket is in another region (a 301 from a regional endpoint, a 400 for a signature of
+    // another region): say which, since "Moved Permanently" alone leaves the operator guessing.
+    const region = regionOf(err);
+    if (region !== undefined && region !== this.options.region && (status === 301 || status === 307 || status === 400)) {
+      const key = this.options.configKey ? `${this.options.configKey}.region` : 'region';
+      const endpoint = this.options.endpoint ? `, and an endpoint in that region instead of ${this.options.endpoint}` : '';
+      return new StoreError(`${doing}: bucket ${this.bucket} is in region ${region}, not ${this.options.region} (${name}, HTTP ${status}): set ${key}: ${region}${endpoint}`, false, { cause: err, code: name });
+    }
     if (code === 'ECONNREFUSED' || code === 'ENOTFOUND' || code === 'EHOSTUNREACH') {
       return new StoreError(`${doing}: cannot reach ${this.options.endpoint ?? 'S3'} (${code}); check the endpoint`, true, { cause: err, code });
     }
@@ -472,6 +480,13 @@ function checksumOfCopy(sha256: string | undefined, etag: string | undefined, so
   if (sha256) return { sha256 };
   if (sourceMd5 !== undefined && md5OfEtag(etag) === sourceMd5) return { md5: sourceMd5 };
   return {};
+}
+
+/** The bucket's region an error names: the SDK's and the thin path's `Region`, or the SDK's response header. */
+function regionOf(err: unknown): string | undefined {
+  const e = err as { Region?: unknown; $response?: { headers?: Record<string, string | undefined> } };
+  const region = typeof e.Region === 'string' && e.Region ? e.Region : e.$response?.headers?.['x-amz-bucket-region'];
+  return region || undefined;
 }
 
 function statusOf(err: unknown): number | undefined {

@@ -94,11 +94,14 @@ const MAX_ERROR_BODY = 64 * 1024;
 export class S3HttpError extends Error {
   readonly $metadata: { httpStatusCode?: number };
   readonly code: string | undefined;
-  constructor(name: string, message: string, status?: number, options?: { cause?: unknown; code?: string }) {
+  /** The bucket's region, when the service told it (`x-amz-bucket-region`, or `<Region>` in the error), as the SDK's errors carry it in `Region`. */
+  readonly Region: string | undefined;
+  constructor(name: string, message: string, status?: number, options?: { cause?: unknown; code?: string; region?: string }) {
     super(message, options?.cause === undefined ? undefined : { cause: options.cause });
     this.name = name;
     this.$metadata = status === undefined ? {} : { httpStatusCode: status };
     this.code = options?.code;
+    this.Region = options?.region;
   }
 }
 
@@ -250,7 +253,7 @@ export class S3Http {
         readSmallBody(res).then(
           (body) => {
             stop();
-            reject(errorFromResponse(req, status, res.statusMessage, body));
+            reject(errorFromResponse(req, status, res.statusMessage, body, res.headers['x-amz-bucket-region']));
           },
           (err: Error) => {
             stop();
@@ -386,10 +389,12 @@ export function parseListPage(xml: string): ListPage {
   return { objects, nextToken: truncated && token ? xmlText(token) : undefined };
 }
 
-function errorFromResponse(req: S3HttpRequest, status: number, statusMessage: string | undefined, body: string): S3HttpError {
+function errorFromResponse(req: S3HttpRequest, status: number, statusMessage: string | undefined, body: string, bucketRegion?: string | string[]): S3HttpError {
   const code = /<Code>([^<]*)<\/Code>/.exec(body)?.[1] ?? defaultCode(status);
   const message = /<Message>([^<]*)<\/Message>/.exec(body)?.[1] ?? statusMessage ?? '';
-  return new S3HttpError(code, `${req.method} ${req.key}: ${code}${message ? `: ${message}` : ''}`, status);
+  // A request to another region's endpoint, or signed for another region: the service names the bucket's.
+  const region = (typeof bucketRegion === 'string' ? bucketRegion : undefined) ?? /<Region>([^<]*)<\/Region>/.exec(body)?.[1];
+  return new S3HttpError(code, `${req.method} ${req.key}: ${code}${message ? `: ${message}` : ''}`, status, region ? { region } : undefined);
 }
 
 /** HEAD responses carry no body; name their errors as the SDK does. */
@@ -397,6 +402,8 @@ function defaultCode(status: number): string {
   switch (status) {
     case 403:
       return 'Forbidden';
+    case 301:
+      return 'PermanentRedirect';
     case 404:
       return 'NotFound';
     case 412:
