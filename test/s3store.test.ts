@@ -403,6 +403,20 @@ async function startResponder(status: number, code: string): Promise<{ endpoint:
 
 describe('failures of the thin path are classified as the SDK path classified them', () => {
   const creds = { accessKeyId: 'AKIDTEST', secretAccessKey: `secret-${randomBytes(8).toString('hex')}` };
+  /** Bucket `b` of the `repository` section at `endpoint`, no prefix, on the thin path (when_required) or the SDK's (when_supported). */
+  const storeOn = (endpoint: string, checksums: 'when_required' | 'when_supported'): S3ObjectStore =>
+    new S3ObjectStore({
+      configKey: 'repository',
+      bucket: 'b',
+      prefix: '',
+      endpoint,
+      region: 'us-east-1',
+      forcePathStyle: true,
+      accessKeyId: new Secret(creds.accessKeyId, 'test key id'),
+      secretAccessKey: new Secret(creds.secretAccessKey, 'test secret'),
+      checksums,
+      requestTimeoutSeconds: 30,
+    });
 
   test('a server-side copy of a source that is no longer the listed version: the listed ETag is sent as x-amz-copy-source-if-match, and the 412 is SOURCE_CHANGED, not retryable', async () => {
     const responder = await startResponder(412, 'PreconditionFailed');
@@ -483,18 +497,7 @@ describe('failures of the thin path are classified as the SDK path classified th
     const endpoint = `http://127.0.0.1:${(server.address() as AddressInfo).port}`;
     try {
       for (const checksums of ['when_required', 'when_supported'] as const) {
-        const store = new S3ObjectStore({
-          configKey: 'repository',
-          bucket: 'b',
-          prefix: '',
-          endpoint,
-          region: 'us-east-1',
-          forcePathStyle: true,
-          accessKeyId: new Secret(creds.accessKeyId, 'test key id'),
-          secretAccessKey: new Secret(creds.secretAccessKey, 'test secret'),
-          checksums,
-          requestTimeoutSeconds: 30,
-        });
+        const store = storeOn(endpoint, checksums);
         for (const [what, attempt] of [
           ['check', () => store.check()],
           ['get', () => store.get('k')],
@@ -508,6 +511,38 @@ describe('failures of the thin path are classified as the SDK path classified th
             return true;
           });
         }
+        await store.destroy();
+      }
+    } finally {
+      await new Promise<void>((resolve) => server.close(() => resolve()));
+    }
+  });
+
+  test('a listing page that says it is truncated but gives no continuation token (a service answering ListObjectsV2 as V1) fails, on both paths, instead of ending the listing there', async () => {
+    const server: Server = createServer((req, res) => {
+      req.resume();
+      req.on('end', () => {
+        res.writeHead(200, { 'content-type': 'application/xml' });
+        res.end(
+          '<?xml version="1.0" encoding="UTF-8"?><ListBucketResult><Name>b</Name><Prefix></Prefix><Marker></Marker><MaxKeys>1000</MaxKeys><IsTruncated>true</IsTruncated>' +
+            '<Contents><Key>a</Key><Size>1</Size><ETag>"x"</ETag></Contents><Contents><Key>b</Key><Size>1</Size><ETag>"y"</ETag></Contents></ListBucketResult>',
+        );
+      });
+    });
+    await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+    const endpoint = `http://127.0.0.1:${(server.address() as AddressInfo).port}`;
+    try {
+      for (const checksums of ['when_required', 'when_supported'] as const) {
+        const store = storeOn(endpoint, checksums);
+        const listed: string[] = [];
+        await assert.rejects(
+          (async () => {
+            for await (const info of store.list()) listed.push(info.key);
+          })(),
+          (err: unknown) => err instanceof StoreError && !err.retryable && /truncated but gives no continuation token/.test(err.message),
+          checksums,
+        );
+        assert.deepEqual(listed, ['a', 'b'], `${checksums}: the keys of the page were yielded before the failure`);
         await store.destroy();
       }
     } finally {

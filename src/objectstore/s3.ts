@@ -175,6 +175,7 @@ export class S3ObjectStore implements ObjectStore {
         yield { key: item.Key.slice(this.prefix.length), size: item.Size ?? 0, ...(item.ETag ? { etag: item.ETag } : {}) };
       }
       token = page.IsTruncated ? page.NextContinuationToken : undefined;
+      if (page.IsTruncated && !token) throw this.#untokenedPage();
     } while (token);
   }
 
@@ -192,7 +193,16 @@ export class S3ObjectStore implements ObjectStore {
       }
       for (const item of page.objects) yield { ...item, key: item.key.slice(this.prefix.length) };
       token = page.nextToken;
+      if (page.truncated && !token) throw this.#untokenedPage();
     } while (token);
+  }
+
+  /**
+   * A page that says more keys follow but gives no token to ask for them (a service that answers
+   * ListObjectsV2 as the old ListObjects): ending the listing there would leave every later key out.
+   */
+  #untokenedPage(): StoreError {
+    return new StoreError(`listing ${this.description}: a page says the listing is truncated but gives no continuation token; the service does not implement ListObjectsV2, which pachbackup needs`, false, { code: 'ListObjectsV2' });
   }
 
   async stat(key: string): Promise<ObjectInfo | undefined> {

@@ -370,6 +370,8 @@ export function xmlText(raw: string): string {
 export interface ListPage {
   objects: { key: string; size: number; etag?: string }[];
   nextToken: string | undefined;
+  /** IsTruncated: more keys follow (then nextToken must be given). */
+  truncated: boolean;
 }
 
 /** Parses a ListObjectsV2 result (no encoding-type), as the SDK would. */
@@ -386,7 +388,7 @@ export function parseListPage(xml: string): ListPage {
   }
   const truncated = /<IsTruncated>\s*true\s*<\/IsTruncated>/.test(xml);
   const token = /<NextContinuationToken>([\s\S]*?)<\/NextContinuationToken>/.exec(xml)?.[1];
-  return { objects, nextToken: truncated && token ? xmlText(token) : undefined };
+  return { objects, nextToken: truncated && token ? xmlText(token) : undefined, truncated };
 }
 
 function errorFromResponse(req: S3HttpRequest, status: number, statusMessage: string | undefined, body: string, bucketRegion?: string | string[]): S3HttpError {
