@@ -9,7 +9,7 @@ import assert from 'node:assert/strict';
 import { createHash, randomBytes } from 'node:crypto';
 import { execFile } from 'node:child_process';
 import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
-import { createServer, type IncomingMessage, type Server } from 'node:http';
+import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
 import { connect, type AddressInfo } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -418,6 +418,42 @@ describe('failures of the thin path are classified as the SDK path classified th
       requestTimeoutSeconds: 30,
     });
 
+  /** Runs `fn` against an HTTP server answering every request with `answer`, closed afterwards. */
+  async function withAnswers(answer: (req: IncomingMessage, res: ServerResponse) => void, fn: (endpoint: string) => Promise<void>): Promise<void> {
+    const server: Server = createServer((req, res) => {
+      req.resume();
+      req.on('end', () => answer(req, res));
+    });
+    await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+    try {
+      await fn(`http://127.0.0.1:${(server.address() as AddressInfo).port}`);
+    } finally {
+      server.closeAllConnections();
+      await new Promise<void>((resolve) => server.close(() => resolve()));
+    }
+  }
+
+  /** check, stat, get and put, on the thin path and the SDK's: each a permanent StoreError whose message matches `pattern`. */
+  async function refusedOnBothPaths(endpoint: string, pattern: RegExp): Promise<void> {
+    for (const checksums of ['when_required', 'when_supported'] as const) {
+      const store = storeOn(endpoint, checksums);
+      for (const [what, attempt] of [
+        ['check', () => store.check()],
+        ['stat', () => store.stat('k')],
+        ['get', () => store.get('k')],
+        ['put', () => store.put('k', Buffer.from('x'))],
+      ] as const) {
+        await assert.rejects(attempt(), (err: unknown) => {
+          assert.ok(err instanceof StoreError, `${checksums} ${what}: ${String(err)}`);
+          assert.equal(err.retryable, false, `${checksums} ${what}: ${err.message}`);
+          assert.match(err.message, pattern, `${checksums} ${what}`);
+          return true;
+        });
+      }
+      await store.destroy();
+    }
+  }
+
   test('a server-side copy of a source that is no longer the listed version: the listed ETag is sent as x-amz-copy-source-if-match, and the 412 is SOURCE_CHANGED, not retryable', async () => {
     const responder = await startResponder(412, 'PreconditionFailed');
     try {
@@ -481,9 +517,8 @@ describe('failures of the thin path are classified as the SDK path classified th
   });
 
   test('a bucket in another region (AWS answers 301 with x-amz-bucket-region, or 400 naming the region): a permanent error saying which region to set, on the thin path and the SDK path', async () => {
-    const server: Server = createServer((req, res) => {
-      req.resume();
-      req.on('end', () => {
+    await withAnswers(
+      (req, res) => {
         // A PUT is refused as signed for the wrong region; the rest are redirected, as S3's regional endpoints do.
         const [status, body] =
           req.method === 'PUT'
@@ -491,63 +526,51 @@ describe('failures of the thin path are classified as the SDK path classified th
             : [301, '<Error><Code>PermanentRedirect</Code><Message>The bucket you are attempting to access must be addressed using the specified endpoint.</Message><Endpoint>b.s3.eu-west-2.amazonaws.com</Endpoint></Error>'];
         res.writeHead(status, { 'content-type': 'application/xml', 'x-amz-bucket-region': 'eu-west-2' });
         res.end(req.method === 'HEAD' ? undefined : `<?xml version="1.0" encoding="UTF-8"?>${body}`);
-      });
-    });
-    await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
-    const endpoint = `http://127.0.0.1:${(server.address() as AddressInfo).port}`;
-    try {
-      for (const checksums of ['when_required', 'when_supported'] as const) {
-        const store = storeOn(endpoint, checksums);
-        for (const [what, attempt] of [
-          ['check', () => store.check()],
-          ['get', () => store.get('k')],
-          ['stat', () => store.stat('k')],
-          ['put', () => store.put('k', Buffer.from('x'))],
-        ] as const) {
-          await assert.rejects(attempt(), (err: unknown) => {
-            assert.ok(err instanceof StoreError, `${checksums} ${what}: ${String(err)}`);
-            assert.equal(err.retryable, false, `${checksums} ${what}: ${err.message}`);
-            assert.match(err.message, /bucket b is in region eu-west-2, not us-east-1 .*set repository\.region: eu-west-2/, `${checksums} ${what}`);
-            return true;
-          });
-        }
-        await store.destroy();
-      }
-    } finally {
-      await new Promise<void>((resolve) => server.close(() => resolve()));
-    }
+      },
+      (endpoint) => refusedOnBothPaths(endpoint, /bucket b is in region eu-west-2, not us-east-1 .*set repository\.region: eu-west-2/),
+    );
+  });
+
+  test('a clock two hours off (S3 answers 403 RequestTimeTooSkewed, or a bodiless 403 to a HEAD): a permanent error that names the clock, not the credentials, on both paths', async () => {
+    const serverTime = new Date(Date.now() + 2 * 3600_000);
+    await withAnswers(
+      (req, res) => {
+        res.writeHead(403, { 'content-type': 'application/xml', date: serverTime.toUTCString() });
+        res.end(
+          req.method === 'HEAD'
+            ? undefined
+            : `<?xml version="1.0" encoding="UTF-8"?><Error><Code>RequestTimeTooSkewed</Code><Message>The difference between the request time and the current time is too large.</Message><ServerTime>${serverTime.toISOString()}</ServerTime><MaxAllowedSkewMilliseconds>900000</MaxAllowedSkewMilliseconds></Error>`,
+        );
+      },
+      (endpoint) => refusedOnBothPaths(endpoint, /this machine's clock is 120 minutes off the service's.*set the clock right/),
+    );
   });
 
   test('a listing page that says it is truncated but gives no continuation token (a service answering ListObjectsV2 as V1) fails, on both paths, instead of ending the listing there', async () => {
-    const server: Server = createServer((req, res) => {
-      req.resume();
-      req.on('end', () => {
+    await withAnswers(
+      (_req, res) => {
         res.writeHead(200, { 'content-type': 'application/xml' });
         res.end(
           '<?xml version="1.0" encoding="UTF-8"?><ListBucketResult><Name>b</Name><Prefix></Prefix><Marker></Marker><MaxKeys>1000</MaxKeys><IsTruncated>true</IsTruncated>' +
             '<Contents><Key>a</Key><Size>1</Size><ETag>"x"</ETag></Contents><Contents><Key>b</Key><Size>1</Size><ETag>"y"</ETag></Contents></ListBucketResult>',
         );
-      });
-    });
-    await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
-    const endpoint = `http://127.0.0.1:${(server.address() as AddressInfo).port}`;
-    try {
-      for (const checksums of ['when_required', 'when_supported'] as const) {
-        const store = storeOn(endpoint, checksums);
-        const listed: string[] = [];
-        await assert.rejects(
-          (async () => {
-            for await (const info of store.list()) listed.push(info.key);
-          })(),
-          (err: unknown) => err instanceof StoreError && !err.retryable && /truncated but gives no continuation token/.test(err.message),
-          checksums,
-        );
-        assert.deepEqual(listed, ['a', 'b'], `${checksums}: the keys of the page were yielded before the failure`);
-        await store.destroy();
-      }
-    } finally {
-      await new Promise<void>((resolve) => server.close(() => resolve()));
-    }
+      },
+      async (endpoint) => {
+        for (const checksums of ['when_required', 'when_supported'] as const) {
+          const store = storeOn(endpoint, checksums);
+          const listed: string[] = [];
+          await assert.rejects(
+            (async () => {
+              for await (const info of store.list()) listed.push(info.key);
+            })(),
+            (err: unknown) => err instanceof StoreError && !err.retryable && /truncated but gives no continuation token/.test(err.message),
+            checksums,
+          );
+          assert.deepEqual(listed, ['a', 'b'], `${checksums}: the keys of the page were yielded before the failure`);
+          await store.destroy();
+        }
+      },
+    );
   });
 
   /** An s3rver behind a proxy that accepts connections and never answers. */

@@ -149,7 +149,7 @@ export class S3ObjectStore implements ObjectStore {
     } catch (err) {
       const status = statusOf(err);
       if (status === 404) throw new StoreError(`bucket ${this.bucket} does not exist at ${this.options.endpoint ?? 'AWS'}; create it or fix the URL`, false);
-      if (status === 403) throw new StoreError(`access to bucket ${this.bucket} denied; check the access key and its permissions`, false, { code: ACCESS_DENIED });
+      if (status === 403 && clockSkewOf(err) === undefined) throw new StoreError(`access to bucket ${this.bucket} denied; check the access key and its permissions`, false, { code: ACCESS_DENIED });
       throw this.classify(err, `reaching bucket ${this.bucket}`);
     }
   }
@@ -451,6 +451,11 @@ export class S3ObjectStore implements ObjectStore {
       const hint = code === 'ERR_TLS_CERT_ALTNAME_INVALID' ? 'use an endpoint host name the certificate names' : code.includes('EXPIRED') || code.includes('NOT_YET_VALID') ? 'the server needs a valid certificate' : `a private CA's certificate goes in ${where}`;
       return new StoreError(`${doing}: the TLS certificate of ${this.options.endpoint ?? 'S3'} is not accepted (${code}: ${message}); ${hint}`, false, { cause: err, code });
     }
+    // S3 refuses a signature more than 15 minutes off its own clock, with a 403 like a wrong key's.
+    const skew = clockSkewOf(err);
+    if (skew !== undefined) {
+      return new StoreError(`${doing}: this machine's clock is ${skew} off the service's (${name}, HTTP ${status ?? '?'}), and S3 refuses requests signed more than 15 minutes off; set the clock right (NTP) and run again`, false, { cause: err, code: 'RequestTimeTooSkewed' });
+    }
     if (status === 403) return new StoreError(`${doing}: access denied (${name}); check the credentials and the bucket policy`, false, { cause: err, code: ACCESS_DENIED });
     if (status === 404) return new StoreError(`${doing}: not found (${name})`, false, { cause: err, code: NOT_FOUND });
     // 501 NotImplemented (an operation this service lacks, e.g. UploadPartCopy) is never transient.
@@ -490,6 +495,21 @@ function checksumOfCopy(sha256: string | undefined, etag: string | undefined, so
   if (sha256) return { sha256 };
   if (sourceMd5 !== undefined && md5OfEtag(etag) === sourceMd5) return { md5: sourceMd5 };
   return {};
+}
+
+/**
+ * How far this machine's clock is off the service's when that is why a request was refused: S3's
+ * RequestTimeTooSkewed, or a 403 without a body (a HEAD) whose Date is more than 15 minutes off.
+ * Undefined otherwise.
+ */
+function clockSkewOf(err: unknown): string | undefined {
+  const e = err as { name?: string; ServerTime?: unknown; $response?: { headers?: Record<string, string | undefined> } };
+  const date = e.$response?.headers?.['date'];
+  const server = typeof e.ServerTime === 'string' ? Date.parse(e.ServerTime) : date ? Date.parse(date) : NaN;
+  const off = Number.isFinite(server) ? Math.abs(Date.now() - server) : undefined;
+  const text = off === undefined ? 'more than 15 minutes' : `${Math.round(off / 60_000)} minutes`;
+  if (e.name === 'RequestTimeTooSkewed') return text;
+  return statusOf(err) === 403 && off !== undefined && off > 15 * 60_000 ? text : undefined;
 }
 
 /** The bucket's region an error names: the SDK's and the thin path's `Region`, or the SDK's response header. */

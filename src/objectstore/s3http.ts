@@ -1,5 +1,5 @@
 import { createHash, createHmac, type Hash, type Hmac } from 'node:crypto';
-import { request as httpRequest, type Agent as HttpAgent, type IncomingMessage, type OutgoingHttpHeaders } from 'node:http';
+import { request as httpRequest, type Agent as HttpAgent, type IncomingHttpHeaders, type IncomingMessage, type OutgoingHttpHeaders } from 'node:http';
 import { request as httpsRequest, type Agent as HttpsAgent } from 'node:https';
 import { isIP } from 'node:net';
 import type { SecureContext } from 'node:tls';
@@ -94,14 +94,20 @@ const MAX_ERROR_BODY = 64 * 1024;
 export class S3HttpError extends Error {
   readonly $metadata: { httpStatusCode?: number };
   readonly code: string | undefined;
-  /** The bucket's region, when the service told it (`x-amz-bucket-region`, or `<Region>` in the error), as the SDK's errors carry it in `Region`. */
+  /** The bucket's region, when the error's body names it (`<Region>`), as the SDK's errors carry it. */
   readonly Region: string | undefined;
-  constructor(name: string, message: string, status?: number, options?: { cause?: unknown; code?: string; region?: string }) {
+  /** The service's time, when the error's body gives it (RequestTimeTooSkewed), as the SDK's errors carry it. */
+  readonly ServerTime: string | undefined;
+  /** The error response's headers (`x-amz-bucket-region`, `date`), where they were read, as the SDK's errors carry them. */
+  readonly $response: { headers: Record<string, string | undefined> } | undefined;
+  constructor(name: string, message: string, status?: number, options?: { cause?: unknown; code?: string; region?: string; serverTime?: string; headers?: Record<string, string | undefined> }) {
     super(message, options?.cause === undefined ? undefined : { cause: options.cause });
     this.name = name;
     this.$metadata = status === undefined ? {} : { httpStatusCode: status };
     this.code = options?.code;
     this.Region = options?.region;
+    this.ServerTime = options?.serverTime;
+    this.$response = options?.headers ? { headers: options.headers } : undefined;
   }
 }
 
@@ -253,7 +259,7 @@ export class S3Http {
         readSmallBody(res).then(
           (body) => {
             stop();
-            reject(errorFromResponse(req, status, res.statusMessage, body, res.headers['x-amz-bucket-region']));
+            reject(errorFromResponse(req, status, res.statusMessage, body, res.headers));
           },
           (err: Error) => {
             stop();
@@ -391,12 +397,14 @@ export function parseListPage(xml: string): ListPage {
   return { objects, nextToken: truncated && token ? xmlText(token) : undefined, truncated };
 }
 
-function errorFromResponse(req: S3HttpRequest, status: number, statusMessage: string | undefined, body: string, bucketRegion?: string | string[]): S3HttpError {
+function errorFromResponse(req: S3HttpRequest, status: number, statusMessage: string | undefined, body: string, headers?: IncomingHttpHeaders): S3HttpError {
   const code = /<Code>([^<]*)<\/Code>/.exec(body)?.[1] ?? defaultCode(status);
   const message = /<Message>([^<]*)<\/Message>/.exec(body)?.[1] ?? statusMessage ?? '';
-  // A request to another region's endpoint, or signed for another region: the service names the bucket's.
-  const region = (typeof bucketRegion === 'string' ? bucketRegion : undefined) ?? /<Region>([^<]*)<\/Region>/.exec(body)?.[1];
-  return new S3HttpError(code, `${req.method} ${req.key}: ${code}${message ? `: ${message}` : ''}`, status, region ? { region } : undefined);
+  // A request signed for another region: the service names the bucket's.
+  const region = /<Region>([^<]*)<\/Region>/.exec(body)?.[1];
+  const serverTime = /<ServerTime>([^<]*)<\/ServerTime>/.exec(body)?.[1];
+  const single = headers && Object.fromEntries(Object.entries(headers).map(([name, value]) => [name, Array.isArray(value) ? value[0] : value]));
+  return new S3HttpError(code, `${req.method} ${req.key}: ${code}${message ? `: ${message}` : ''}`, status, { ...(region ? { region } : {}), ...(serverTime ? { serverTime } : {}), ...(single ? { headers: single } : {}) });
 }
 
 /** HEAD responses carry no body; name their errors as the SDK does. */
