@@ -83,6 +83,37 @@ describe('retry tally', () => {
     assert.equal(tally.count, 0);
   });
 
+  test('an abort during the wait before a retry ends the wait at once, with the last error, and the operation is not run again (an interrupt or the downtime budget does not wait out a backoff of up to 10 s)', async () => {
+    const original = new StoreError('reading k: SlowDown (HTTP 503)', true, { code: 'SlowDown' });
+    const controller = new AbortController();
+    let runs = 0;
+    const random = Math.random;
+    Math.random = () => 0.99;
+    try {
+      setTimeout(() => controller.abort(new Error('interrupted')), 50);
+      const started = Date.now();
+      const outcome = await Promise.race([
+        withRetry(
+          async () => {
+            runs++;
+            throw original;
+          },
+          { attempts: 8, baseDelayMs: 30_000, maxDelayMs: 30_000 },
+          controller.signal,
+        ).then(
+          () => 'resolved',
+          (err: unknown) => (err === original ? 'the last error' : `another error: ${String(err)}`),
+        ),
+        new Promise<string>((resolve) => setTimeout(() => resolve('still waiting after 3 s'), 3000).unref()),
+      ]);
+      assert.equal(outcome, 'the last error');
+      assert.ok(Date.now() - started < 1000);
+      assert.equal(runs, 1);
+    } finally {
+      Math.random = random;
+    }
+  });
+
   test("verify of an object whose reads keep failing: the store's 8 attempts, not 8 more for each retry of the body; a mid-body reset is read again", async () => {
     const data = Buffer.from('some object bytes');
     const expected = { size: data.length, checksum: sha256Hex(data) };

@@ -110,17 +110,31 @@ export async function withRetry<T>(operation: () => Promise<T>, policy: RetryPol
     } catch (err) {
       if (failedAtOnce(err)) throw err;
       if (!isRetryable(err) || attempt >= policy.attempts || signal?.aborted) throw err;
-      await backOff(err as StoreError, attempt, policy);
+      await backOff(err as StoreError, attempt, policy, signal);
+      // Aborted while waiting: no further attempt.
+      if (signal?.aborted) throw err;
     }
   }
 }
 
-/** Reports the retry after failed attempt `attempt` and waits its delay (exponential, full jitter). */
-export async function backOff(err: StoreError, attempt: number, policy: RetryPolicy): Promise<void> {
+/**
+ * Reports the retry after failed attempt `attempt` and waits its delay (exponential, full jitter),
+ * or until `signal` aborts: an interrupt does not wait out a backoff of up to maxDelayMs.
+ */
+export async function backOff(err: StoreError, attempt: number, policy: RetryPolicy, signal?: AbortSignal): Promise<void> {
   const cap = Math.min(policy.maxDelayMs, policy.baseDelayMs * 2 ** (attempt - 1));
   const delay = Math.round(Math.random() * cap);
   policy.onRetry?.(err, attempt, delay);
-  await new Promise((resolve) => setTimeout(resolve, delay));
+  if (signal?.aborted) return;
+  await new Promise<void>((resolve) => {
+    const done = (): void => {
+      clearTimeout(timer);
+      signal?.removeEventListener('abort', done);
+      resolve();
+    };
+    const timer = setTimeout(done, delay);
+    signal?.addEventListener('abort', done, { once: true });
+  });
 }
 
 /**
