@@ -5,7 +5,7 @@
  */
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
-import { mkdir, mkdtemp, readdir, rm } from 'node:fs/promises';
+import { mkdir, mkdtemp, readdir, rm, symlink } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
@@ -148,6 +148,35 @@ describe('directory store listing of a large directory', () => {
       assert.deepEqual(await scratchOfThisProcess(), before, 'no scratch directory left behind');
     } finally {
       await rm(root, { recursive: true, force: true });
+    }
+  });
+});
+
+describe('directory store listing through symbolic links', () => {
+  test('a directory or file reached through a symbolic link is listed as the keys under it (a repository whose objects/ was moved to another disk), as stat and get see them; a link back to an ancestor is not followed round', async () => {
+    const base = await mkdtemp(join(tmpdir(), 'pb-fslinks-'));
+    try {
+      const root = join(base, 'repo');
+      const elsewhere = join(base, 'other-disk');
+      const keys = ['objects/chunk/a', 'objects/chunk/b', 'objects/test/c'];
+      await new FsObjectStore(elsewhere).put('chunk/a', Buffer.from('a'));
+      await new FsObjectStore(elsewhere).put('chunk/b', Buffer.from('b'));
+      await new FsObjectStore(elsewhere).put('test/c', Buffer.from('c'));
+      const store = new FsObjectStore(root);
+      await store.put('config', Buffer.from('{}'));
+      await store.put('manifest', Buffer.from('m'));
+      await symlink(elsewhere, join(root, 'objects'));
+      await symlink(join(root, 'manifest'), join(root, 'linked-file'));
+      // A loop: other-disk/chunk/up -> other-disk.
+      await symlink(elsewhere, join(elsewhere, 'chunk', 'up'));
+      // A dangling link is no key.
+      await symlink(join(base, 'nowhere'), join(root, 'dangling'));
+      for (const key of keys) assert.ok(await store.stat(key), `stat sees ${key}`);
+      const listed = (await collect(store.list())).map((info) => info.key);
+      assert.deepEqual(listed, ['config', 'linked-file', 'manifest', ...keys].sort(compareKeys));
+      assert.deepEqual((await collect(store.list('objects/'))).map((info) => info.key), keys);
+    } finally {
+      await rm(base, { recursive: true, force: true });
     }
   });
 });

@@ -40,15 +40,26 @@ export class FsObjectStore implements ObjectStore {
    * as its name plus '/', which places its keys exactly where they fall among its siblings'. Names
    * are sorted in memory up to NAMES_IN_MEMORY per directory; a larger directory (Pachyderm puts
    * every chunk in one) is sorted through scratch files in $TMPDIR, so memory does not grow with
-   * it. Each file is stat'ed as it is reached.
+   * it. Each file is stat'ed as it is reached. A symbolic link counts as what it points to (a
+   * directory moved to another disk and linked back), as stat, get and put see it, except a link
+   * to a directory the walk is inside of, which would list its keys without end.
    */
   async *list(prefix = ''): AsyncIterable<ObjectInfo> {
-    yield* this.walk('', prefix);
+    yield* this.walk('', prefix, new Set());
   }
 
-  private async *walk(relDir: string, prefix: string): AsyncGenerator<ObjectInfo> {
+  /** `inside`: the directories (device:inode) the walk is in, this one's parents. */
+  private async *walk(relDir: string, prefix: string, inside: ReadonlySet<string>): AsyncGenerator<ObjectInfo> {
     // Only descend into directories that can hold keys with the prefix.
     if (relDir !== '' && !prefix.startsWith(relDir) && !relDir.startsWith(prefix)) return;
+    let within: Set<string>;
+    try {
+      const here = await stat(join(this.root, relDir));
+      within = new Set(inside).add(`${here.dev}:${here.ino}`);
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code === 'ENOENT') return;
+      throw wrapFsError(err, `listing ${this.description}`);
+    }
     // opendir hands out entries in small batches: only the names are kept, not a Dirent per file.
     let entries: AsyncIterator<Dirent>;
     try {
@@ -67,8 +78,15 @@ export class FsObjectStore implements ObjectStore {
         }
         if (step.done) return undefined;
         const entry = step.value;
-        if (entry.isDirectory()) return `${entry.name}/`;
-        if (entry.isFile() && !entry.name.includes(TEMP_MARK)) return entry.name;
+        let kind: { isDirectory(): boolean; isFile(): boolean } = entry;
+        if (entry.isSymbolicLink()) {
+          // What it points to; a dangling link is no key.
+          const target = await stat(join(this.root, relDir, entry.name)).catch(() => undefined);
+          if (!target || (target.isDirectory() && within.has(`${target.dev}:${target.ino}`))) continue;
+          kind = target;
+        }
+        if (kind.isDirectory()) return `${entry.name}/`;
+        if (kind.isFile() && !entry.name.includes(TEMP_MARK)) return entry.name;
       }
     };
     const limit = this.options.namesInMemory ?? NAMES_IN_MEMORY;
@@ -76,7 +94,7 @@ export class FsObjectStore implements ObjectStore {
     for (let name = await nextName(); name !== undefined; name = names.length < limit ? await nextName() : undefined) names.push(name);
     if (names.length < limit) {
       names.sort(compareKeys);
-      yield* this.walkNames(relDir, prefix, names);
+      yield* this.walkNames(relDir, prefix, names, within);
       return;
     }
     // A large directory: the names read so far and the rest of the directory go through a sort on disk.
@@ -86,21 +104,27 @@ export class FsObjectStore implements ObjectStore {
         for (const key of names.splice(0)) yield { key };
         for (let key = await nextName(); key !== undefined; key = await nextName()) yield { key };
       };
-      const { path } = await sortByKey(all(), scratch, 'directory-names', (item) => [item.key], readNames, limit);
-      yield* this.walkNames(relDir, prefix, (async function* () {
-        for await (const { key } of readNames(path)) yield key;
-      })());
+      const { path: sorted } = await sortByKey(all(), scratch, 'directory-names', (item) => [item.key], readNames, limit);
+      yield* this.walkNames(
+        relDir,
+        prefix,
+        (async function* () {
+          for await (const { key } of readNames(sorted)) yield key;
+        })(),
+        within,
+      );
     } finally {
       await entries.return?.().catch(() => undefined);
       await scratch.remove();
     }
   }
 
-  private async *walkNames(relDir: string, prefix: string, names: AsyncIterable<string> | Iterable<string>): AsyncGenerator<ObjectInfo> {
+  /** `inside`: the directories (device:inode) the walk is in, this one included. */
+  private async *walkNames(relDir: string, prefix: string, names: AsyncIterable<string> | Iterable<string>, inside: ReadonlySet<string>): AsyncGenerator<ObjectInfo> {
     for await (const name of names) {
       const rel = `${relDir}${name}`;
       if (name.endsWith('/')) {
-        yield* this.walk(rel, prefix);
+        yield* this.walk(rel, prefix, inside);
         continue;
       }
       if (!rel.startsWith(prefix)) continue;
