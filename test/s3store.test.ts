@@ -825,5 +825,9 @@ describe('an https endpoint whose certificate a private CA signed (s3rver behind
     }
     await untrusted.destroy();
     assert.throws(() => openStore(config({ caFile: join(dir, 'no-such-ca.crt') }), 'repository'), /repository\.caFile: cannot read CA file .*no-such-ca\.crt; check the path/);
+    // A key instead of the certificate: TLS would ignore it and fail as if no CA were given.
+    assert.throws(() => openStore(config({ caFile: join(dir, 'ca.key') }), 'repository'), /repository\.caFile: .*ca\.key is not a PEM certificate file/);
+    await writeFile(join(dir, 'broken.crt'), '-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydGlmaWNhdGU=\n-----END CERTIFICATE-----\n');
+    assert.throws(() => openStore(config({ caFile: join(dir, 'broken.crt') }), 'repository'), /repository\.caFile: .*broken\.crt is not a PEM certificate file/);
   });
 });

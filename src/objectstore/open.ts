@@ -1,3 +1,4 @@
+import { X509Certificate } from 'node:crypto';
 import { readFileSync } from 'node:fs';
 import type { ObjectStoreConfig } from '../config/schema.js';
 import { resolveSecret } from '../config/secret.js';
@@ -43,6 +44,14 @@ export function openStore(config: ObjectStoreConfig, keyPath: string, options: O
       ca = readFileSync(caFile, 'utf8');
     } catch {
       throw new Error(`${caKey}: cannot read CA file ${caFile}; check the path`);
+    }
+    // TLS ignores what is not a certificate, and the endpoint would then fail as if no CA were given.
+    const blocks = ca.match(/-----BEGIN CERTIFICATE-----[\s\S]*?-----END CERTIFICATE-----/g) ?? [];
+    try {
+      if (blocks.length === 0) throw new Error('no -----BEGIN CERTIFICATE----- block');
+      for (const block of blocks) new X509Certificate(block);
+    } catch (err) {
+      throw new Error(`${caKey}: ${caFile} is not a PEM certificate file (${(err as Error).message})`);
     }
   }
   const s3 = new S3ObjectStore({

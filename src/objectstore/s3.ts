@@ -77,12 +77,7 @@ export class S3ObjectStore implements ObjectStore {
     const agentOptions = { keepAlive: true, maxSockets: options.maxSockets ?? 128 };
     const httpAgent = new HttpAgent(agentOptions);
     // One TLS context for every connection, the SDK's and the thin path's (a context per connection would parse every root again).
-    let secureContext;
-    try {
-      secureContext = options.ca === undefined ? undefined : createSecureContext({ ca: [...rootCertificates, options.ca] });
-    } catch (err) {
-      throw new StoreError(`${options.configKey ? `${options.configKey}: ` : ''}the CA certificates given are not PEM certificates: ${(err as Error).message}`, false, { cause: err });
-    }
+    const secureContext = options.ca === undefined ? undefined : createSecureContext({ ca: [...rootCertificates, options.ca] });
     const httpsAgent = new HttpsAgent({ ...agentOptions, ...(secureContext ? { secureContext } : {}) });
     const requestTimeoutMs = options.requestTimeoutSeconds * 1000;
     const config: S3ClientConfig = {
