@@ -801,7 +801,7 @@ describe('an https endpoint whose certificate a private CA signed (s3rver behind
     await opened.s3!.destroy();
   }
 
-  test('with the CA as caFile (thin path and SDK path) or as AWS_CA_BUNDLE, every request works; without it, a permanent error that says where the CA goes', async (t) => {
+  test('with the CA as caFile (thin path and SDK path) or as AWS_CA_BUNDLE, every request works; without it, a permanent error that says where the CA goes; https:// to a plain-HTTP port, a permanent error saying so', async (t) => {
     if (!ca) {
       t.skip('the openssl CLI is not installed (apt-get install openssl)');
       return;
@@ -824,6 +824,12 @@ describe('an https endpoint whose certificate a private CA signed (s3rver behind
       });
     }
     await untrusted.destroy();
+    // https:// to the port where s3rver answers plain HTTP.
+    const plain = openStore(config({ endpoint: s3.endpoint.replace('http://', 'https://') }), 'repository').s3!;
+    for (const attempt of [() => plain.check(), () => plain.get('thin-b')]) {
+      await assert.rejects(attempt(), (err: unknown) => err instanceof StoreError && !err.retryable && /does not speak TLS on that port .*write the endpoint with http:\/\//.test(err.message));
+    }
+    await plain.destroy();
     assert.throws(() => openStore(config({ caFile: join(dir, 'no-such-ca.crt') }), 'repository'), /repository\.caFile: cannot read CA file .*no-such-ca\.crt; check the path/);
     // A key instead of the certificate: TLS would ignore it and fail as if no CA were given.
     assert.throws(() => openStore(config({ caFile: join(dir, 'ca.key') }), 'repository'), /repository\.caFile: .*ca\.key is not a PEM certificate file/);

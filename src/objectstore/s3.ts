@@ -446,6 +446,11 @@ export class S3ObjectStore implements ObjectStore {
       const hint = code === 'ERR_TLS_CERT_ALTNAME_INVALID' ? 'use an endpoint host name the certificate names' : code.includes('EXPIRED') || code.includes('NOT_YET_VALID') ? 'the server needs a valid certificate' : `a private CA's certificate goes in ${where}`;
       return new StoreError(`${doing}: the TLS certificate of ${this.options.endpoint ?? 'S3'} is not accepted (${code}: ${message}); ${hint}`, false, { cause: err, code });
     }
+    // An https endpoint whose port answers plain HTTP: OpenSSL reads the HTTP answer as a TLS record.
+    const notTls = code === 'EPROTO' ? /wrong version number|packet length too long|unknown protocol/i.exec(message)?.[0] : undefined;
+    if (notTls) {
+      return new StoreError(`${doing}: ${this.options.endpoint ?? 'S3'} does not speak TLS on that port (EPROTO: ${notTls}); if the service is plain HTTP there, write the endpoint with http://`, false, { cause: err, code });
+    }
     // S3 refuses a signature more than 15 minutes off its own clock, with a 403 like a wrong key's.
     const skew = clockSkewOf(err);
     if (skew !== undefined) {
