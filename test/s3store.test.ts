@@ -23,7 +23,8 @@ import { Secret } from '../src/config/secret.js';
 import { startFaultProxy } from '../src/objectstore/faultProxy.js';
 import { openStore, type OpenedStore } from '../src/objectstore/open.js';
 import { S3ObjectStore } from '../src/objectstore/s3.js';
-import { ChecksumMismatchError, md5OfEtag, NotFoundError, PreconditionFailedError, SOURCE_CHANGED, StoreError } from '../src/objectstore/store.js';
+import { RetryStore } from '../src/objectstore/retry.js';
+import { ACCESS_DENIED, ChecksumMismatchError, md5OfEtag, NotFoundError, PreconditionFailedError, SOURCE_CHANGED, StoreError } from '../src/objectstore/store.js';
 import { cephRgwSkipReason, startCephRgw, startS3rver, type S3TestServer } from './helpers/servers.js';
 
 function s3Store(
@@ -543,6 +544,32 @@ describe('failures of the thin path are classified as the SDK path classified th
         );
       },
       (endpoint) => refusedOnBothPaths(endpoint, /this machine's clock is 120 minutes off the service's.*set the clock right/),
+    );
+  });
+
+  test('DeleteObjects answering 200 with AccessDenied for its keys (AWS, credentials without s3:DeleteObject): a permanent ACCESS_DENIED error after one request, not a fault retried 8 times', async () => {
+    let requests = 0;
+    await withAnswers(
+      (req, res) => {
+        requests++;
+        res.writeHead(200, { 'content-type': 'application/xml' });
+        res.end(
+          '<?xml version="1.0" encoding="UTF-8"?><DeleteResult xmlns="http://s3.amazonaws.com/doc/2006-03-01/">' +
+            '<Error><Key>locks/read-1.json</Key><Code>AccessDenied</Code><Message>Access Denied</Message></Error></DeleteResult>',
+        );
+      },
+      async (endpoint) => {
+        const store = new RetryStore(storeOn(endpoint, 'when_required'), { attempts: 8, baseDelayMs: 1, maxDelayMs: 2 });
+        await assert.rejects(store.remove(['locks/read-1.json']), (err: unknown) => {
+          assert.ok(err instanceof StoreError, String(err));
+          assert.equal(err.retryable, false, err.message);
+          assert.equal(err.code, ACCESS_DENIED, err.message);
+          assert.match(err.message, /access denied.*locks\/read-1\.json/);
+          return true;
+        });
+        assert.equal(requests, 1);
+        await (store.inner as S3ObjectStore).destroy();
+      },
     );
   });
 

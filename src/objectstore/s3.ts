@@ -416,7 +416,12 @@ export class S3ObjectStore implements ObjectStore {
           new sdk.DeleteObjectsCommand({ Bucket: this.bucket, Delete: { Objects: batch.map((k) => ({ Key: this.prefix + k })), Quiet: true } }),
         );
         const failed = out.Errors?.filter((e) => e.Code !== 'NoSuchKey') ?? [];
-        if (failed.length > 0) throw new StoreError(`removing ${failed.length} objects failed: ${failed[0]?.Code} ${failed[0]?.Key}`, true);
+        // A key the credentials may not delete (AWS answers 200 and AccessDenied per key) is refused as a 403 is: no retry helps.
+        const denied = failed.find((e) => e.Code === 'AccessDenied');
+        if (denied) {
+          throw new StoreError(`removing ${failed.length} objects from ${this.description}: access denied (AccessDenied ${denied.Key}); check the credentials and the bucket policy`, false, { code: ACCESS_DENIED });
+        }
+        if (failed.length > 0) throw new StoreError(`removing ${failed.length} objects failed: ${failed[0]?.Code} ${failed[0]?.Key}`, true, failed[0]?.Code ? { code: failed[0].Code } : undefined);
       } catch (err) {
         if (err instanceof StoreError) throw err;
         throw this.classify(err, `removing objects from ${this.description}`);
