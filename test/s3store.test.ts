@@ -22,6 +22,7 @@ import type { ObjectStoreConfig } from '../src/config/schema.js';
 import { Secret } from '../src/config/secret.js';
 import { startFaultProxy } from '../src/objectstore/faultProxy.js';
 import { openStore, type OpenedStore } from '../src/objectstore/open.js';
+import { locationsOverlap, parseStoreUrl } from '../src/objectstore/url.js';
 import { S3ObjectStore } from '../src/objectstore/s3.js';
 import { RetryStore } from '../src/objectstore/retry.js';
 import { ACCESS_DENIED, ChecksumMismatchError, md5OfEtag, NotFoundError, PreconditionFailedError, SOURCE_CHANGED, StoreError } from '../src/objectstore/store.js';
@@ -862,5 +863,25 @@ describe('an https endpoint whose certificate a private CA signed (s3rver behind
     assert.throws(() => openStore(config({ caFile: join(dir, 'ca.key') }), 'repository'), /repository\.caFile: .*ca\.key is not a PEM certificate file/);
     await writeFile(join(dir, 'broken.crt'), '-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydGlmaWNhdGU=\n-----END CERTIFICATE-----\n');
     assert.throws(() => openStore(config({ caFile: join(dir, 'broken.crt') }), 'repository'), /repository\.caFile: .*broken\.crt is not a PEM certificate file/);
+  });
+});
+
+describe('which locations overlap', () => {
+  test('AWS, whichever way its endpoint is written (none, global, regional, dualstack), is one service: a repository inside the cluster bucket is seen as overlapping', () => {
+    const cluster = parseStoreUrl('s3://pachyderm-data/pach', 'cluster.objectStore.url');
+    const inside = parseStoreUrl('s3://pachyderm-data/pach/backups', 'repository.url');
+    const beside = parseStoreUrl('s3://pachyderm-data/backups', 'repository.url');
+    for (const [a, b] of [
+      [undefined, 'https://s3.eu-west-1.amazonaws.com'],
+      ['https://s3.amazonaws.com', 'https://s3.eu-west-1.amazonaws.com/'],
+      ['https://S3.dualstack.eu-west-1.amazonaws.com', undefined],
+      ['https://s3-eu-west-1.amazonaws.com', 'https://s3.eu-west-1.amazonaws.com:443'],
+    ] as const) {
+      assert.equal(locationsOverlap(cluster, a, inside, b), true, `${a ?? '(none)'} and ${b ?? '(none)'}`);
+      assert.equal(locationsOverlap(cluster, a, beside, b), false, `${a ?? '(none)'} and ${b ?? '(none)'}: another prefix`);
+    }
+    // Another service with a bucket of the same name is another bucket.
+    assert.equal(locationsOverlap(cluster, undefined, inside, 'http://minio.internal:9000'), false);
+    assert.equal(locationsOverlap(cluster, 'http://minio.internal:9000', inside, 'http://ceph.internal:7480'), false);
   });
 });

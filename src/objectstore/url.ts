@@ -62,6 +62,8 @@ function normaliseEndpoint(endpoint: string | undefined): string {
   if (!endpoint) return 'aws';
   try {
     const u = new URL(endpoint);
+    // Every AWS S3 endpoint (global, regional, dualstack, FIPS) reaches the one namespace of bucket names, as no endpoint does.
+    if (/(^|\.)amazonaws\.com$/.test(u.hostname.toLowerCase())) return 'aws';
     // Loopback spellings name the same server.
     const host = ['localhost', '[::1]', '127.0.0.1'].includes(u.hostname.toLowerCase()) ? 'loopback' : u.hostname.toLowerCase();
     return `${u.protocol}//${host}:${u.port || (u.protocol === 'https:' ? '443' : '80')}`;
