@@ -863,6 +863,15 @@ describe('an https endpoint whose certificate a private CA signed (s3rver behind
     assert.throws(() => openStore(config({ caFile: join(dir, 'ca.key') }), 'repository'), /repository\.caFile: .*ca\.key is not a PEM certificate file/);
     await writeFile(join(dir, 'broken.crt'), '-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydGlmaWNhdGU=\n-----END CERTIFICATE-----\n');
     assert.throws(() => openStore(config({ caFile: join(dir, 'broken.crt') }), 'repository'), /repository\.caFile: .*broken\.crt is not a PEM certificate file/);
+    // AWS_CA_BUNDLE is for TLS: a plain-http endpoint works whatever it names (many machines set it).
+    process.env['AWS_CA_BUNDLE'] = join(dir, 'no-such-bundle.crt');
+    try {
+      const overHttp = openStore(config({ endpoint: s3.endpoint }), 'repository');
+      await overHttp.s3!.check();
+      await overHttp.s3!.destroy();
+    } finally {
+      delete process.env['AWS_CA_BUNDLE'];
+    }
   });
 });
 

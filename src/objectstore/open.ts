@@ -35,25 +35,11 @@ export function openStore(config: ObjectStoreConfig, keyPath: string, options: O
   if (Boolean(config.accessKeyId) !== Boolean(config.secretAccessKey)) {
     throw new Error(`${keyPath}: set both accessKeyId and secretAccessKey, or neither to use the default AWS credential chain`);
   }
-  // A private CA: the config's caFile, else AWS_CA_BUNDLE (as the AWS CLI and the other SDKs read it).
-  const caFile = config.caFile ?? (process.env['AWS_CA_BUNDLE'] || undefined);
-  const caKey = config.caFile ? `${keyPath}.caFile` : 'AWS_CA_BUNDLE';
-  let ca: string | undefined;
-  if (caFile) {
-    try {
-      ca = readFileSync(caFile, 'utf8');
-    } catch {
-      throw new Error(`${caKey}: cannot read CA file ${caFile}; check the path`);
-    }
-    // TLS ignores what is not a certificate, and the endpoint would then fail as if no CA were given.
-    const blocks = ca.match(/-----BEGIN CERTIFICATE-----[\s\S]*?-----END CERTIFICATE-----/g) ?? [];
-    try {
-      if (blocks.length === 0) throw new Error('no -----BEGIN CERTIFICATE----- block');
-      for (const block of blocks) new X509Certificate(block);
-    } catch (err) {
-      throw new Error(`${caKey}: ${caFile} is not a PEM certificate file (${(err as Error).message})`);
-    }
-  }
+  // A private CA: the config's caFile, else AWS_CA_BUNDLE (as the AWS CLI and the other SDKs read
+  // it). AWS_CA_BUNDLE only matters to an https endpoint (or AWS itself); a plain-http one ignores it.
+  const tls = config.endpoint === undefined || config.endpoint.startsWith('https:');
+  const caFile = config.caFile ?? (tls ? process.env['AWS_CA_BUNDLE'] || undefined : undefined);
+  const ca = caFile ? readCaFile(caFile, config.caFile ? `${keyPath}.caFile` : 'AWS_CA_BUNDLE') : undefined;
   const s3 = new S3ObjectStore({
     configKey: keyPath,
     ...(ca ? { ca } : {}),
@@ -69,4 +55,28 @@ export function openStore(config: ObjectStoreConfig, keyPath: string, options: O
     ...(options.maxSockets ? { maxSockets: options.maxSockets } : {}),
   });
   return { store: new RetryStore(inject(s3), retry), location, s3 };
+}
+
+/** CA files read and checked, by path: a bundle of 150 certificates takes some 70 ms to check, and a run opens a store several times. */
+const caFiles = new Map<string, string>();
+
+function readCaFile(caFile: string, caKey: string): string {
+  const known = caFiles.get(caFile);
+  if (known !== undefined) return known;
+  let ca: string;
+  try {
+    ca = readFileSync(caFile, 'utf8');
+  } catch {
+    throw new Error(`${caKey}: cannot read CA file ${caFile}; check the path`);
+  }
+  // TLS ignores what is not a certificate, and the endpoint would then fail as if no CA were given.
+  const blocks = ca.match(/-----BEGIN CERTIFICATE-----[\s\S]*?-----END CERTIFICATE-----/g) ?? [];
+  try {
+    if (blocks.length === 0) throw new Error('no -----BEGIN CERTIFICATE----- block');
+    for (const block of blocks) new X509Certificate(block);
+  } catch (err) {
+    throw new Error(`${caKey}: ${caFile} is not a PEM certificate file (${(err as Error).message})`);
+  }
+  caFiles.set(caFile, ca);
+  return ca;
 }

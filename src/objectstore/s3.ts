@@ -2,7 +2,7 @@ import { createHash } from 'node:crypto';
 import { Agent as HttpAgent } from 'node:http';
 import { Agent as HttpsAgent } from 'node:https';
 import { Readable } from 'node:stream';
-import { createSecureContext, rootCertificates } from 'node:tls';
+import { createSecureContext, rootCertificates, type SecureContext } from 'node:tls';
 import type { S3Client, S3ClientConfig } from '@aws-sdk/client-s3';
 import type { Secret } from '../config/secret.js';
 import { parseListPage, readSmallBody, S3Http, S3HttpError, xmlText, type ListPage } from './s3http.js';
@@ -77,7 +77,7 @@ export class S3ObjectStore implements ObjectStore {
     const agentOptions = { keepAlive: true, maxSockets: options.maxSockets ?? 128 };
     const httpAgent = new HttpAgent(agentOptions);
     // One TLS context for every connection, the SDK's and the thin path's (a context per connection would parse every root again).
-    const secureContext = options.ca === undefined ? undefined : createSecureContext({ ca: [...rootCertificates, options.ca] });
+    const secureContext = options.ca === undefined ? undefined : secureContextFor(options.ca);
     const httpsAgent = new HttpsAgent({ ...agentOptions, ...(secureContext ? { secureContext } : {}) });
     const requestTimeoutMs = options.requestTimeoutSeconds * 1000;
     const config: S3ClientConfig = {
@@ -527,4 +527,16 @@ function regionOf(err: unknown): string | undefined {
 function statusOf(err: unknown): number | undefined {
   const meta = (err as { $metadata?: { httpStatusCode?: number } }).$metadata;
   return meta?.httpStatusCode;
+}
+
+/** One TLS context per CA text for the whole process: every store of a run shares it (each takes ~20 ms to build). */
+const secureContexts = new Map<string, SecureContext>();
+
+function secureContextFor(ca: string): SecureContext {
+  let context = secureContexts.get(ca);
+  if (!context) {
+    context = createSecureContext({ ca: [...rootCertificates, ca] });
+    secureContexts.set(ca, context);
+  }
+  return context;
 }
