@@ -10,7 +10,7 @@ import { createHash, randomBytes } from 'node:crypto';
 import { execFile } from 'node:child_process';
 import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
-import { connect, type AddressInfo } from 'node:net';
+import { connect, createServer as createTcpServer, type AddressInfo, type Socket } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { createServer as createTlsServer, type Server as TlsServer } from 'node:tls';
@@ -655,6 +655,44 @@ describe('failures of the thin path are classified as the SDK path classified th
       // (s3rver keeps the 100 bytes of the cut-off request as the object; a real S3 discards a body shorter than its Content-Length.)
     } finally {
       await s3.stop();
+    }
+  });
+
+  test('an answer whose head trickles in (a byte of its headers every fifth of the request timeout) fails as a timeout instead of hanging', async () => {
+    const sockets = new Set<Socket>();
+    const server = createTcpServer((socket) => {
+      sockets.add(socket);
+      let seen = '';
+      let trickle: NodeJS.Timeout | undefined;
+      socket.on('data', (chunk: Buffer) => {
+        seen += chunk.toString('latin1');
+        if (trickle || !seen.includes('\r\n\r\n')) return;
+        socket.write('HTTP/1.1 200 OK\r\nx-trickle: ');
+        trickle = setInterval(() => socket.write('a'), 200);
+      });
+      socket.on('close', () => clearInterval(trickle));
+      socket.on('error', () => undefined);
+    });
+    await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+    const store = s3Store(`http://127.0.0.1:${(server.address() as AddressInfo).port}`, creds, 'b', { requestTimeoutSeconds: 1 });
+    try {
+      for (const [what, attempt] of [
+        ['stat', () => store.stat('k')],
+        ['put', () => store.put('k', Buffer.from('x'))],
+      ] as const) {
+        const outcome = await Promise.race([
+          attempt().then(
+            () => 'resolved',
+            (err: unknown) => (err instanceof StoreError && err.retryable && /TimeoutError/.test(err.message) ? 'timed out' : `failed otherwise: ${String(err)}`),
+          ),
+          new Promise<string>((resolve) => setTimeout(() => resolve('still hanging after 4 s'), 4000).unref()),
+        ]);
+        assert.equal(outcome, 'timed out', what);
+      }
+    } finally {
+      for (const socket of sockets) socket.destroy();
+      await new Promise<void>((resolve) => server.close(() => resolve()));
+      await store.destroy();
     }
   });
 

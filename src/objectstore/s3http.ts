@@ -33,7 +33,7 @@ export interface S3HttpOptions {
   credentials: () => Promise<Credentials>;
   httpAgent: HttpAgent;
   httpsAgent: HttpsAgent;
-  /** No response headers within this long: the request fails with a TimeoutError (as the SDK's requestTimeout). */
+  /** Silence on the socket this long (no byte of the request body taken, no answer, no byte of the answer's body), or an answer's head not whole this long after its first byte: the request fails with a TimeoutError. */
   requestTimeoutMs: number;
   connectionTimeoutMs: number;
   /** The TLS context of the https agent (a private CA), for the own reader's connections too. */
@@ -277,6 +277,25 @@ export class S3Http {
         const err = new S3HttpError('TimeoutError', `${req.method} ${req.key}: ${why}`, undefined, { code: 'ETIMEDOUT' });
         if (response) response.destroy(err);
         else fail(err);
+      });
+      // Silence alone would let a server that trickles its headers, a byte now and then, hold the
+      // request for ever (Node takes 16 KiB of them): an answer begun has its head whole within the timeout.
+      let headTimer: NodeJS.Timeout | undefined;
+      outgoing.once('socket', (socket) => {
+        const onFirstByte = (): void => {
+          if (settled) return;
+          headTimer = setTimeout(
+            () => fail(new S3HttpError('TimeoutError', `${req.method} ${req.key}: the answer's status and headers did not come whole within ${timeoutMs} ms of its first byte`, undefined, { code: 'ETIMEDOUT' })),
+            timeoutMs,
+          );
+        };
+        socket.once('data', onFirstByte);
+        const done = (): void => {
+          socket.off('data', onFirstByte);
+          clearTimeout(headTimer);
+        };
+        outgoing.once('response', done);
+        outgoing.once('close', done);
       });
       outgoing.once('socket', (socket) => {
         if (!socket.connecting) return;
