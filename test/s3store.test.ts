@@ -877,6 +877,8 @@ describe('an https endpoint whose certificate a private CA signed (s3rver behind
     process.env['AWS_CA_BUNDLE'] = ca.caFile;
     try {
       await roundTrip(openStore(config(), 'repository'), 'env');
+      // A URL's scheme is case-insensitive: HTTPS:// is TLS as well.
+      await roundTrip(openStore(config({ endpoint: endpoint.replace('https://', 'HTTPS://') }), 'repository'), 'upper');
     } finally {
       delete process.env['AWS_CA_BUNDLE'];
     }

@@ -37,7 +37,7 @@ export function openStore(config: ObjectStoreConfig, keyPath: string, options: O
   }
   // A private CA: the config's caFile, else AWS_CA_BUNDLE (as the AWS CLI and the other SDKs read
   // it). AWS_CA_BUNDLE only matters to an https endpoint (or AWS itself); a plain-http one ignores it.
-  const tls = config.endpoint === undefined || config.endpoint.startsWith('https:');
+  const tls = config.endpoint === undefined || /^https:/i.test(config.endpoint);
   const caFile = config.caFile ?? (tls ? process.env['AWS_CA_BUNDLE'] || undefined : undefined);
   const ca = caFile ? readCaFile(caFile, config.caFile ? `${keyPath}.caFile` : 'AWS_CA_BUNDLE') : undefined;
   const s3 = new S3ObjectStore({
