@@ -10,6 +10,7 @@ import { mkdir, writeFile } from 'node:fs/promises';
 import { dirname, join } from 'node:path';
 import { Readable } from 'node:stream';
 import { test } from 'node:test';
+import type { EngineEvent } from '../src/engine/events.js';
 import { compareFingerprints, TestCluster, type StoreKind } from './helpers/cluster.js';
 import { cephRgwSkipReason } from './helpers/servers.js';
 
@@ -179,6 +180,24 @@ for (const { kind, skip } of [...S3_KINDS, { kind: 'fs' as StoreKind, skip: fals
     }
   });
 }
+
+test('a zero-byte "folder" object in the cluster bucket (an S3 console\'s "Create folder"), backed up into a directory repository: left out with a warning, everything else restored equal', { timeout: 300_000 }, async (t) => {
+  const cluster = await TestCluster.createOrSkip(t, { kind: 's3rver', chunks: 5, repositoryKind: 'fs' });
+  if (!cluster) return;
+  try {
+    await cluster.clusterStore().put('some-folder/', Buffer.alloc(0));
+    const events: EngineEvent[] = [];
+    const summary = await cluster.backup(undefined, events);
+    assert.equal(summary.objects.count, 5, 'the five chunks, not the folder object');
+    assert.ok(events.some((e) => e.type === 'warning' && /1 zero-byte "folder" object/.test(e.message)), JSON.stringify(events.filter((e) => e.type === 'warning')));
+    await cluster.clusterStore().remove(['some-folder/']);
+    const before = await cluster.sourceFingerprints();
+    await cluster.restore(summary.id);
+    assert.deepEqual(compareFingerprints(before, await cluster.restoredFingerprints()), []);
+  } finally {
+    await cluster.cleanup();
+  }
+});
 
 test('a pachyderm database with large bytea rows (several MiB each) restores with equal bytes (fs)', { timeout: 600_000 }, async (t) => {
   const cluster = await TestCluster.createOrSkip(t, { kind: 'fs', chunks: 5 });

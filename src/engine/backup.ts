@@ -174,6 +174,9 @@ async function backupUnderLock(options: BackupOptions, lockBox: LockBox, scratch
     const planOut = new RowWriter(scratch.file('precopy-plan'));
     const counts = await planCopy(cluster.source.store.list(), holdings.lookup(), planOut, undefined, options.signal);
     await planOut.close();
+    if (counts.folderMarkers) {
+      events.warn(`${counts.folderMarkers} zero-byte "folder" object(s) (keys ending in "/", made by an S3 console's "Create folder") in ${cluster.source.store.description} are left out: Pachyderm neither writes nor reads them`);
+    }
     const prediction = predictBackup(backups.sealed, { mode, precopy: config.backup.precopy, holdDuringDump: config.pause.holdDuringDump, databaseBytes, ...counts });
     const target = mode === 'paused' ? await strategy.describeTarget() : 'nothing (online mode)';
     emit({ type: 'info', message: `backup ${id}: ${mode} mode; source ${describeServer(cluster.postgres)} and ${cluster.source.store.description}; repository ${repo.description}; pause ${target}` });

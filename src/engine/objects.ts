@@ -147,6 +147,16 @@ export interface PlanCounts {
   bytes: number;
   missingObjects: number;
   missingBytes: number;
+  /** Zero-byte "folder" objects (keys ending in `/`, as S3 consoles create) left out; listed for the quiescence check only. */
+  folderMarkers?: number;
+}
+
+/**
+ * A zero-byte object whose key ends in `/`: what an S3 console's "Create folder" leaves. Pachyderm
+ * never writes one and nothing references it, and a directory repository cannot hold its key.
+ */
+export function isFolderMarker(info: ObjectInfo): boolean {
+  return info.size === 0 && (info.key === '' || info.key.endsWith('/'));
 }
 
 /**
@@ -167,6 +177,10 @@ export async function planCopy(
       // downtime budget stop it, between two objects.
       signal?.throwIfAborted();
       await onListed?.(info);
+      if (isFolderMarker(info)) {
+        counts.folderMarkers = (counts.folderMarkers ?? 0) + 1;
+        continue;
+      }
       counts.objects++;
       counts.bytes += info.size;
       const entry = await held.get(info.key);
