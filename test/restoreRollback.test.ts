@@ -128,6 +128,29 @@ describe('restore: rollback and refusals (fs)', () => {
     assert.equal((await stat(valuesOut())).mode & 0o777, 0o600, 'the Helm values (which may hold secrets) are readable by the owner only');
   });
 
+  test('--force: when the Helm values cannot be moved into place after the databases were replaced, the restore keeps them and says where the values are', { timeout: 300_000 }, async () => {
+    await cluster.target!.createDatabase('pachyderm');
+    await cluster.target!.query('pachyderm', 'CREATE TABLE precious (v text)');
+    // A directory that is not empty where the file should go: the final rename fails.
+    await mkdir(join(valuesOut(), 'in-the-way'), { recursive: true });
+    const events: EngineEvent[] = [];
+    try {
+      const summary = await restore({ force: true, mutate: withHelm, events });
+      assert.deepEqual(await cluster.targetDatabases(), ['dex', 'pachyderm'], 'both databases restored, nothing rolled back');
+      const source = await cluster.sourceFingerprints();
+      assert.equal((await helmTargetKeys()).length, source.objects.size, 'every object restored, none rolled back');
+      const { rows } = await cluster.target!.query<{ n: string }>('pachyderm', `SELECT count(*) AS n FROM pg_class WHERE relname = 'precious'`);
+      assert.equal(Number(rows[0]!.n), 0, 'pachyderm is the restored database, not the one it replaced');
+      const staged = summary.helmValuesOut!;
+      assert.notEqual(staged, valuesOut());
+      assert.match(await readFile(staged, 'utf8'), /postgresql/, 'the rewritten values are in the file the summary names');
+      assert.ok(events.some((e) => e.type === 'warning' && e.message.includes(staged) && /could not be moved/.test(e.message)), JSON.stringify(events.filter((e) => e.type === 'warning')));
+      await rm(staged, { force: true });
+    } finally {
+      await rm(valuesOut(), { recursive: true, force: true });
+    }
+  });
+
   test('a restore that fails after writing the Helm values takes the file back', { timeout: 300_000 }, async () => {
     // The first listing of the target is the preflight's emptiness check; the second is the final check.
     const faults = [{ store: 'restore.objectStore', op: 'list', after: 1, kind: 'permanent' }];

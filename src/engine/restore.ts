@@ -277,21 +277,23 @@ async function restoreWithScratch(options: RestoreOptions, lockBox: { lock?: Loc
     // Proven good: the databases that existed are replaced now, all in one transaction (a failure
     // leaves every one as it was and rolls the restore back). The replaced ones are then dropped.
     const swaps = work.filter((w) => w.target !== w.final).map((w) => ({ copy: w.target, existing: w.final, old: `pachbackup_replaced_${suffix}_${w.db.role}` }));
+    /** From here the restored copies (perhaps in place) and the objects they refer to are kept, whatever happens next. */
+    const keepCopies = (): void => {
+      replaced = true;
+      const copies = new Set(swaps.map((s) => s.copy));
+      createdDatabases.splice(0, createdDatabases.length, ...createdDatabases.filter((name) => !copies.has(name)));
+    };
     if (swaps.length > 0) {
       await swapDatabases(target, swaps).catch((err: unknown) => {
         if (err instanceof SwapOutcomeUnknownError) {
-          // Perhaps in place: the restored copies and the objects they refer to are kept, whatever their names.
-          replaced = true;
-          for (const s of swaps) createdDatabases.splice(createdDatabases.indexOf(s.copy), 1);
+          keepCopies();
           throw new RestoreError(`putting the restored databases in place of ${swaps.map((s) => `"${s.existing}"`).join(' and ')} may or may not have taken effect: ${err.message}. Nothing is removed: check which databases are where, and drop the ones not wanted`);
         }
         throw new RestoreError(
           `putting the restored databases in place of ${swaps.map((s) => `"${s.existing}"`).join(' and ')} on ${describeServer(target)} failed (${(err as Error).message}); nothing was replaced: ${swaps.length > 1 ? 'they are' : 'it is'} as before`,
         );
       });
-      // From here the restored databases are in place; they refer to the restored objects.
-      replaced = true;
-      for (const s of swaps) createdDatabases.splice(createdDatabases.indexOf(s.copy), 1);
+      keepCopies();
       for (const s of swaps) {
         await dropDatabase(target, s.old).catch((err: unknown) => {
           emit({ type: 'warning', message: `the database "${s.existing}" replaced by the restore is kept as "${s.old}": dropping it failed (${(err as Error).message}); drop it with DROP DATABASE "${s.old}"` });
@@ -299,9 +301,20 @@ async function restoreWithScratch(options: RestoreOptions, lockBox: { lock?: Loc
       }
     }
     if (helmTemp && targets.helmValuesOut) {
-      await rename(helmTemp, targets.helmValuesOut);
+      const staged = helmTemp;
       helmTemp = undefined;
-      emit({ type: 'info', message: `wrote ${targets.helmValuesOut} (${pre.helmValues!.changes.map((c) => c.path).join(', ')})` });
+      try {
+        await rename(staged, targets.helmValuesOut);
+        emit({ type: 'info', message: `wrote ${targets.helmValuesOut} (${pre.helmValues!.changes.map((c) => c.path).join(', ')})` });
+      } catch (err) {
+        // Databases already replaced are not rolled back for a file: the values are kept where they were staged.
+        if (!replaced) {
+          await rm(staged, { force: true }).catch(() => undefined);
+          throw err;
+        }
+        helmValuesOut = staged;
+        emit({ type: 'warning', message: `the Helm values could not be moved to ${targets.helmValuesOut} (${(err as Error).message}); they are in ${staged} (mode 0600): move them there before installing` });
+      }
     }
     return { ...base, dryRun: false, databases, objects, helmValuesOut, checks, totalMs: Math.round(performance.now() - started), retries: retries.summary() };
   } catch (err) {

@@ -102,7 +102,7 @@ export async function swapDatabases(server: PgServer, swaps: DatabaseSwap[]): Pr
       // One at a time: a session this user may not end (another role's) fails only its own
       // pg_terminate_backend, and stays; the rename then names the database it uses.
       const { rows: sessions } = await admin.query<{ pid: number }>('SELECT pid FROM pg_stat_activity WHERE datname = ANY($1) AND pid <> pg_backend_pid()', [swaps.map((s) => s.existing)]);
-      for (const { pid } of sessions) await admin.query('SELECT pg_terminate_backend($1)', [pid]).catch(() => undefined);
+      for (const session of sessions) await admin.query('SELECT pg_terminate_backend($1)', [session.pid]).catch(() => undefined);
       let renaming = swaps[0]?.existing ?? '';
       let committing = false;
       try {

@@ -1,3 +1,4 @@
+import { setTimeout as sleep } from 'node:timers/promises';
 import { pauseSchema, type PauseConfig } from '../config/schema.js';
 import { CommandPause } from './command.js';
 import { ownedBy, type LedgerEntry, type PauseLedger } from './ledger.js';
@@ -46,7 +47,7 @@ export async function resumeWithRetries(strategy: QuiesceStrategy, record: Pause
       const delay = delaysMs[attempt - 1];
       if (delay === undefined) throw err;
       events.warn(`resume attempt ${attempt} failed: ${(err as Error).message}; trying again in ${delay / 1000}s`);
-      await new Promise((r) => setTimeout(r, delay));
+      await sleep(delay);
     }
   }
 }

@@ -57,10 +57,10 @@ export class PauseLedger {
   /** The ledger from the repository, else from the local file; undefined when nothing is paused. */
   async read(): Promise<LedgerEntry | undefined> {
     try {
-      return JSON.parse((await readWhole(this.store, LEDGER_KEY)).toString('utf8')) as LedgerEntry;
-    } catch (err) {
-      // Not in the repository (or the repository is what broke): the local copy may still hold it.
-      if (!(err instanceof NotFoundError) && !(err instanceof Error)) throw err;
+      const text = await this.repositoryText();
+      if (text !== undefined) return JSON.parse(text) as LedgerEntry;
+    } catch {
+      // The repository is what broke: the local copy may still hold it.
     }
     try {
       return JSON.parse(await readFile(this.localFile, 'utf8')) as LedgerEntry;
@@ -74,13 +74,8 @@ export class PauseLedger {
    * that fails, or an entry that cannot be parsed, throws.
    */
   async repositoryEntry(): Promise<LedgerEntry | undefined> {
-    let text: string;
-    try {
-      text = (await readWhole(this.store, LEDGER_KEY)).toString('utf8');
-    } catch (err) {
-      if (err instanceof NotFoundError) return undefined;
-      throw err;
-    }
+    const text = await this.repositoryText();
+    if (text === undefined) return undefined;
     const entry = parseEntry(text);
     if (!entry) throw new Error(`${LEDGER_KEY} cannot be parsed`);
     return entry;
@@ -105,12 +100,8 @@ export class PauseLedger {
 
   /** Each place's entry: undefined where there is none, or where it cannot be parsed (nobody's). A read that fails throws. */
   private async entries(): Promise<{ repository: LedgerEntry | undefined; local: LedgerEntry | undefined }> {
-    let repository: LedgerEntry | undefined;
-    try {
-      repository = parseEntry((await readWhole(this.store, LEDGER_KEY)).toString('utf8'));
-    } catch (err) {
-      if (!(err instanceof NotFoundError)) throw err;
-    }
+    const text = await this.repositoryText();
+    const repository = text === undefined ? undefined : parseEntry(text);
     let local: LedgerEntry | undefined;
     try {
       local = parseEntry(await readFile(this.localFile, 'utf8'));
@@ -118,6 +109,16 @@ export class PauseLedger {
       if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw err;
     }
     return { repository, local };
+  }
+
+  /** The repository copy's text; undefined when there is none. A read that fails throws. */
+  private async repositoryText(): Promise<string | undefined> {
+    try {
+      return (await readWhole(this.store, LEDGER_KEY)).toString('utf8');
+    } catch (err) {
+      if (err instanceof NotFoundError) return undefined;
+      throw err;
+    }
   }
 }
 
