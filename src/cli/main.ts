@@ -210,7 +210,8 @@ export function buildProgram(): Command {
           entry = lock ? await ledger.read() : seen;
           if (entry) await resumeLedgerEntry(config.pause, ledger, entry, { info: (m) => renderer.line(`  ${m}`), warn: (m) => renderer.line(`! warning: ${m}`) });
         } finally {
-          await lock?.release();
+          // A lock that cannot be removed must not hide how the resume went: it goes stale by itself.
+          await lock?.release().catch((err: unknown) => renderer.line(`! warning: the backup lock ${lock!.id} could not be removed (${(err as Error).message}); it goes stale after its lease`));
         }
         if (!entry) return nothingPaused();
         renderer.result('resume', { resumed: true, record: entry.record, backupId: entry.backupId }, () => `resumed ${entry.record.target}, paused since ${entry.record.startedAt} by backup ${entry.backupId} (pid ${entry.pid} on ${entry.host})`);

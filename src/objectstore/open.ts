@@ -66,8 +66,8 @@ function readCaFile(caFile: string, caKey: string): string {
   let ca: string;
   try {
     ca = readFileSync(caFile, 'utf8');
-  } catch {
-    throw new Error(`${caKey}: cannot read CA file ${caFile}; check the path`);
+  } catch (err) {
+    throw new Error(`${caKey}: cannot read CA file ${caFile}; check the path and its permissions (${(err as NodeJS.ErrnoException).code ?? (err as Error).message})`);
   }
   // TLS ignores what is not a certificate, and the endpoint would then fail as if no CA were given.
   const blocks = ca.match(/-----BEGIN CERTIFICATE-----[\s\S]*?-----END CERTIFICATE-----/g) ?? [];

@@ -1,3 +1,4 @@
+import { setTimeout as sleep } from 'node:timers/promises';
 import type { Readable } from 'node:stream';
 import { StoreError, type ObjectInfo, type ObjectStore, type PutOptions } from './store.js';
 
@@ -125,16 +126,8 @@ export async function backOff(err: StoreError, attempt: number, policy: RetryPol
   const cap = Math.min(policy.maxDelayMs, policy.baseDelayMs * 2 ** (attempt - 1));
   const delay = Math.round(Math.random() * cap);
   policy.onRetry?.(err, attempt, delay);
-  if (signal?.aborted) return;
-  await new Promise<void>((resolve) => {
-    const done = (): void => {
-      clearTimeout(timer);
-      signal?.removeEventListener('abort', done);
-      resolve();
-    };
-    const timer = setTimeout(done, delay);
-    signal?.addEventListener('abort', done, { once: true });
-  });
+  // An abort ends the wait; the caller's next check of the signal stops the retries.
+  await sleep(delay, undefined, signal ? { signal } : {}).catch(() => undefined);
 }
 
 /**

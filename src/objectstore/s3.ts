@@ -448,7 +448,9 @@ export class S3ObjectStore implements ObjectStore {
     // A certificate this process does not accept is no transient fault: no retry, and say where a private CA goes.
     if (code !== undefined && TLS_CERTIFICATE_ERROR.test(code)) {
       const where = `${this.options.configKey ?? 'the store'}.caFile (or AWS_CA_BUNDLE)`;
-      const hint = code === 'ERR_TLS_CERT_ALTNAME_INVALID' ? 'use an endpoint host name the certificate names' : code.includes('EXPIRED') || code.includes('NOT_YET_VALID') ? 'the server needs a valid certificate' : `a private CA's certificate goes in ${where}`;
+      // With a CA already given, it is that CA that does not sign the server's certificate.
+      const caHint = this.options.ca === undefined ? `a private CA's certificate goes in ${where}` : `the CA given in ${where} does not sign the server's certificate: give the CA that does`;
+      const hint = code === 'ERR_TLS_CERT_ALTNAME_INVALID' ? 'use an endpoint host name the certificate names' : code.includes('EXPIRED') || code.includes('NOT_YET_VALID') ? 'the server needs a valid certificate' : caHint;
       return new StoreError(`${doing}: the TLS certificate of ${this.options.endpoint ?? 'S3'} is not accepted (${code}: ${message}); ${hint}`, false, { cause: err, code });
     }
     // An https endpoint whose port answers plain HTTP: OpenSSL reads the HTTP answer as a TLS record.

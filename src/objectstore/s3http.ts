@@ -422,7 +422,8 @@ function errorFromResponse(req: S3HttpRequest, status: number, statusMessage: st
   // A request signed for another region: the service names the bucket's.
   const region = /<Region>([^<]*)<\/Region>/.exec(body)?.[1];
   const serverTime = /<ServerTime>([^<]*)<\/ServerTime>/.exec(body)?.[1];
-  const single = headers && Object.fromEntries(Object.entries(headers).map(([name, value]) => [name, Array.isArray(value) ? value[0] : value]));
+  // Only the headers an error is read for (clock skew, a bucket in another region).
+  const single = headers && Object.fromEntries((['date', 'x-amz-bucket-region'] as const).flatMap((name) => (typeof headers[name] === 'string' ? [[name, headers[name]]] : [])));
   return new S3HttpError(code, `${req.method} ${req.key}: ${code}${message ? `: ${message}` : ''}`, status, { ...(region ? { region } : {}), ...(serverTime ? { serverTime } : {}), ...(single ? { headers: single } : {}) });
 }
 
